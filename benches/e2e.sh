@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: backupd vs restic on the shared ~2 GiB mixed corpus.
+#
+# usage: benches/e2e.sh [--corpus DIR] [--keep]
+#
+# What it measures (one run, both tools, the same working copy of the corpus):
+#   init          create a fresh local repository (password "bench")
+#   backup1       first backup of the working copy                -> throughput MB/s
+#   backup2-same  backup again with nothing changed               -> wall time
+#   -- make-change.sh WORK: ~1% deterministic change (files only, PG_TXNS=0) --
+#   backup3-chg   backup after the change                         -> wall time
+#   restore       full restore of the latest snapshot into an empty dir -> throughput MB/s
+# Each step runs under `/usr/bin/time -f '%e %U %S %M'` (wall s, user s, sys s, peak RSS KiB);
+# the repository size is `du -sb` of the repository dir after each step. The page cache is
+# dropped before every measured step when we are allowed to (root, not in a locked container).
+# Throughput = corpus bytes (apparent size of the working copy, 10^6 bytes = 1 MB) / wall s;
+# for the restore it is the size of the changed working copy (what the snapshot holds).
+# After each restore the restored tree is checked against the working copy: content
+# (`diff -rq`) and metadata (type, mode, owner, size, mtime of every entry).
+# "other CPU s" is the CPU the rest of the machine used during a step (from /proc/stat); a step
+# where it exceeds 10% of the machine is marked NOISY (e.g. a cargo build running alongside).
+# Even on a quiet 2-core machine, restic-vs-restic runs differ by up to ~30% on restore and ~15%
+# on the first backup, so judge the ratios over several runs. restic's local cache lives in the
+# run dir (RESTIC_CACHE_DIR) and is not counted in its repository size.
+#
+# Targets from the spec (printed as PASS/FAIL in the ratio section):
+#   first backup throughput  >= 1.5x restic
+#   no-change backup time    <= 0.5x restic
+#   restore throughput       >= 1.5x restic
+#   backupd peak RSS         <= 128 MiB (every step)
+#   backupd repo size        <= restic's (after the last backup)
+#
+# Environment:
+#   BENCH_DIR    scratch + results dir            (default /var/tmp/backupd-bench)
+#   SHARED       dir holding bench/make-dataset.sh (default <repo>/../shared)
+#   BACKUPD_BIN  use this backupd binary instead of `cargo build --release`
+#   TOOLS        tools to run, in order           (default "backupd restic")
+#   VERIFY       full | none                       (default full)
+# Output: a table and ratios on stdout; JSON lines appended to $BENCH_DIR/e2e-results.jsonl;
+# per-command logs kept in $BENCH_DIR/runs/<timestamp>/logs (the bulky data is deleted
+# at the end unless --keep).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+BENCH_DIR=${BENCH_DIR:-/var/tmp/backupd-bench}
+SHARED=${SHARED:-$HERE/../../shared}
+TOOLS=${TOOLS:-backupd restic}
+VERIFY=${VERIFY:-full}
+CORPUS=""
+KEEP=0
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --corpus) CORPUS=${2:?--corpus needs a directory}; shift 2 ;;
+    --corpus=*) CORPUS=${1#--corpus=}; shift ;;
+    --keep) KEEP=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1 (usage: $0 [--corpus DIR] [--keep])" >&2; exit 2 ;;
+  esac
+done
+for t in $TOOLS; do
+  case "$t" in backupd|restic) ;; *) echo "unknown tool in TOOLS: $t" >&2; exit 2 ;; esac
+done
+
+log() { printf '[e2e %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+mkdir -p "$BENCH_DIR"
+BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
+CORPUS=${CORPUS:-$BENCH_DIR/corpus}
+
+# ---------------------------------------------------------------- prerequisites
+apt_install() {  # apt_install PKG...: install Debian packages (refresh the lists once if needed)
+  apt-get install -y "$@" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$@" >/dev/null; }
+}
+[ -x /usr/bin/time ] || { log "installing GNU time"; apt_install time; }
+if [[ " $TOOLS " == *" restic "* ]] && ! command -v restic >/dev/null; then
+  log "installing restic"; apt_install restic
+fi
+
+[ -x "$SHARED/bench/make-change.sh" ] || [ -f "$SHARED/bench/make-change.sh" ] \
+  || die "make-change.sh not found under $SHARED/bench (set SHARED)"
+SHARED=$(cd "$SHARED" && pwd)
+
+# The corpus is built once and reused; every run works on a copy of it.
+if [ ! -d "$CORPUS" ] || [ -z "$(ls -A "$CORPUS" 2>/dev/null)" ]; then
+  log "corpus $CORPUS missing: building it with make-dataset.sh (several minutes)"
+  PG_FILLER=hex nice bash "$SHARED/bench/make-dataset.sh" "$CORPUS" >&2
+fi
+CORPUS=$(cd "$CORPUS" && pwd)
+
+if [[ " $TOOLS " == *" backupd "* ]]; then
+  if [ -n "${BACKUPD_BIN:-}" ]; then
+    BACKUPD=$BACKUPD_BIN
+  else
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release) >&2
+    BACKUPD=${CARGO_TARGET_DIR:-$ROOT/target}/release/backupd
+  fi
+  [ -x "$BACKUPD" ] || die "backupd binary not found: $BACKUPD"
+  BACKUPD=$(cd "$(dirname "$BACKUPD")" && pwd)/$(basename "$BACKUPD")
+fi
+
+# ---------------------------------------------------------------- run layout
+TS=$(date -u +%Y%m%dT%H%M%SZ)
+RUN=$BENCH_DIR/runs/$TS
+WORK=$RUN/work
+LOGS=$RUN/logs
+RESULTS=$RUN/results.tsv          # tool step wall user sys rss_kib repo_bytes exit busy_cpu_s
+JSONL=$BENCH_DIR/e2e-results.jsonl
+mkdir -p "$LOGS"
+: > "$RESULTS"
+
+cleanup() {
+  if [ "$KEEP" = 1 ]; then
+    log "kept run data in $RUN"
+  else
+    rm -rf "$WORK" "$RUN"/repo-* "$RUN"/restore-* "$RUN"/restic-cache
+  fi
+}
+trap cleanup EXIT
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+# CPU seconds the whole machine has been busy (all cores, from /proc/stat). A step's busy time
+# minus the tool's own user+sys is "other" load (e.g. a cargo build next door) that skews it.
+HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
+busy_cpu_s() { awk -v hz="$HZ" '$1=="cpu"{printf "%.2f", ($2+$3+$4+$7+$8+$9)/hz; exit}' /proc/stat; }
+
+corpus_bytes=$(du -sb "$CORPUS" | cut -f1)
+need=$(( corpus_bytes * 6 ))
+avail=$(( $(df -Pk "$BENCH_DIR" | awk 'NR==2{print $4}') * 1024 ))
+[ "$avail" -ge "$need" ] || log "WARNING: $((avail>>20)) MiB free under $BENCH_DIR, ~$((need>>20)) MiB needed"
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)   # other load on the machine skews the figures
+log "copying corpus $CORPUS -> $WORK"
+cp -a "$CORPUS" "$WORK"
+work_bytes0=$(du -sb "$WORK" | cut -f1)
+work_files0=$(find "$WORK" -type f | wc -l)
+log "working copy: $work_bytes0 bytes, $work_files0 files"
+
+# ---------------------------------------------------------------- tool drivers
+# Each driver runs one step for one tool; env is set per tool, never exported globally.
+tool_env() {  # tool_env TOOL: print the env assignments for TOOL (used with env(1))
+  case "$1" in
+    backupd) echo "BACKUPD_REPOSITORY=$RUN/repo-backupd BACKUPD_PASSWORD=bench" ;;
+    restic)  echo "RESTIC_REPOSITORY=$RUN/repo-restic RESTIC_PASSWORD=bench RESTIC_CACHE_DIR=$RUN/restic-cache" ;;
+  esac
+}
+tool_cmd() {  # tool_cmd TOOL STEP: print the command line for STEP
+  local tool=$1 step=$2
+  case "$tool:$step" in
+    backupd:init)    echo "$BACKUPD init" ;;
+    backupd:backup*) echo "$BACKUPD backup $WORK --json" ;;
+    backupd:restore) echo "$BACKUPD restore latest --target $RUN/restore-backupd" ;;
+    restic:init)     echo "restic init --repository-version 2" ;;
+    restic:backup*)  echo "restic backup --compression auto $WORK" ;;
+    restic:restore)  echo "restic restore latest --target $RUN/restore-restic" ;;
+  esac
+}
+
+# run_step TOOL STEP: drop caches, run the step under GNU time, record one results row.
+run_step() {
+  local tool=$1 step=$2 tf=$LOGS/$1.$2.time rc=0 repo_bytes busy0 busy
+  drop_caches
+  log "$tool: $step"
+  busy0=$(busy_cpu_s)
+  # shellcheck disable=SC2046  # word splitting of the env/cmd strings is intended (no spaces in paths)
+  env $(tool_env "$tool") /usr/bin/time -f '%e %U %S %M' -o "$tf" \
+    $(tool_cmd "$tool" "$step") > "$LOGS/$tool.$step.out" 2> "$LOGS/$tool.$step.err" || rc=$?
+  busy=$(awk -v a="$busy0" -v b="$(busy_cpu_s)" 'BEGIN{printf "%.2f", b-a}')
+  # exit 3 = "snapshot written, some files unreadable" for both tools: a warning, not a failure
+  if [ "$rc" != 0 ] && [ "$rc" != 3 ]; then
+    tail -20 "$LOGS/$tool.$step.err" >&2
+    die "$tool $step failed (exit $rc); logs in $LOGS"
+  fi
+  [ "$rc" = 3 ] && log "WARNING: $tool $step exit 3 (some files unreadable), see $LOGS/$tool.$step.err"
+  repo_bytes=$(du -sb "$RUN/repo-$tool" | cut -f1)
+  # GNU time prefixes "Command exited with non-zero status N" on failure: the figures are the last line
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$tool" "$step" "$(tail -1 "$tf" | tr ' ' '\t')" "$repo_bytes" "$rc" "$busy" >> "$RESULTS"
+}
+
+# verify_restore TOOL: compare the restored tree with the working copy. Prints "content meta".
+verify_restore() {
+  local tool=$1 dst=$RUN/restore-$1 got content=OK meta=OK
+  got=$dst$WORK                           # both tools restore absolute paths under --target
+  [ -d "$got" ] || { log "$tool: $got missing; comparing $dst itself"; got=$dst; }
+  listing() { (cd "$1" && find . -printf '%y %m %u:%g %s %T@ %p\n' | awk '$1=="d"{$4="-"}1' | sort -k6); }
+  listing "$WORK" > "$LOGS/verify.$tool.src"
+  listing "$got"  > "$LOGS/verify.$tool.dst"
+  if ! diff "$LOGS/verify.$tool.src" "$LOGS/verify.$tool.dst" > "$LOGS/verify.$tool.meta.diff"; then
+    meta=MISMATCH
+    log "$tool restore metadata differs ($(grep -c '^[<>]' "$LOGS/verify.$tool.meta.diff") lines), first ones:"
+    grep '^[<>]' "$LOGS/verify.$tool.meta.diff" | head -6 >&2 || true
+  fi
+  if [ "$VERIFY" = full ]; then
+    if ! diff -rq --no-dereference "$WORK" "$got" > "$LOGS/verify.$tool.content.diff" 2>&1; then
+      content=MISMATCH
+      log "$tool restore content differs, first lines:"; head -6 "$LOGS/verify.$tool.content.diff" >&2 || true
+    fi
+  else
+    content=SKIPPED
+  fi
+  echo "$content $meta"
+}
+
+# ---------------------------------------------------------------- the run
+for tool in $TOOLS; do
+  run_step "$tool" init
+  run_step "$tool" backup1
+  run_step "$tool" backup2-same
+done
+
+log "make-change.sh $WORK (files only)"
+bash "$SHARED/bench/make-change.sh" "$WORK" > "$LOGS/make-change.log" 2>&1
+work_bytes1=$(du -sb "$WORK" | cut -f1)
+work_files1=$(find "$WORK" -type f | wc -l)
+
+for tool in $TOOLS; do run_step "$tool" backup3-chg; done
+
+declare -A VERDICT
+for tool in $TOOLS; do
+  run_step "$tool" restore
+  log "$tool: verifying restore"
+  VERDICT[$tool]=$(verify_restore "$tool")
+  [ "$KEEP" = 1 ] || rm -rf "$RUN/restore-$tool"   # free the space before the next restore
+done
+
+# ---------------------------------------------------------------- report
+# awk does the arithmetic: MiB = 2^20 bytes, MB = 10^6 bytes.
+echo
+echo "backupd e2e benchmark  $TS  host=$(hostname)  cpus=$(nproc)  loadavg start: $LOAD_START  end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "corpus: $CORPUS  working copy: $work_bytes0 bytes, $work_files0 files (after change: $work_bytes1 bytes, $work_files1 files)"
+[ -n "${BACKUPD:-}" ] && echo "backupd: $BACKUPD ($("$BACKUPD" --version 2>/dev/null || echo '?'))"
+command -v restic >/dev/null && echo "restic:  $(restic version 2>/dev/null | head -1)"
+echo
+awk -F'\t' -v b0="$work_bytes0" -v b1="$work_bytes1" -v ncpu="$(nproc)" '
+  BEGIN { printf "%-13s %-8s %9s %9s %10s %10s %11s %12s\n", "step", "tool", "wall s", "CPU s", "RSS MiB", "MB/s", "repo MiB", "other CPU s"
+          printf "%-13s %-8s %9s %9s %10s %10s %11s %12s\n", "----", "----", "------", "-----", "-------", "----", "--------", "-----------" }
+  { tp = "-"
+    if ($2 == "backup1" && $3 > 0) tp = sprintf("%.1f", b0 / 1e6 / $3)
+    if ($2 == "restore" && $3 > 0) tp = sprintf("%.1f", b1 / 1e6 / $3)
+    other = $9 - $4 - $5; if (other < 0) other = 0
+    # flag a step during which other processes used more than 10% of the machine
+    flag = (other > 0.1 * $3 * ncpu) ? "  NOISY" : ""
+    if (flag != "") noisy = 1
+    printf "%-13s %-8s %9.2f %9.2f %10.1f %10s %11.1f %12.2f%s\n", $2, $1, $3, $4 + $5, $6 / 1024, tp, $7 / 1048576, other, flag }
+  END { if (noisy) print "NOISY: other processes were busy during that step; its figures are not reliable, run again on a quiet machine" }
+' <(# group the rows by step (stable: tools keep their TOOLS order)
+     awk -F'\t' '{o = ($2=="init") ? 0 : ($2=="backup1") ? 1 : ($2=="backup2-same") ? 2 : ($2=="backup3-chg") ? 3 : 4
+                  print o "\t" $0}' "$RESULTS" | sort -s -n -k1,1 | cut -f2-)
+echo
+for tool in $TOOLS; do
+  read -r c m <<< "${VERDICT[$tool]}"
+  echo "restore check $tool: content $c, metadata $m"
+done
+
+if [[ " $TOOLS " == *" backupd "* && " $TOOLS " == *" restic "* ]]; then
+  echo
+  echo "ratios backupd/restic (target in brackets):"
+  awk -F'\t' '
+    { w[$1,$2] = $3; r[$1,$2] = $6; repo[$1,$2] = $7; if ($6 > maxr[$1]) maxr[$1] = $6 }
+    function pf(ok) { return ok ? "PASS" : "FAIL" }
+    END {
+      x = w["restic","backup1"] / w["backupd","backup1"]
+      printf "  first backup throughput  %6.2fx   [>= 1.5x]  %s\n", x, pf(x >= 1.5)
+      x = w["backupd","backup2-same"] / w["restic","backup2-same"]
+      printf "  no-change backup time    %6.2fx   [<= 0.5x]  %s\n", x, pf(x <= 0.5)
+      x = w["backupd","backup3-chg"] / w["restic","backup3-chg"]
+      printf "  after-change backup time %6.2fx   (no target)\n", x
+      x = w["restic","restore"] / w["backupd","restore"]
+      printf "  restore throughput       %6.2fx   [>= 1.5x]  %s\n", x, pf(x >= 1.5)
+      split("backup1 backup2-same backup3-chg restore", S, " ")
+      for (i = 1; i <= 4; i++)
+        printf "  peak RSS %-15s %6.2fx   (%.1f vs %.1f MiB)\n", S[i], r["backupd",S[i]] / r["restic",S[i]], r["backupd",S[i]] / 1024, r["restic",S[i]] / 1024
+      printf "  backupd peak RSS (max)   %6.1f MiB [<= 128 MiB]  %s\n", maxr["backupd"] / 1024, pf(maxr["backupd"] <= 128 * 1024)
+      x = repo["backupd","backup3-chg"] / repo["restic","backup3-chg"]
+      printf "  repo size after change   %6.4fx   [<= 1.0x]  %s\n", x, pf(x <= 1.0)
+      x = repo["backupd","backup1"] / repo["restic","backup1"]
+      printf "  repo size after first    %6.4fx\n", x
+    }' "$RESULTS"
+fi
+
+# ---------------------------------------------------------------- JSON lines
+now=$(date -u +%FT%TZ)
+while IFS=$'\t' read -r tool step wall usr sys rss repo rc busy; do
+  bytes=$work_bytes0; [ "$step" = restore ] && bytes=$work_bytes1
+  tp=null
+  case "$step" in backup1|restore) tp=$(awk -v b="$bytes" -v w="$wall" 'BEGIN{printf (w>0 ? "%.3f" : "null"), (w>0 ? b/1e6/w : 0)}') ;; esac
+  summary=null
+  # backupd --json prints one summary object; embed it when it parses
+  if [ "$tool" = backupd ] && [[ "$step" == backup* ]]; then
+    s=$(tail -1 "$LOGS/$tool.$step.out" 2>/dev/null || true)
+    if [ -n "$s" ] && python3 -c 'import json,sys; json.loads(sys.argv[1])' "$s" 2>/dev/null; then summary=$s; fi
+  fi
+  verify=null
+  if [ "$step" = restore ]; then read -r c m <<< "${VERDICT[$tool]}"; verify="{\"content\":\"$c\",\"metadata\":\"$m\"}"; fi
+  printf '{"ts":"%s","run":"%s","host":"%s","tool":"%s","step":"%s","wall_s":%s,"user_s":%s,"sys_s":%s,"cpu_s":%s,"max_rss_kib":%s,"repo_bytes":%s,"exit":%s,"corpus_bytes":%s,"corpus_files":%s,"throughput_mb_s":%s,"other_cpu_s":%s,"verify":%s,"summary":%s}\n' \
+    "$now" "$TS" "$(hostname)" "$tool" "$step" "$wall" "$usr" "$sys" "$(awk -v a="$usr" -v b="$sys" 'BEGIN{printf "%.2f", a+b}')" \
+    "$rss" "$repo" "$rc" "$bytes" "$work_files0" "$tp" \
+    "$(awk -v b="$busy" -v u="$usr" -v s="$sys" 'BEGIN{o=b-u-s; printf "%.2f", (o<0?0:o)}')" "$verify" "$summary"
+done < "$RESULTS" >> "$JSONL"
+echo
+echo "results appended to $JSONL; logs in $LOGS"

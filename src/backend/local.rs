@@ -1,0 +1,269 @@
+//! The local-directory backend, the default.
+//!
+//! Durability: `put` writes a temp file in `tmp/`, fsyncs it, links it to its final name
+//! (`link` fails if the name exists, so nothing is ever overwritten, even racing another
+//! writer), removes the temp name, and fsyncs the destination directory so the new entry
+//! survives a crash.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{Backend, BackendError, ObjectType};
+
+/// A repository in a local directory.
+#[derive(Debug)]
+pub struct LocalBackend {
+    root: PathBuf,
+    counter: AtomicU64,
+}
+
+impl LocalBackend {
+    /// A backend rooted at `root` (which need not exist yet).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalBackend {
+            root: root.into(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the directory skeleton (`keys`, `data/00..ff`, `index`, `snapshots`, `tmp`).
+    ///
+    /// # Errors
+    /// I/O failures.
+    pub fn create_layout(&self) -> Result<(), BackendError> {
+        let io = |p: &Path, source| BackendError::Io {
+            path: p.display().to_string(),
+            source,
+        };
+        for d in ["keys", "index", "snapshots", "tmp", "data"] {
+            let p = self.root.join(d);
+            fs::create_dir_all(&p).map_err(|e| io(&p, e))?;
+        }
+        for i in 0..=255u8 {
+            let p = self.root.join("data").join(format!("{i:02x}"));
+            fs::create_dir_all(&p).map_err(|e| io(&p, e))?;
+        }
+        sync_dir(&self.root).map_err(|e| io(&self.root, e))?;
+        Ok(())
+    }
+
+    fn full(&self, kind: ObjectType, name: &str) -> PathBuf {
+        self.root.join(kind.path_of(name))
+    }
+
+    fn err(&self, kind: ObjectType, name: &str, source: io::Error) -> BackendError {
+        let path = self.full(kind, name).display().to_string();
+        if source.kind() == ErrorKind::NotFound {
+            BackendError::NotFound { path }
+        } else {
+            BackendError::Io { path, source }
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn put(&self, kind: ObjectType, name: &str, data: &[u8]) -> Result<(), BackendError> {
+        let dest = self.full(kind, name);
+        let tmp_dir = self.root.join("tmp");
+        let tmp = tmp_dir.join(format!(
+            "{}-{}-{}",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed),
+            name
+        ));
+        let io = |p: &Path, source| BackendError::Io {
+            path: p.display().to_string(),
+            source,
+        };
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(if kind == ObjectType::Key {
+                    0o600
+                } else {
+                    0o644
+                })
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(&tmp, e));
+        }
+        if let Some(parent) = dest.parent() {
+            if let Err(e) = fs::create_dir_all(parent) {
+                let _ = fs::remove_file(&tmp);
+                return Err(io(parent, e));
+            }
+        }
+        let linked = fs::hard_link(&tmp, &dest);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                // Content-addressed objects: the same bytes again is harmless.
+                let same = fs::read(&dest).map(|old| old == data).unwrap_or(false);
+                if !same {
+                    return Err(BackendError::AlreadyExists {
+                        path: dest.display().to_string(),
+                    });
+                }
+            }
+            Err(e) => return Err(io(&dest, e)),
+        }
+        if let Some(parent) = dest.parent() {
+            sync_dir(parent).map_err(|e| io(parent, e))?;
+        }
+        Ok(())
+    }
+
+    fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
+        let mut f = File::open(self.full(kind, name)).map_err(|e| self.err(kind, name, e))?;
+        let mut out = Vec::new();
+        f.read_to_end(&mut out)
+            .map_err(|e| self.err(kind, name, e))?;
+        Ok(out)
+    }
+
+    fn get_range(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, BackendError> {
+        let f = File::open(self.full(kind, name)).map_err(|e| self.err(kind, name, e))?;
+        let mut buf = vec![0u8; len as usize];
+        let mut got = 0usize;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => {
+                    return Err(BackendError::ShortRead {
+                        path: self.full(kind, name).display().to_string(),
+                        offset,
+                        want: len,
+                        got: got as u64,
+                    })
+                }
+                Ok(k) => got += k,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err(kind, name, e)),
+            }
+        }
+        Ok(buf)
+    }
+
+    fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
+        let mut out = vec![];
+        let mut scan = |dir: &Path| -> Result<(), BackendError> {
+            let rd = match fs::read_dir(dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => {
+                    return Err(BackendError::Io {
+                        path: dir.display().to_string(),
+                        source: e,
+                    })
+                }
+            };
+            for ent in rd {
+                let ent = ent.map_err(|e| BackendError::Io {
+                    path: dir.display().to_string(),
+                    source: e,
+                })?;
+                let md = ent.metadata().map_err(|e| BackendError::Io {
+                    path: ent.path().display().to_string(),
+                    source: e,
+                })?;
+                if md.is_file() {
+                    if let Some(n) = ent.file_name().to_str() {
+                        out.push((n.to_string(), md.len()));
+                    }
+                }
+            }
+            Ok(())
+        };
+        match kind {
+            ObjectType::Config => {
+                if let Ok(md) = fs::metadata(self.root.join("config")) {
+                    out.push(("config".into(), md.len()));
+                }
+            }
+            ObjectType::Pack => {
+                for i in 0..=255u8 {
+                    scan(&self.root.join("data").join(format!("{i:02x}")))?;
+                }
+            }
+            other => scan(&self.root.join(other.dir()))?,
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError> {
+        let p = self.full(kind, name);
+        fs::remove_file(&p).map_err(|e| self.err(kind, name, e))?;
+        if let Some(parent) = p.parent() {
+            let _ = sync_dir(parent);
+        }
+        Ok(())
+    }
+
+    fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError> {
+        match fs::symlink_metadata(self.full(kind, name)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.err(kind, name, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_range_list_delete() {
+        let d = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(d.path());
+        b.create_layout().unwrap();
+        let name = "ab".repeat(32);
+        b.put(ObjectType::Pack, &name, b"hello world").unwrap();
+        b.put(ObjectType::Pack, &name, b"hello world").unwrap();
+        assert!(matches!(
+            b.put(ObjectType::Pack, &name, b"other"),
+            Err(BackendError::AlreadyExists { .. })
+        ));
+        assert_eq!(b.get(ObjectType::Pack, &name).unwrap(), b"hello world");
+        assert_eq!(
+            b.get_range(ObjectType::Pack, &name, 6, 5).unwrap(),
+            b"world"
+        );
+        assert!(matches!(
+            b.get_range(ObjectType::Pack, &name, 6, 50),
+            Err(BackendError::ShortRead { .. })
+        ));
+        assert_eq!(b.list(ObjectType::Pack).unwrap(), vec![(name.clone(), 11)]);
+        b.delete(ObjectType::Pack, &name).unwrap();
+        assert!(b.get(ObjectType::Pack, &name).unwrap_err().is_not_found());
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,140 @@
+//! Storage backends. A backend stores opaque objects by kind and name; it sees ciphertext
+//! only. Objects are created once and never changed in place.
+//!
+//! Retry, throttling and metrics are layers around a backend (issue 3), not code inside it.
+
+pub mod local;
+
+use std::fmt;
+
+pub use local::LocalBackend;
+
+/// The folders of a repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ObjectType {
+    /// `config`.
+    Config,
+    /// `keys/<id>`.
+    Key,
+    /// `data/<2 hex>/<id>`.
+    Pack,
+    /// `index/<id>`.
+    Index,
+    /// `snapshots/<id>`.
+    Snapshot,
+}
+
+impl ObjectType {
+    /// Folder name (or the file name for `config`).
+    pub fn dir(self) -> &'static str {
+        match self {
+            ObjectType::Config => "config",
+            ObjectType::Key => "keys",
+            ObjectType::Pack => "data",
+            ObjectType::Index => "index",
+            ObjectType::Snapshot => "snapshots",
+        }
+    }
+
+    /// The object's path relative to the repository root.
+    pub fn path_of(self, name: &str) -> String {
+        match self {
+            ObjectType::Config => "config".to_string(),
+            ObjectType::Pack => format!("data/{}/{}", &name[..2.min(name.len())], name),
+            other => format!("{}/{}", other.dir(), name),
+        }
+    }
+}
+
+/// Why a backend call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The object does not exist.
+    #[error("{path}: not found")]
+    NotFound {
+        /// Object path.
+        path: String,
+    },
+    /// Refused to overwrite an existing object.
+    #[error("{path}: already exists")]
+    AlreadyExists {
+        /// Object path.
+        path: String,
+    },
+    /// A ranged read past the end of an object.
+    #[error("{path}: short read ({got} of {want} bytes at offset {offset})")]
+    ShortRead {
+        /// Object path.
+        path: String,
+        /// Offset asked.
+        offset: u64,
+        /// Bytes asked.
+        want: u64,
+        /// Bytes available.
+        got: u64,
+    },
+    /// An I/O error on an object.
+    #[error("{path}: {source}")]
+    Io {
+        /// Object path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    /// True for a missing object.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, BackendError::NotFound { .. })
+    }
+}
+
+/// An object store.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Where it is, for messages.
+    fn location(&self) -> String;
+
+    /// Stores a new object durably; returns only once it would survive a crash. Refuses to
+    /// overwrite an existing object with different bytes; the same bytes are a no-op.
+    ///
+    /// # Errors
+    /// I/O failures, or `AlreadyExists`.
+    fn put(&self, kind: ObjectType, name: &str, data: &[u8]) -> Result<(), BackendError>;
+
+    /// Reads a whole object.
+    ///
+    /// # Errors
+    /// `NotFound`, or I/O failures.
+    fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError>;
+
+    /// Reads `len` bytes at `offset`.
+    ///
+    /// # Errors
+    /// `NotFound`, `ShortRead`, or I/O failures.
+    fn get_range(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, BackendError>;
+
+    /// Names and sizes of all objects of a kind.
+    ///
+    /// # Errors
+    /// I/O failures.
+    fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError>;
+
+    /// Removes an object.
+    ///
+    /// # Errors
+    /// `NotFound`, or I/O failures.
+    fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError>;
+
+    /// True when the object exists.
+    ///
+    /// # Errors
+    /// I/O failures.
+    fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError>;
+}

@@ -1,0 +1,220 @@
+//! `backupd backup`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+
+use super::progress::Progress;
+use super::GlobalArgs;
+use crate::backup::{run_backup, BackupRequest, BackupSource};
+use crate::error::{EXIT_OK, EXIT_PARTIAL};
+use crate::source::files::FilesStats;
+use crate::source::stream::StreamSource;
+use crate::source::CancelToken;
+
+/// Arguments of `backup`.
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Files and directories to back up.
+    paths: Vec<PathBuf>,
+    /// Exclude paths matching this glob (a pattern without `/` matches names anywhere).
+    #[arg(long = "exclude", short = 'e', value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Read exclude globs from a file, one per line (`#` comments).
+    #[arg(long = "exclude-file", value_name = "FILE")]
+    exclude_file: Vec<PathBuf>,
+    /// Tag the snapshot (repeatable).
+    #[arg(long = "tag")]
+    tag: Vec<String>,
+    /// Host name recorded in the snapshot (default: this host).
+    #[arg(long)]
+    host: Option<String>,
+    /// Read the data from standard input.
+    #[arg(long)]
+    stdin: bool,
+    /// File name for --stdin / --stdin-from-command data.
+    #[arg(long = "stdin-filename")]
+    stdin_filename: Option<String>,
+    /// Back up the stdout of the command given after `--`.
+    #[arg(long = "stdin-from-command")]
+    stdin_from_command: bool,
+    /// Read every file again, ignoring the parent snapshot.
+    #[arg(long)]
+    force: bool,
+    /// Use this snapshot as the parent.
+    #[arg(long)]
+    parent: Option<String>,
+    /// Reader threads for files.
+    #[arg(long, default_value_t = 2)]
+    read_concurrency: usize,
+    /// The command for --stdin-from-command.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+/// Runs `backup`.
+///
+/// # Errors
+/// Bad arguments, repository errors, or a failed backup.
+pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
+    let source = if a.stdin_from_command {
+        if a.command.is_empty() {
+            bail!("--stdin-from-command needs the command after `--`, e.g. `backupd backup --stdin-from-command -- pg_dump -Fc db`");
+        }
+        if !a.paths.is_empty() || a.stdin {
+            bail!("--stdin-from-command takes no paths and not --stdin");
+        }
+        let name = a.stdin_filename.clone().unwrap_or_else(|| {
+            std::path::Path::new(&a.command[0])
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "stdin".into())
+        });
+        BackupSource::Stream {
+            source: StreamSource::Command(a.command.clone()),
+            name,
+        }
+    } else if a.stdin {
+        if !a.paths.is_empty() {
+            bail!("--stdin takes no paths");
+        }
+        BackupSource::Stream {
+            source: StreamSource::Stdin,
+            name: a.stdin_filename.clone().unwrap_or_else(|| "stdin".into()),
+        }
+    } else {
+        if a.paths.is_empty() {
+            bail!("nothing to back up: give paths, --stdin, or --stdin-from-command -- CMD");
+        }
+        let mut excludes = a.exclude.clone();
+        for f in &a.exclude_file {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading exclude file {}", f.display()))?;
+            excludes.extend(text.lines().map(str::to_string));
+        }
+        let mut paths = vec![];
+        for p in &a.paths {
+            paths.push(
+                std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?,
+            );
+        }
+        BackupSource::Files { paths, excludes }
+    };
+    let name_check = match &source {
+        BackupSource::Stream { name, .. } => Some(name.clone()),
+        _ => None,
+    };
+    if let Some(n) = name_check {
+        if n.is_empty() || n.contains('/') || n == "." || n == ".." {
+            bail!("--stdin-filename {n:?} must be a plain file name");
+        }
+    }
+    let repo = g.open()?;
+    let cancel = CancelToken::new();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while the first is being handled exits at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.flag())
+            .context("installing signal handler")?;
+        signal_hook::flag::register(sig, cancel.flag()).context("installing signal handler")?;
+    }
+    let stats = Arc::new(FilesStats::default());
+    let progress = Progress::start(!g.json && !g.quiet && !g.no_progress, "backup", None, {
+        let st = stats.clone();
+        move || st.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    let req = BackupRequest {
+        source,
+        host: a.host.clone().unwrap_or_else(super::hostname),
+        tags: a.tag.clone(),
+        force: a.force,
+        parent: a.parent.clone(),
+        policy: None,
+        cancel,
+        readers: a.read_concurrency,
+        stats,
+    };
+    let report = run_backup(&repo, req);
+    drop(progress);
+    let report = report?;
+    for (p, why) in &report.unreadable {
+        eprintln!("backupd: warning: could not read {p}: {why}");
+    }
+    for p in &report.skipped_special {
+        eprintln!("backupd: skipped special file {p}");
+    }
+    let s = &report.snapshot.summary;
+    if g.json {
+        let mut v = serde_json::to_value(s)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("snapshot_id".into(), json!(report.snapshot_id.to_hex()));
+            o.insert(
+                "parent".into(),
+                json!(report.snapshot.parent.map(|p| p.to_hex())),
+            );
+            o.insert(
+                "unreadable".into(),
+                json!(report.unreadable.iter().map(|(p, _)| p).collect::<Vec<_>>()),
+            );
+            o.insert("skipped_special".into(), json!(report.skipped_special));
+        }
+        println!("{v}");
+    } else if !g.quiet {
+        println!(
+            "snapshot {} saved{}",
+            report.snapshot_id.short(),
+            report
+                .snapshot
+                .parent
+                .map(|p| format!(" (parent {})", p.short()))
+                .unwrap_or_default()
+        );
+        println!(
+            "files:     {} new, {} changed, {} unchanged; {} directories",
+            s.files_new, s.files_changed, s.files_unchanged, s.dirs
+        );
+        println!(
+            "read:      {} of {} in the snapshot",
+            human(s.bytes_read),
+            human(s.bytes_total)
+        );
+        println!(
+            "added:     {} new data ({} blobs), {} stored after compression",
+            human(s.bytes_added),
+            s.blobs_new,
+            human(s.bytes_stored)
+        );
+        println!(
+            "dedup:     {:.1}% of the snapshot was already in the repository",
+            s.dedup_ratio * 100.0
+        );
+        println!("duration:  {:.2} s", s.duration_secs);
+    }
+    if report.unreadable.is_empty() {
+        Ok(EXIT_OK)
+    } else {
+        eprintln!(
+            "backupd: snapshot {} was saved, but {} path(s) could not be read",
+            report.snapshot_id.short(),
+            report.unreadable.len()
+        );
+        Ok(EXIT_PARTIAL)
+    }
+}

@@ -1,0 +1,327 @@
+//! Read-only verbs: `snapshots`, `ls`, `cat`, `stats`, `check`.
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+
+use super::GlobalArgs;
+use crate::backend::ObjectType;
+use crate::error::{ExitWith, EXIT_FATAL, EXIT_OK};
+use crate::pipeline::BlobId;
+use crate::repo::{pack, Index, Node, NodeKind, Repository, Snapshot};
+
+/// Arguments of `snapshots`.
+#[derive(Args, Debug)]
+pub struct SnapshotsArgs {
+    /// Only snapshots of this host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Only snapshots with this tag.
+    #[arg(long)]
+    tag: Option<String>,
+}
+
+/// Arguments of `ls`.
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// Snapshot id, unique prefix, or `latest`.
+    snapshot: String,
+    /// Directory or file inside the snapshot (default: everything).
+    path: Option<String>,
+}
+
+/// Object types for `cat`.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CatKind {
+    Config,
+    Snapshot,
+    Index,
+    Pack,
+    Key,
+    Blob,
+}
+
+/// Arguments of `cat`.
+#[derive(Args, Debug)]
+pub struct CatArgs {
+    /// What to print.
+    #[arg(value_enum)]
+    kind: CatKind,
+    /// Object id (not for config; `latest` works for snapshots).
+    id: Option<String>,
+}
+
+/// Arguments of `check`.
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Also read every pack and verify every blob.
+    #[arg(long)]
+    read_data: bool,
+}
+
+fn snapshot_json(id: &BlobId, s: &Snapshot) -> Value {
+    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("id".into(), json!(id.to_hex()));
+        o.insert("short_id".into(), json!(id.short()));
+    }
+    v
+}
+
+/// Runs `snapshots`.
+///
+/// # Errors
+/// Repository errors.
+pub fn snapshots(g: &GlobalArgs, a: SnapshotsArgs) -> Result<()> {
+    let repo = g.open()?;
+    let list: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|(_, s)| a.host.as_ref().is_none_or(|h| &s.host == h))
+        .filter(|(_, s)| a.tag.as_ref().is_none_or(|t| s.tags.contains(t)))
+        .collect();
+    if g.json {
+        let arr: Vec<Value> = list.iter().map(|(id, s)| snapshot_json(id, s)).collect();
+        println!("{}", Value::Array(arr));
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<20} {:<16} {:<8} {:>12}  paths",
+        "id", "time", "host", "source", "size"
+    );
+    for (id, s) in &list {
+        println!(
+            "{:<10} {:<20} {:<16} {:<8} {:>12}  {}{}",
+            id.short(),
+            s.time
+                .with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S"),
+            s.host,
+            s.source,
+            s.summary.bytes_total,
+            s.paths.join(" "),
+            if s.tags.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", s.tags.join(","))
+            }
+        );
+    }
+    println!("{} snapshot(s)", list.len());
+    Ok(())
+}
+
+fn node_json(path: &str, n: &Node) -> Value {
+    let mut v = json!({
+        "path": path,
+        "name": n.name,
+        "type": n.kind,
+        "mode": n.mode,
+        "uid": n.uid,
+        "gid": n.gid,
+        "user": n.user,
+        "group": n.group,
+        "size": n.size,
+        "mtime_ns": n.mtime_ns,
+        "links": n.links,
+    });
+    if let Some(t) = &n.link_target {
+        v["link_target"] = json!(t);
+    }
+    v
+}
+
+fn walk_ls(
+    repo: &Repository,
+    index: &Index,
+    tree: &BlobId,
+    prefix: &str,
+    json_out: bool,
+) -> Result<()> {
+    for n in repo.load_tree(index, tree)?.nodes {
+        let p = format!("{prefix}/{}", n.name);
+        print_node(&p, &n, json_out);
+        if let (NodeKind::Dir, Some(sub)) = (n.kind, n.subtree) {
+            walk_ls(repo, index, &sub, &p, json_out)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_node(p: &str, n: &Node, json_out: bool) {
+    if json_out {
+        println!("{}", node_json(p, n));
+    } else {
+        match n.kind {
+            NodeKind::Dir => println!("{p}/"),
+            NodeKind::Symlink => {
+                println!("{p} -> {}", n.link_target.as_deref().unwrap_or(""))
+            }
+            NodeKind::File => println!("{p}"),
+        }
+    }
+}
+
+/// Runs `ls`.
+///
+/// # Errors
+/// Repository errors or a path not in the snapshot.
+pub fn ls(g: &GlobalArgs, a: LsArgs) -> Result<()> {
+    let repo = g.open()?;
+    let (_, snap) = repo.resolve_snapshot(&a.snapshot)?;
+    let index = repo.load_index()?;
+    match a.path.as_deref().map(|p| p.trim_end_matches('/')) {
+        None | Some("") => walk_ls(&repo, &index, &snap.tree, "", g.json),
+        Some(p) => {
+            let node = crate::restore::find_node(&repo, &index, &snap.tree, p)?;
+            let full = format!("/{}", p.trim_start_matches('/'));
+            print_node(&full, &node, g.json);
+            if let (NodeKind::Dir, Some(sub)) = (node.kind, node.subtree) {
+                walk_ls(&repo, &index, &sub, &full, g.json)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn entries_json(entries: &[pack::PackEntry]) -> Vec<Value> {
+    entries
+        .iter()
+        .map(|e| {
+            json!({"type": e.kind, "id": e.id.to_hex(), "offset": e.offset,
+                   "length": e.length, "raw_length": e.raw_length})
+        })
+        .collect()
+}
+
+/// Runs `cat`.
+///
+/// # Errors
+/// Repository errors or a missing id.
+pub fn cat(g: &GlobalArgs, a: CatArgs) -> Result<()> {
+    let repo = g.open()?;
+    let need_id = || -> Result<String> {
+        match &a.id {
+            Some(i) => Ok(i.clone()),
+            None => bail!("cat {:?} needs an id", a.kind),
+        }
+    };
+    let out: Value = match a.kind {
+        CatKind::Config => serde_json::to_value(repo.config())?,
+        CatKind::Snapshot => {
+            let (id, s) = repo.resolve_snapshot(&need_id()?)?;
+            snapshot_json(&id, &s)
+        }
+        CatKind::Index => {
+            let packs = repo.load_index_file(&need_id()?)?;
+            json!({"packs": packs.iter().map(|p| json!({"id": p.pack.to_hex(), "blobs": entries_json(&p.entries)})).collect::<Vec<_>>()})
+        }
+        CatKind::Pack => {
+            let id = need_id()?;
+            let bytes = repo.backend().get(ObjectType::Pack, &id)?;
+            let entries = pack::read_header(repo.keys(), &id, &bytes)?;
+            json!({"id": id, "size": bytes.len(), "blobs": entries_json(&entries)})
+        }
+        CatKind::Key => {
+            let id = need_id()?;
+            let bytes = repo.backend().get(ObjectType::Key, &id)?;
+            let kf = crate::crypto::KeyFile::parse(&bytes)?;
+            json!({"id": id, "version": kf.version, "created": kf.created, "host": kf.host,
+                   "username": kf.username, "kdf": kf.kdf})
+        }
+        CatKind::Blob => {
+            let id = BlobId::from_hex(&need_id()?)
+                .ok_or_else(|| anyhow::anyhow!("a blob id is 64 hex digits"))?;
+            let index = repo.load_index()?;
+            let data = repo.read_blob(&index, &id)?;
+            match serde_json::from_slice::<Value>(&data) {
+                Ok(v) => v,
+                Err(_) => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&data)?;
+                    return Ok(());
+                }
+            }
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// Runs `stats`.
+///
+/// # Errors
+/// Repository errors.
+pub fn stats(g: &GlobalArgs) -> Result<()> {
+    let repo = g.open()?;
+    let snaps = repo.snapshots()?;
+    let index = repo.load_index()?;
+    let packs = repo.backend().list(ObjectType::Pack)?;
+    let stored: u64 = packs.iter().map(|(_, s)| s).sum();
+    let raw: u64 = index.iter().map(|(_, l)| l.raw_length as u64).sum();
+    let logical: u64 = snaps.iter().map(|(_, s)| s.summary.bytes_total).sum();
+    let v = json!({
+        "snapshots": snaps.len(),
+        "packs": packs.len(),
+        "blobs": index.len(),
+        "stored_bytes": stored,
+        "unique_raw_bytes": raw,
+        "logical_bytes": logical,
+        "compression_ratio": if stored > 0 { raw as f64 / stored as f64 } else { 0.0 },
+        "index_bytes_per_blob": index.bytes_per_blob(),
+    });
+    if g.json {
+        println!("{v}");
+    } else {
+        println!("snapshots:             {}", snaps.len());
+        println!("packs:                 {}", packs.len());
+        println!("blobs:                 {}", index.len());
+        println!("stored bytes:          {stored}");
+        println!("unique data (raw):     {raw}");
+        println!("all snapshots (logical): {logical}");
+        println!("index memory per blob: {:.1} bytes", index.bytes_per_blob());
+    }
+    Ok(())
+}
+
+/// Runs `check`.
+///
+/// # Errors
+/// Repository errors, or problems found (exit 1).
+pub fn check(g: &GlobalArgs, a: CheckArgs) -> Result<i32> {
+    let repo = g.open()?;
+    let r = crate::check::check(&repo, a.read_data);
+    if g.json {
+        println!(
+            "{}",
+            json!({"errors": r.errors, "notes": r.notes, "snapshots": r.snapshots, "packs_read": r.packs_read})
+        );
+    } else {
+        for n in &r.notes {
+            println!("note: {n}");
+        }
+        for e in &r.errors {
+            println!("error: {e}");
+        }
+    }
+    if r.errors.is_empty() {
+        if !g.json {
+            g.say(format!(
+                "no errors found ({} snapshots{})",
+                r.snapshots,
+                if a.read_data {
+                    format!(", {} packs read", r.packs_read)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        Ok(EXIT_OK)
+    } else {
+        Err(ExitWith {
+            code: EXIT_FATAL,
+            message: format!("check found {} error(s)", r.errors.len()),
+        }
+        .into())
+    }
+}

@@ -1,0 +1,180 @@
+//! Command-line interface: clap definitions and one handler per verb. Handlers use
+//! `anyhow` and return errors; [`main`] prints them with their causes and maps them to
+//! exit codes.
+
+mod backup_cmd;
+mod inspect;
+mod keys;
+pub mod password;
+mod progress;
+mod restore_cmd;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::{Backend, LocalBackend};
+use crate::error::{exit_code, EXIT_OK};
+use crate::repo::Repository;
+
+/// backupd — encrypted, deduplicated backups of databases, files and command output.
+#[derive(Parser, Debug)]
+#[command(name = "backupd", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Verb,
+}
+
+/// Options every verb takes.
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// Repository location (a local directory).
+    #[arg(short = 'r', long = "repo", env = "BACKUPD_REPOSITORY", global = true)]
+    repo: Option<String>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Print only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// No progress bars.
+    #[arg(long, global = true)]
+    no_progress: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Verb {
+    /// Create a repository.
+    Init,
+    /// Back up files, stdin or a command's output.
+    Backup(backup_cmd::BackupArgs),
+    /// List snapshots.
+    Snapshots(inspect::SnapshotsArgs),
+    /// List files in a snapshot.
+    Ls(inspect::LsArgs),
+    /// Restore a snapshot into a directory.
+    Restore(restore_cmd::RestoreArgs),
+    /// Write one file of a snapshot (e.g. a stdin backup) to stdout.
+    Dump(restore_cmd::DumpArgs),
+    /// Print a decrypted repository object as JSON (debugging).
+    Cat(inspect::CatArgs),
+    /// Manage passwords (key files).
+    Key(keys::KeyArgs),
+    /// Repository statistics.
+    Stats,
+    /// Check the repository's structure (and data with --read-data).
+    Check(inspect::CheckArgs),
+}
+
+/// This host's name.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The current user's name.
+pub fn current_username() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_default()
+}
+
+impl GlobalArgs {
+    fn location(&self) -> Result<String> {
+        self.repo
+            .clone()
+            .context("no repository given: use --repo DIR or set BACKUPD_REPOSITORY")
+    }
+
+    fn backend(&self) -> Result<Arc<dyn Backend>> {
+        let loc = self.location()?;
+        Ok(Arc::new(LocalBackend::new(PathBuf::from(loc))))
+    }
+
+    fn open(&self) -> Result<Repository> {
+        let backend = self.backend()?;
+        // Check for the repository before asking for a password.
+        if !backend.exists(crate::backend::ObjectType::Config, "config")? {
+            return Err(crate::repo::RepoError::NotARepository {
+                location: backend.location(),
+            }
+            .into());
+        }
+        let pw = password::read_password(&password::REPO_PASSWORD, false)?;
+        Ok(Repository::open(backend, pw.as_bytes())?)
+    }
+
+    fn say(&self, msg: impl AsRef<str>) {
+        if !self.quiet {
+            println!("{}", msg.as_ref());
+        }
+    }
+}
+
+fn init(g: &GlobalArgs) -> Result<()> {
+    let loc = g.location()?;
+    let pw = password::read_password(&password::REPO_PASSWORD, true)?;
+    let backend = Arc::new(LocalBackend::new(PathBuf::from(&loc)));
+    let repo = Repository::init_local(backend, pw.as_bytes(), &hostname(), &current_username())?;
+    if g.json {
+        println!(
+            "{}",
+            serde_json::json!({"id": repo.config().id, "location": loc, "key": repo.key_id()})
+        );
+    } else {
+        g.say(format!(
+            "created backupd repository {} at {loc}\n\nKeep the password safe: without it the data cannot be restored.",
+            &repo.config().id[..10]
+        ));
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let g = &cli.global;
+    match cli.command {
+        Verb::Init => init(g).map(|_| EXIT_OK),
+        Verb::Backup(a) => backup_cmd::run(g, a),
+        Verb::Snapshots(a) => inspect::snapshots(g, a).map(|_| EXIT_OK),
+        Verb::Ls(a) => inspect::ls(g, a).map(|_| EXIT_OK),
+        Verb::Restore(a) => restore_cmd::restore(g, a),
+        Verb::Dump(a) => restore_cmd::dump(g, a).map(|_| EXIT_OK),
+        Verb::Cat(a) => inspect::cat(g, a).map(|_| EXIT_OK),
+        Verb::Key(a) => keys::run(g, a).map(|_| EXIT_OK),
+        Verb::Stats => inspect::stats(g).map(|_| EXIT_OK),
+        Verb::Check(a) => inspect::check(g, a),
+    }
+}
+
+/// Parses the command line, runs the verb, prints any error, returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BACKUPD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = exit_code(&e);
+            if !e.chain().any(|c| c.is::<crate::error::ExitWith>()) {
+                eprintln!("backupd: error: {e:#}");
+            } else {
+                eprintln!("backupd: {e:#}");
+            }
+            code
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Where passwords come from: a file, a command, an environment variable, or a prompt.
+//! Never a command-line argument (it would show in `ps`).
+
+use std::io::IsTerminal;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use zeroize::Zeroizing;
+
+/// Environment variable names for one password role.
+pub struct PasswordSource {
+    /// File whose first line is the password.
+    pub file_var: &'static str,
+    /// Shell command whose first stdout line is the password.
+    pub command_var: &'static str,
+    /// The password itself.
+    pub value_var: &'static str,
+    /// Prompt text.
+    pub prompt: &'static str,
+}
+
+/// The repository password.
+pub const REPO_PASSWORD: PasswordSource = PasswordSource {
+    file_var: "BACKUPD_PASSWORD_FILE",
+    command_var: "BACKUPD_PASSWORD_COMMAND",
+    value_var: "BACKUPD_PASSWORD",
+    prompt: "repository password: ",
+};
+
+/// A new password (`key add`, `key passwd`).
+pub const NEW_PASSWORD: PasswordSource = PasswordSource {
+    file_var: "BACKUPD_NEW_PASSWORD_FILE",
+    command_var: "BACKUPD_NEW_PASSWORD_COMMAND",
+    value_var: "BACKUPD_NEW_PASSWORD",
+    prompt: "new password: ",
+};
+
+fn first_line(s: &str) -> Zeroizing<String> {
+    Zeroizing::new(s.lines().next().unwrap_or("").to_string())
+}
+
+/// Reads a password; `confirm` asks twice at a prompt.
+///
+/// # Errors
+/// An unreadable file, a failing command, an empty password, or no source at all.
+pub fn read_password(src: &PasswordSource, confirm: bool) -> Result<Zeroizing<String>> {
+    let pw = if let Some(path) = std::env::var_os(src.file_var) {
+        let md = std::fs::metadata(&path)
+            .with_context(|| format!("{} {}", src.file_var, path.to_string_lossy()))?;
+        if md.permissions().mode() & 0o004 != 0 {
+            bail!(
+                "password file {} is readable by everyone; chmod 600 it",
+                path.to_string_lossy()
+            );
+        }
+        let s = Zeroizing::new(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading password file {}", path.to_string_lossy()))?,
+        );
+        first_line(&s)
+    } else if let Ok(cmd) = std::env::var(src.command_var) {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", src.command_var))?;
+        if !out.status.success() {
+            bail!("{} failed ({})", src.command_var, out.status);
+        }
+        let s = Zeroizing::new(String::from_utf8_lossy(&out.stdout).into_owned());
+        first_line(&s)
+    } else if let Ok(v) = std::env::var(src.value_var) {
+        Zeroizing::new(v)
+    } else if std::io::stdin().is_terminal() {
+        let p = Zeroizing::new(rpassword::prompt_password(src.prompt).context("reading password")?);
+        if confirm {
+            let again = Zeroizing::new(
+                rpassword::prompt_password("enter it again: ").context("reading password")?,
+            );
+            if *again != *p {
+                bail!("the passwords do not match");
+            }
+        }
+        p
+    } else {
+        bail!(
+            "no password given: set {}, {} or {} (or run on a terminal to be prompted)",
+            src.file_var,
+            src.command_var,
+            src.value_var
+        );
+    };
+    if pw.is_empty() {
+        bail!("empty password");
+    }
+    Ok(pw)
+}

@@ -1,0 +1,12 @@
+//! Cryptography: the AEAD that seals every repository object, the password KDF, the key
+//! files that wrap the master keys, and secret types that zeroize on drop.
+//!
+//! Nothing outside this module touches a cipher or a raw key.
+
+pub mod aead;
+pub mod keyfile;
+pub mod master;
+
+pub use aead::{open, seal, ObjectKind, SealError, SEAL_OVERHEAD};
+pub use keyfile::{KdfParams, KeyFile, KeyFileError};
+pub use master::{MasterKeys, Secret32};

@@ -1,0 +1,64 @@
+//! Exit codes scripts can rely on (restic's), and the mapping from errors to them.
+
+use crate::backup::BackupError;
+use crate::repo::RepoError;
+
+/// Success.
+pub const EXIT_OK: i32 = 0;
+/// Any fatal error.
+pub const EXIT_FATAL: i32 = 1;
+/// Backup written, but some files could not be read.
+pub const EXIT_PARTIAL: i32 = 3;
+/// No repository at the given location.
+pub const EXIT_NO_REPOSITORY: i32 = 10;
+/// The repository is locked.
+pub const EXIT_LOCKED: i32 = 11;
+/// No key opens with the password.
+pub const EXIT_WRONG_PASSWORD: i32 = 12;
+/// SIGINT or SIGTERM.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// A command finished but wants a specific non-zero exit code (partial backup, failed
+/// check); its message has been printed already.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExitWith {
+    /// Exit code.
+    pub code: i32,
+    /// What to print.
+    pub message: String,
+}
+
+fn repo_code(e: &RepoError) -> Option<i32> {
+    match e {
+        RepoError::NotARepository { .. } => Some(EXIT_NO_REPOSITORY),
+        RepoError::WrongPassword { .. } => Some(EXIT_WRONG_PASSWORD),
+        _ => None,
+    }
+}
+
+/// The exit code for an error chain.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<ExitWith>() {
+            return e.code;
+        }
+        if let Some(e) = cause.downcast_ref::<RepoError>() {
+            if let Some(c) = repo_code(e) {
+                return c;
+            }
+        }
+        if let Some(e) = cause.downcast_ref::<BackupError>() {
+            match e {
+                BackupError::Interrupted => return EXIT_INTERRUPTED,
+                BackupError::Repo(r) => {
+                    if let Some(c) = repo_code(r) {
+                        return c;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    EXIT_FATAL
+}

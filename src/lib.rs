@@ -1,0 +1,16 @@
+//! backupd: streaming, chunked, deduplicated, compressed and encrypted backups.
+//!
+//! The binary (`main.rs`) only parses arguments and maps errors to exit codes; everything
+//! else lives here: [`crypto`], [`pipeline`], [`backend`], [`repo`], [`source`],
+//! [`backup`], [`restore`], [`check`] and the verb handlers in [`cli`].
+
+pub mod backend;
+pub mod backup;
+pub mod check;
+pub mod cli;
+pub mod crypto;
+pub mod error;
+pub mod pipeline;
+pub mod repo;
+pub mod restore;
+pub mod source;

@@ -1,0 +1,205 @@
+//! Blobs: the unit of deduplication. A blob id is HMAC-SHA256(id_key, plaintext); a stored
+//! blob is `seal(compression byte | payload)` with the id bound into the AEAD.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{self, MasterKeys, ObjectKind, SealError};
+
+/// A 32-byte content address (blob, pack, index, snapshot or key id).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BlobId(pub [u8; 32]);
+
+impl BlobId {
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(s, &mut b).ok()?;
+        Some(BlobId(b))
+    }
+
+    /// First 8 hex digits, for humans.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..4])
+    }
+}
+
+impl fmt::Debug for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.short())
+    }
+}
+
+impl fmt::Display for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for BlobId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for BlobId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        BlobId::from_hex(&s).ok_or_else(|| serde::de::Error::custom("expected 64 hex digits"))
+    }
+}
+
+/// What a blob holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum BlobKind {
+    /// File content.
+    Data = 1,
+    /// A directory listing (JSON) or a list of content ids.
+    Tree = 2,
+}
+
+impl BlobKind {
+    /// From the stored byte.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(BlobKind::Data),
+            2 => Some(BlobKind::Tree),
+            _ => None,
+        }
+    }
+
+    fn object_kind(self) -> ObjectKind {
+        match self {
+            BlobKind::Data => ObjectKind::DataBlob,
+            BlobKind::Tree => ObjectKind::TreeBlob,
+        }
+    }
+}
+
+/// Why a stored blob could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The seal did not open.
+    #[error("blob {id}: {source}")]
+    Seal {
+        /// Which blob.
+        id: BlobId,
+        /// Why.
+        source: SealError,
+    },
+    /// Unknown compression byte or a zstd stream that does not decode.
+    #[error("blob {id}: bad payload: {why}")]
+    Payload {
+        /// Which blob.
+        id: BlobId,
+        /// Why.
+        why: String,
+    },
+}
+
+const RAW: u8 = 0;
+const ZSTD: u8 = 1;
+
+/// Compresses (when it shrinks) and seals one blob.
+pub fn encode(
+    keys: &MasterKeys,
+    kind: BlobKind,
+    id: &BlobId,
+    plaintext: &[u8],
+    zstd_level: i32,
+) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(plaintext.len() / 2 + 64);
+    framed.push(ZSTD);
+    let compressed_ok = zstd_level > 0
+        && zstd::stream::copy_encode(plaintext, &mut framed, zstd_level).is_ok()
+        && framed.len() < plaintext.len() + 1;
+    if !compressed_ok {
+        framed.clear();
+        framed.reserve(plaintext.len() + 1);
+        framed.push(RAW);
+        framed.extend_from_slice(plaintext);
+    }
+    crypto::seal(keys, kind.object_kind(), Some(&id.0), &framed)
+}
+
+/// Opens and decompresses one blob; `raw_len` bounds the output.
+///
+/// # Errors
+/// A seal that does not open, or a payload that does not decode to `raw_len` bytes.
+pub fn decode(
+    keys: &MasterKeys,
+    kind: BlobKind,
+    id: &BlobId,
+    sealed: &[u8],
+    raw_len: usize,
+) -> Result<Vec<u8>, BlobError> {
+    let framed = crypto::open(keys, kind.object_kind(), Some(&id.0), sealed)
+        .map_err(|source| BlobError::Seal { id: *id, source })?;
+    let (flag, payload) = framed.split_first().ok_or_else(|| BlobError::Payload {
+        id: *id,
+        why: "empty".into(),
+    })?;
+    let out = match *flag {
+        RAW => payload.to_vec(),
+        ZSTD => zstd::bulk::decompress(payload, raw_len).map_err(|e| BlobError::Payload {
+            id: *id,
+            why: format!("zstd: {e}"),
+        })?,
+        other => {
+            return Err(BlobError::Payload {
+                id: *id,
+                why: format!("unknown compression {other}"),
+            })
+        }
+    };
+    if out.len() != raw_len {
+        return Err(BlobError::Payload {
+            id: *id,
+            why: format!("{} bytes, index says {raw_len}", out.len()),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn encode_decode_round_trips(data in proptest::collection::vec(0u8..4, 0..20_000), level in 0i32..4) {
+            let keys = MasterKeys::generate();
+            let id = BlobId(keys.blob_id(&data));
+            let sealed = encode(&keys, BlobKind::Data, &id, &data, level);
+            prop_assert_eq!(decode(&keys, BlobKind::Data, &id, &sealed, data.len()).unwrap(), data);
+            prop_assert!(decode(&keys, BlobKind::Tree, &id, &sealed, 0).is_err());
+        }
+
+        #[test]
+        fn blob_id_hex_round_trips(b in any::<[u8; 32]>()) {
+            let id = BlobId(b);
+            prop_assert_eq!(BlobId::from_hex(&id.to_hex()), Some(id));
+        }
+    }
+
+    #[test]
+    fn incompressible_is_stored_raw() {
+        let keys = MasterKeys::generate();
+        let data: Vec<u8> = (0..10_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let id = BlobId(keys.blob_id(&data));
+        let sealed = encode(&keys, BlobKind::Data, &id, &data, 3);
+        assert!(sealed.len() <= data.len() + 1 + crypto::SEAL_OVERHEAD);
+    }
+}

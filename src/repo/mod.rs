@@ -1,0 +1,521 @@
+//! The repository: opening it with a password, and reading and writing its sealed objects
+//! (config, keys, packs, index, snapshots) through a [`Backend`].
+
+pub mod config;
+pub mod index;
+pub mod pack;
+pub mod snapshot;
+pub mod tree;
+
+use std::sync::Arc;
+
+use chacha20poly1305::aead::{rand_core::RngCore, OsRng};
+use sha2::{Digest, Sha256};
+
+use crate::backend::{Backend, BackendError, LocalBackend, ObjectType};
+use crate::crypto::{self, KeyFile, KeyFileError, MasterKeys, ObjectKind};
+use crate::pipeline::{blob, BlobId, BlobKind, ChunkerParams};
+
+pub use config::Config;
+pub use index::Index;
+pub use snapshot::{BackupSummary, Snapshot};
+pub use tree::{Node, NodeKind, Tree};
+
+/// Why a repository operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// No `config` at that location.
+    #[error("no backupd repository at {location} (run `backupd init` first)")]
+    NotARepository {
+        /// Where.
+        location: String,
+    },
+    /// `init` on an existing repository or a non-empty directory.
+    #[error("{location}: {why}; refusing to initialize")]
+    NotEmpty {
+        /// Where.
+        location: String,
+        /// Why.
+        why: String,
+    },
+    /// No key file opened with this password.
+    #[error("wrong password: no key in {location} opens with it")]
+    WrongPassword {
+        /// Where.
+        location: String,
+    },
+    /// An object's bytes do not match its name or did not authenticate.
+    #[error("{object}: corrupt or tampered ({why})")]
+    CorruptOrTampered {
+        /// Which object (path in the repository).
+        object: String,
+        /// What failed.
+        why: String,
+    },
+    /// The index names no such blob.
+    #[error("blob {id} is not in the index (missing or pruned data)")]
+    BlobNotFound {
+        /// Which blob.
+        id: BlobId,
+    },
+    /// No snapshot matches.
+    #[error("no snapshot matches {0:?}")]
+    NoSnapshot(String),
+    /// More than one snapshot matches a prefix.
+    #[error("snapshot prefix {0:?} is ambiguous")]
+    AmbiguousSnapshot(String),
+    /// A backend failure.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// A key file problem other than a wrong password.
+    #[error("key file {key}: {source}")]
+    KeyFile {
+        /// Which key.
+        key: String,
+        /// Why.
+        source: KeyFileError,
+    },
+    /// Unsupported format version.
+    #[error("repository format version {0} is not supported by this backupd")]
+    UnsupportedVersion(u32),
+}
+
+/// Path of an object for messages.
+pub fn object_path(kind: ObjectType, name: &str) -> String {
+    kind.path_of(name)
+}
+
+/// An open repository.
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    keys: Arc<MasterKeys>,
+    config: Config,
+    key_id: String,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("location", &self.backend.location())
+            .field("id", &self.config.id)
+            .finish()
+    }
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+impl Repository {
+    /// Creates a repository in an empty (or missing) local directory.
+    ///
+    /// # Errors
+    /// An existing repository or non-empty directory, or I/O failures.
+    pub fn init_local(
+        backend: Arc<LocalBackend>,
+        password: &[u8],
+        host: &str,
+        username: &str,
+    ) -> Result<Self, RepoError> {
+        let root = backend.root();
+        if root.join("config").exists() {
+            return Err(RepoError::NotEmpty {
+                location: backend.location(),
+                why: "a repository already exists here".into(),
+            });
+        }
+        if let Ok(mut rd) = std::fs::read_dir(root) {
+            if rd.next().is_some() {
+                return Err(RepoError::NotEmpty {
+                    location: backend.location(),
+                    why: "the directory is not empty".into(),
+                });
+            }
+        }
+        backend.create_layout()?;
+        Self::init(backend, password, host, username)
+    }
+
+    /// Writes a new config and first key into an empty store.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn init(
+        backend: Arc<dyn Backend>,
+        password: &[u8],
+        host: &str,
+        username: &str,
+    ) -> Result<Self, RepoError> {
+        if backend.exists(ObjectType::Config, "config")? {
+            return Err(RepoError::NotEmpty {
+                location: backend.location(),
+                why: "a repository already exists here".into(),
+            });
+        }
+        let keys = MasterKeys::generate();
+        let mut rid = [0u8; 32];
+        OsRng.fill_bytes(&mut rid);
+        let config = Config {
+            version: config::FORMAT_VERSION,
+            id: hex::encode(rid),
+            chunker: ChunkerParams::default(),
+            zstd_level: 3,
+            pack_size: 16 * 1024 * 1024,
+        };
+        let kf = KeyFile::create(&keys, password, host, username).map_err(|source| {
+            RepoError::KeyFile {
+                key: "(new)".into(),
+                source,
+            }
+        })?;
+        let kbytes = kf.to_bytes();
+        let key_id = sha256_hex(&kbytes);
+        backend.put(ObjectType::Key, &key_id, &kbytes)?;
+        let sealed = crypto::seal(
+            &keys,
+            ObjectKind::Config,
+            None,
+            &serde_json::to_vec(&config).expect("config serializes"),
+        );
+        // The config is written last: a repository exists once its config does.
+        backend.put(ObjectType::Config, "config", &sealed)?;
+        Ok(Repository {
+            backend,
+            keys: Arc::new(keys),
+            config,
+            key_id,
+        })
+    }
+
+    /// Opens a repository with a password, trying every key file.
+    ///
+    /// # Errors
+    /// `NotARepository`, `WrongPassword`, a tampered config, or backend failures.
+    pub fn open(backend: Arc<dyn Backend>, password: &[u8]) -> Result<Self, RepoError> {
+        if !backend.exists(ObjectType::Config, "config")? {
+            return Err(RepoError::NotARepository {
+                location: backend.location(),
+            });
+        }
+        let mut opened = None;
+        for (name, _) in backend.list(ObjectType::Key)? {
+            let bytes = match backend.get(ObjectType::Key, &name) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("key {name}: {e}");
+                    continue;
+                }
+            };
+            if sha256_hex(&bytes) != name {
+                tracing::warn!(
+                    "keys/{name}: corrupt or tampered (content does not match its name); skipped"
+                );
+                continue;
+            }
+            let kf = match KeyFile::parse(&bytes) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!("keys/{name}: {e}; skipped");
+                    continue;
+                }
+            };
+            match kf.open(password) {
+                Ok(keys) => {
+                    opened = Some((name, keys));
+                    break;
+                }
+                Err(KeyFileError::WrongPassword) => continue,
+                Err(e) => tracing::warn!("keys/{name}: {e}; skipped"),
+            }
+        }
+        let (key_id, keys) = opened.ok_or_else(|| RepoError::WrongPassword {
+            location: backend.location(),
+        })?;
+        let sealed = backend.get(ObjectType::Config, "config")?;
+        let plain = crypto::open(&keys, ObjectKind::Config, None, &sealed).map_err(|e| {
+            RepoError::CorruptOrTampered {
+                object: "config".into(),
+                why: e.to_string(),
+            }
+        })?;
+        let config: Config =
+            serde_json::from_slice(&plain).map_err(|e| RepoError::CorruptOrTampered {
+                object: "config".into(),
+                why: e.to_string(),
+            })?;
+        if config.version != config::FORMAT_VERSION {
+            return Err(RepoError::UnsupportedVersion(config.version));
+        }
+        if !config.chunker.is_valid() {
+            return Err(RepoError::CorruptOrTampered {
+                object: "config".into(),
+                why: "invalid chunker parameters".into(),
+            });
+        }
+        Ok(Repository {
+            backend,
+            keys: Arc::new(keys),
+            config,
+            key_id,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The master keys.
+    pub fn keys(&self) -> &Arc<MasterKeys> {
+        &self.keys
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Id of the key file that opened the repository.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Seals and stores an object named by the SHA-256 of its stored bytes.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn save_object(
+        &self,
+        kind: ObjectType,
+        okind: ObjectKind,
+        plain: &[u8],
+    ) -> Result<BlobId, RepoError> {
+        let sealed = crypto::seal(&self.keys, okind, None, plain);
+        let id = BlobId(Sha256::digest(&sealed).into());
+        self.backend.put(kind, &id.to_hex(), &sealed)?;
+        Ok(id)
+    }
+
+    /// Loads, checks and opens an object stored by [`Repository::save_object`].
+    ///
+    /// # Errors
+    /// `CorruptOrTampered` naming the object, or backend failures.
+    pub fn load_object(
+        &self,
+        kind: ObjectType,
+        okind: ObjectKind,
+        name: &str,
+    ) -> Result<Vec<u8>, RepoError> {
+        let bytes = self.backend.get(kind, name)?;
+        if sha256_hex(&bytes) != name {
+            return Err(RepoError::CorruptOrTampered {
+                object: object_path(kind, name),
+                why: "content does not match its name".into(),
+            });
+        }
+        crypto::open(&self.keys, okind, None, &bytes).map_err(|e| RepoError::CorruptOrTampered {
+            object: object_path(kind, name),
+            why: e.to_string(),
+        })
+    }
+
+    /// Loads and merges every index file.
+    ///
+    /// # Errors
+    /// A damaged index file (named), or backend failures.
+    pub fn load_index(&self) -> Result<Index, RepoError> {
+        let mut all = vec![];
+        for (name, _) in self.backend.list(ObjectType::Index)? {
+            all.extend(self.load_index_file(&name)?);
+        }
+        Ok(Index::from_packs(all))
+    }
+
+    /// Loads one index file.
+    ///
+    /// # Errors
+    /// A damaged index file (named), or backend failures.
+    pub fn load_index_file(&self, name: &str) -> Result<Vec<index::IndexedPack>, RepoError> {
+        let plain = self.load_object(ObjectType::Index, ObjectKind::Index, name)?;
+        index::decode(&plain).map_err(|e| RepoError::CorruptOrTampered {
+            object: object_path(ObjectType::Index, name),
+            why: e.to_string(),
+        })
+    }
+
+    /// Stores an index file for these packs.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn save_index(&self, packs: &[index::IndexedPack]) -> Result<BlobId, RepoError> {
+        self.save_object(ObjectType::Index, ObjectKind::Index, &index::encode(packs))
+    }
+
+    /// Stores a snapshot (the commit point of a backup).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn save_snapshot(&self, snap: &Snapshot) -> Result<BlobId, RepoError> {
+        let plain = serde_json::to_vec(snap).expect("a snapshot serializes");
+        self.save_object(ObjectType::Snapshot, ObjectKind::Snapshot, &plain)
+    }
+
+    /// Loads one snapshot by full id.
+    ///
+    /// # Errors
+    /// A damaged snapshot (named), or backend failures.
+    pub fn load_snapshot(&self, name: &str) -> Result<Snapshot, RepoError> {
+        let plain = self.load_object(ObjectType::Snapshot, ObjectKind::Snapshot, name)?;
+        serde_json::from_slice(&plain).map_err(|e| RepoError::CorruptOrTampered {
+            object: object_path(ObjectType::Snapshot, name),
+            why: e.to_string(),
+        })
+    }
+
+    /// All snapshots, oldest first. A damaged snapshot is an error naming it.
+    ///
+    /// # Errors
+    /// A damaged snapshot, or backend failures.
+    pub fn snapshots(&self) -> Result<Vec<(BlobId, Snapshot)>, RepoError> {
+        let mut out = vec![];
+        for (name, _) in self.backend.list(ObjectType::Snapshot)? {
+            let id = BlobId::from_hex(&name).ok_or_else(|| RepoError::CorruptOrTampered {
+                object: object_path(ObjectType::Snapshot, &name),
+                why: "name is not a 64-digit hex id".into(),
+            })?;
+            out.push((id, self.load_snapshot(&name)?));
+        }
+        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
+    /// Resolves `latest`, a full id or a unique prefix.
+    ///
+    /// # Errors
+    /// `NoSnapshot`, `AmbiguousSnapshot`, or load failures.
+    pub fn resolve_snapshot(&self, spec: &str) -> Result<(BlobId, Snapshot), RepoError> {
+        if spec == "latest" {
+            return self
+                .snapshots()?
+                .pop()
+                .ok_or_else(|| RepoError::NoSnapshot(spec.into()));
+        }
+        let names: Vec<String> = self
+            .backend
+            .list(ObjectType::Snapshot)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with(spec))
+            .collect();
+        match names.as_slice() {
+            [] => Err(RepoError::NoSnapshot(spec.into())),
+            [one] => {
+                let id = BlobId::from_hex(one).ok_or_else(|| RepoError::NoSnapshot(spec.into()))?;
+                Ok((id, self.load_snapshot(one)?))
+            }
+            _ => Err(RepoError::AmbiguousSnapshot(spec.into())),
+        }
+    }
+
+    /// Reads and decodes one blob.
+    ///
+    /// # Errors
+    /// `BlobNotFound`, a damaged pack (named), or backend failures.
+    pub fn read_blob(&self, index: &Index, id: &BlobId) -> Result<Vec<u8>, RepoError> {
+        let loc = index.get(id).ok_or(RepoError::BlobNotFound { id: *id })?;
+        let pack = loc.pack.to_hex();
+        let sealed = self
+            .backend
+            .get_range(
+                ObjectType::Pack,
+                &pack,
+                loc.offset as u64,
+                loc.length as u64,
+            )
+            .map_err(|e| match e {
+                BackendError::ShortRead { .. } => RepoError::CorruptOrTampered {
+                    object: object_path(ObjectType::Pack, &pack),
+                    why: e.to_string(),
+                },
+                other => RepoError::Backend(other),
+            })?;
+        blob::decode(&self.keys, loc.kind, id, &sealed, loc.raw_length as usize).map_err(|e| {
+            RepoError::CorruptOrTampered {
+                object: object_path(ObjectType::Pack, &pack),
+                why: e.to_string(),
+            }
+        })
+    }
+
+    /// Reads one tree.
+    ///
+    /// # Errors
+    /// As [`Repository::read_blob`], or a tree that does not parse.
+    pub fn load_tree(&self, index: &Index, id: &BlobId) -> Result<Tree, RepoError> {
+        let plain = self.read_blob(index, id)?;
+        serde_json::from_slice(&plain).map_err(|e| RepoError::CorruptOrTampered {
+            object: format!("tree {id}"),
+            why: e.to_string(),
+        })
+    }
+
+    /// The full chunk list of a file node (inline or through content-list blobs).
+    ///
+    /// # Errors
+    /// As [`Repository::read_blob`].
+    pub fn file_content(&self, index: &Index, node: &Node) -> Result<Vec<BlobId>, RepoError> {
+        if node.content_lists.is_empty() {
+            return Ok(node.content.clone());
+        }
+        let mut out = vec![];
+        for l in &node.content_lists {
+            let b = self.read_blob(index, l)?;
+            out.extend(tree::decode_content_list(&b).ok_or_else(|| {
+                RepoError::CorruptOrTampered {
+                    object: format!("content list {l}"),
+                    why: "length is not a multiple of 32".into(),
+                }
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Lists key files with their metadata.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn list_keys(&self) -> Result<Vec<(String, Option<KeyFile>)>, RepoError> {
+        let mut out = vec![];
+        for (name, _) in self.backend.list(ObjectType::Key)? {
+            let kf = self
+                .backend
+                .get(ObjectType::Key, &name)
+                .ok()
+                .and_then(|b| KeyFile::parse(&b).ok());
+            out.push((name, kf));
+        }
+        Ok(out)
+    }
+
+    /// Adds a key file for another password; returns its id.
+    ///
+    /// # Errors
+    /// Backend or KDF failures.
+    pub fn add_key(&self, password: &[u8], host: &str, user: &str) -> Result<String, RepoError> {
+        let kf = KeyFile::create(&self.keys, password, host, user).map_err(|source| {
+            RepoError::KeyFile {
+                key: "(new)".into(),
+                source,
+            }
+        })?;
+        let bytes = kf.to_bytes();
+        let id = sha256_hex(&bytes);
+        self.backend.put(ObjectType::Key, &id, &bytes)?;
+        Ok(id)
+    }
+
+    /// Blob kind helper for callers that decode trees themselves.
+    pub fn tree_kind() -> BlobKind {
+        BlobKind::Tree
+    }
+}

@@ -1,0 +1,733 @@
+//! The files source: walks directory trees, reads new and changed files on a pool of
+//! reader threads, reuses the content of unchanged files from the parent snapshot, and
+//! writes one tree blob per directory.
+//!
+//! Absolute source paths are kept: `/etc/app` is stored as `etc` -> `app` under the root
+//! tree, with the real metadata of each intermediate directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+use super::meta::{node_from_metadata, NameCache};
+use super::CancelToken;
+use crate::pipeline::chunker::Cutter;
+use crate::pipeline::stages::{BlobSaver, SaveError};
+use crate::pipeline::{BlobId, BlobKind, Chunker};
+use crate::repo::tree::{encode_content_list, INLINE_CONTENT_MAX};
+use crate::repo::{Index, Node, NodeKind, RepoError, Repository, Tree};
+
+/// Why a files backup stopped (unreadable files are not errors: they are listed).
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// A bad exclude pattern.
+    #[error("exclude pattern {pattern:?}: {why}")]
+    Pattern {
+        /// The pattern.
+        pattern: String,
+        /// Why.
+        why: String,
+    },
+    /// None of the paths could be read.
+    #[error("no source path could be read: {0}")]
+    NoPaths(String),
+    /// Storing failed.
+    #[error(transparent)]
+    Save(#[from] SaveError),
+    /// Reading the repository failed.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    /// SIGINT/SIGTERM.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// Exclude patterns. A pattern with a `/` matches absolute paths; one without matches
+/// a file name anywhere (as in restic and gitignore).
+#[derive(Default)]
+pub struct Excludes {
+    names: Option<GlobSet>,
+    paths: Option<GlobSet>,
+}
+
+impl Excludes {
+    /// Compiles patterns.
+    ///
+    /// # Errors
+    /// The first invalid pattern.
+    pub fn new(patterns: &[String]) -> Result<Self, FilesError> {
+        let mut names = GlobSetBuilder::new();
+        let mut paths = GlobSetBuilder::new();
+        let (mut n, mut p) = (0, 0);
+        for pat in patterns {
+            let pat = pat.trim();
+            if pat.is_empty() || pat.starts_with('#') {
+                continue;
+            }
+            let glob = globset::GlobBuilder::new(pat.trim_end_matches('/'))
+                .literal_separator(true)
+                .build()
+                .map_err(|e| FilesError::Pattern {
+                    pattern: pat.into(),
+                    why: e.kind().to_string(),
+                })?;
+            if pat.trim_end_matches('/').contains('/') {
+                paths.add(glob);
+                p += 1;
+            } else {
+                names.add(glob);
+                n += 1;
+            }
+        }
+        let build = |b: GlobSetBuilder, count| -> Result<Option<GlobSet>, FilesError> {
+            if count == 0 {
+                return Ok(None);
+            }
+            b.build().map(Some).map_err(|e| FilesError::Pattern {
+                pattern: "(set)".into(),
+                why: e.to_string(),
+            })
+        };
+        Ok(Excludes {
+            names: build(names, n)?,
+            paths: build(paths, p)?,
+        })
+    }
+
+    /// True when `abs` (with file name `name`) is excluded.
+    pub fn is_excluded(&self, abs: &Path, name: &OsStr) -> bool {
+        self.names.as_ref().is_some_and(|s| s.is_match(name))
+            || self.paths.as_ref().is_some_and(|s| s.is_match(abs))
+    }
+}
+
+/// Glob patterns matched against paths inside a snapshot (restore `--include/--exclude`).
+pub fn glob_set(patterns: &[String]) -> Result<Option<GlobSet>, FilesError> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        b.add(Glob::new(p).map_err(|e| FilesError::Pattern {
+            pattern: p.clone(),
+            why: e.kind().to_string(),
+        })?);
+    }
+    b.build().map(Some).map_err(|e| FilesError::Pattern {
+        pattern: "(set)".into(),
+        why: e.to_string(),
+    })
+}
+
+/// Live counters, readable while the backup runs (progress).
+#[derive(Debug, Default)]
+pub struct FilesStats {
+    /// New files.
+    pub files_new: AtomicU64,
+    /// Changed files.
+    pub files_changed: AtomicU64,
+    /// Files reused from the parent.
+    pub files_unchanged: AtomicU64,
+    /// Directories.
+    pub dirs: AtomicU64,
+    /// Content bytes read.
+    pub bytes_read: AtomicU64,
+    /// Logical bytes of files in the snapshot.
+    pub bytes_total: AtomicU64,
+}
+
+/// What the walk produced.
+pub struct FilesOutcome {
+    /// Root tree.
+    pub tree: BlobId,
+    /// Files that could not be read, with why.
+    pub unreadable: Vec<(String, String)>,
+    /// Special files skipped.
+    pub skipped_special: Vec<String>,
+}
+
+/// Inputs of a files backup.
+pub struct FilesJob<'a> {
+    /// The open repository.
+    pub repo: &'a Repository,
+    /// The loaded index (dedup and parent checks).
+    pub index: Arc<Index>,
+    /// Source paths, absolute.
+    pub paths: Vec<PathBuf>,
+    /// Exclusions.
+    pub excludes: Excludes,
+    /// Root tree of the parent snapshot.
+    pub parent_tree: Option<BlobId>,
+    /// Reader threads.
+    pub readers: usize,
+    /// Stop flag.
+    pub cancel: CancelToken,
+    /// Counters.
+    pub stats: Arc<FilesStats>,
+}
+
+#[derive(Default)]
+struct VDir {
+    children: BTreeMap<Vec<u8>, VEntry>,
+}
+
+enum VEntry {
+    Source,
+    Dir(VDir),
+}
+
+fn build_virtual(paths: &[PathBuf]) -> VDir {
+    let mut root = VDir::default();
+    let mut sorted: Vec<&PathBuf> = paths.iter().collect();
+    sorted.sort_by_key(|p| p.components().count());
+    'outer: for p in sorted {
+        let comps: Vec<Vec<u8>> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.as_bytes().to_vec()),
+                _ => None,
+            })
+            .collect();
+        if comps.is_empty() {
+            continue;
+        }
+        let mut cur = &mut root;
+        for (i, c) in comps.iter().enumerate() {
+            let last = i + 1 == comps.len();
+            if last {
+                cur.children.insert(c.clone(), VEntry::Source);
+                continue 'outer;
+            }
+            let e = cur
+                .children
+                .entry(c.clone())
+                .or_insert_with(|| VEntry::Dir(VDir::default()));
+            match e {
+                VEntry::Source => continue 'outer,
+                VEntry::Dir(d) => cur = d,
+            }
+        }
+    }
+    root
+}
+
+struct FileContent {
+    content: Vec<BlobId>,
+    lists: Vec<BlobId>,
+    size: u64,
+}
+
+enum ReadFailure {
+    Unreadable(String),
+    Stopped,
+}
+
+struct FileJobMsg {
+    path: PathBuf,
+    reply: Sender<Result<FileContent, ReadFailure>>,
+}
+
+enum Pending {
+    Ready(Node),
+    Waiting(Node, PathBuf, Receiver<Result<FileContent, ReadFailure>>),
+}
+
+struct Walker<'a> {
+    repo: &'a Repository,
+    index: Arc<Index>,
+    saver: BlobSaver,
+    jobs: Sender<FileJobMsg>,
+    names: NameCache,
+    excludes: Excludes,
+    cancel: CancelToken,
+    stats: Arc<FilesStats>,
+    unreadable: Vec<(String, String)>,
+    skipped: Vec<String>,
+}
+
+/// Runs the walk and returns the root tree; the caller owns the saver and commits.
+///
+/// # Errors
+/// Interrupt, pipeline failure, bad patterns, or no readable path.
+pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome, FilesError> {
+    let cutter = Cutter::new(job.repo.config().chunker, job.repo.keys().gear_table());
+    let min_size = job.repo.config().chunker.min_size as u64;
+    let readers = job.readers.max(1);
+    let (jobs_tx, jobs_rx) = bounded::<FileJobMsg>(readers * 4);
+    let mut handles = vec![];
+    for i in 0..readers {
+        let rx = jobs_rx.clone();
+        let saver = saver.clone();
+        let cutter = cutter.clone();
+        let cancel = job.cancel.clone();
+        let stats = job.stats.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("read-{i}"))
+                .spawn(move || {
+                    for m in rx {
+                        let r = read_file(&m.path, &saver, &cutter, min_size, &cancel, &stats);
+                        let _ = m.reply.send(r);
+                    }
+                })
+                .expect("spawning a thread"),
+        );
+    }
+    drop(jobs_rx);
+
+    let mut missing = vec![];
+    let mut present = vec![];
+    for p in &job.paths {
+        match fs::symlink_metadata(p) {
+            Ok(_) => present.push(p.clone()),
+            Err(e) => missing.push((p.display().to_string(), e.to_string())),
+        }
+    }
+    let mut walker = Walker {
+        repo: job.repo,
+        index: job.index.clone(),
+        saver,
+        jobs: jobs_tx,
+        names: NameCache::default(),
+        excludes: job.excludes,
+        cancel: job.cancel.clone(),
+        stats: job.stats.clone(),
+        unreadable: missing.clone(),
+        skipped: vec![],
+    };
+    let result = if present.is_empty() {
+        Err(FilesError::NoPaths(
+            missing
+                .iter()
+                .map(|(p, e)| format!("{p}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ))
+    } else {
+        let vroot = build_virtual(&present);
+        let parent = job
+            .parent_tree
+            .and_then(|id| walker.repo.load_tree(&walker.index, &id).ok());
+        walker.walk_virtual(&vroot, Path::new("/"), parent)
+    };
+    let Walker {
+        jobs,
+        unreadable,
+        skipped,
+        ..
+    } = walker;
+    drop(jobs);
+    for h in handles {
+        let _ = h.join();
+    }
+    let tree = result?;
+    Ok(FilesOutcome {
+        tree,
+        unreadable,
+        skipped_special: skipped,
+    })
+}
+
+fn parent_children(parent: Option<Tree>) -> HashMap<Vec<u8>, Node> {
+    parent
+        .map(|t| t.nodes.into_iter().map(|n| (n.name_bytes(), n)).collect())
+        .unwrap_or_default()
+}
+
+impl Walker<'_> {
+    fn check(&self) -> Result<(), FilesError> {
+        if self.cancel.is_cancelled() {
+            return Err(FilesError::Interrupted);
+        }
+        if self.saver.failed() {
+            return Err(FilesError::Save(SaveError::Stopped));
+        }
+        Ok(())
+    }
+
+    fn subtree_of(&self, parent: Option<&Node>) -> Option<Tree> {
+        let p = parent?;
+        if p.kind != NodeKind::Dir {
+            return None;
+        }
+        self.repo.load_tree(&self.index, p.subtree.as_ref()?).ok()
+    }
+
+    fn walk_virtual(
+        &mut self,
+        vdir: &VDir,
+        path: &Path,
+        parent: Option<Tree>,
+    ) -> Result<BlobId, FilesError> {
+        let mut parents = parent_children(parent);
+        let mut pending = vec![];
+        for (name, entry) in &vdir.children {
+            self.check()?;
+            let name_os = OsStr::from_bytes(name);
+            let abs = path.join(name_os);
+            let pnode = parents.remove(name);
+            match entry {
+                VEntry::Source => self.entry(&abs, name_os, pnode.as_ref(), &mut pending)?,
+                VEntry::Dir(sub) => {
+                    let md = match fs::symlink_metadata(&abs) {
+                        Ok(md) => md,
+                        Err(e) => {
+                            self.unreadable
+                                .push((abs.display().to_string(), e.to_string()));
+                            continue;
+                        }
+                    };
+                    let ptree = self.subtree_of(pnode.as_ref());
+                    let id = self.walk_virtual(sub, &abs, ptree)?;
+                    let mut node = node_from_metadata(name_os, NodeKind::Dir, &md, &mut self.names);
+                    node.subtree = Some(id);
+                    self.stats.dirs.fetch_add(1, Ordering::Relaxed);
+                    pending.push(Pending::Ready(node));
+                }
+            }
+        }
+        self.finish_dir(pending)
+    }
+
+    fn walk_dir(&mut self, path: &Path, parent: Option<Tree>) -> Result<BlobId, FilesError> {
+        let mut parents = parent_children(parent);
+        let mut names: Vec<OsString> = vec![];
+        match fs::read_dir(path) {
+            Ok(rd) => {
+                for e in rd {
+                    match e {
+                        Ok(e) => names.push(e.file_name()),
+                        Err(e) => {
+                            self.unreadable
+                                .push((path.display().to_string(), e.to_string()));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.unreadable
+                    .push((path.display().to_string(), e.to_string()));
+            }
+        }
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let mut pending = vec![];
+        for name in names {
+            self.check()?;
+            let abs = path.join(&name);
+            if self.excludes.is_excluded(&abs, &name) {
+                continue;
+            }
+            let pnode = parents.remove(name.as_bytes());
+            self.entry(&abs, &name, pnode.as_ref(), &mut pending)?;
+        }
+        self.finish_dir(pending)
+    }
+
+    fn entry(
+        &mut self,
+        abs: &Path,
+        name: &OsStr,
+        parent: Option<&Node>,
+        pending: &mut Vec<Pending>,
+    ) -> Result<(), FilesError> {
+        let md = match fs::symlink_metadata(abs) {
+            Ok(md) => md,
+            Err(e) => {
+                self.unreadable
+                    .push((abs.display().to_string(), e.to_string()));
+                return Ok(());
+            }
+        };
+        let ft = md.file_type();
+        if ft.is_dir() {
+            let ptree = self.subtree_of(parent);
+            let id = self.walk_dir(abs, ptree)?;
+            let mut node = node_from_metadata(name, NodeKind::Dir, &md, &mut self.names);
+            node.subtree = Some(id);
+            self.stats.dirs.fetch_add(1, Ordering::Relaxed);
+            pending.push(Pending::Ready(node));
+        } else if ft.is_symlink() {
+            let target = match fs::read_link(abs) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.unreadable
+                        .push((abs.display().to_string(), e.to_string()));
+                    return Ok(());
+                }
+            };
+            let mut node = node_from_metadata(name, NodeKind::Symlink, &md, &mut self.names);
+            let (t, raw) = super::meta::encode_name(target.as_os_str());
+            node.link_target = Some(t);
+            node.raw_link_target = raw;
+            pending.push(Pending::Ready(node));
+        } else if ft.is_file() {
+            let mut node = node_from_metadata(name, NodeKind::File, &md, &mut self.names);
+            if let Some(p) = parent.filter(|p| self.unchanged(p, &node)) {
+                node.content = p.content.clone();
+                node.content_lists = p.content_lists.clone();
+                self.stats.files_unchanged.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_total
+                    .fetch_add(node.size, Ordering::Relaxed);
+                pending.push(Pending::Ready(node));
+                return Ok(());
+            }
+            if parent.is_some_and(|p| p.kind == NodeKind::File) {
+                self.stats.files_changed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stats.files_new.fetch_add(1, Ordering::Relaxed);
+            }
+            let (tx, rx) = bounded(1);
+            self.jobs
+                .send(FileJobMsg {
+                    path: abs.to_path_buf(),
+                    reply: tx,
+                })
+                .map_err(|_| FilesError::Save(SaveError::Stopped))?;
+            pending.push(Pending::Waiting(node, abs.to_path_buf(), rx));
+        } else {
+            let what = if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_socket() {
+                "socket"
+            } else if ft.is_block_device() {
+                "block device"
+            } else if ft.is_char_device() {
+                "character device"
+            } else {
+                "special file"
+            };
+            self.skipped.push(format!("{} ({what})", abs.display()));
+        }
+        Ok(())
+    }
+
+    fn unchanged(&self, parent: &Node, now: &Node) -> bool {
+        parent.kind == NodeKind::File
+            && parent.size == now.size
+            && parent.mtime_ns == now.mtime_ns
+            && parent.ctime_ns == now.ctime_ns
+            && parent.inode == now.inode
+            && parent
+                .content
+                .iter()
+                .chain(parent.content_lists.iter())
+                .all(|id| self.index.contains(id))
+    }
+
+    fn finish_dir(&mut self, pending: Vec<Pending>) -> Result<BlobId, FilesError> {
+        let mut tree = Tree::default();
+        for p in pending {
+            match p {
+                Pending::Ready(n) => tree.nodes.push(n),
+                Pending::Waiting(mut n, path, rx) => match rx.recv() {
+                    Ok(Ok(c)) => {
+                        n.content = c.content;
+                        n.content_lists = c.lists;
+                        n.size = c.size;
+                        self.stats.bytes_total.fetch_add(c.size, Ordering::Relaxed);
+                        tree.nodes.push(n);
+                    }
+                    Ok(Err(ReadFailure::Unreadable(why))) => {
+                        self.unreadable.push((path.display().to_string(), why));
+                    }
+                    Ok(Err(ReadFailure::Stopped)) | Err(_) => {
+                        self.check()?;
+                        return Err(FilesError::Save(SaveError::Stopped));
+                    }
+                },
+            }
+        }
+        tree.sort();
+        let (id, _) = self.saver.save(BlobKind::Tree, tree.to_bytes())?;
+        Ok(id)
+    }
+}
+
+/// Collects a file's chunk ids, spilling to content-list blobs past the inline limit.
+struct ContentSink<'a> {
+    saver: &'a BlobSaver,
+    ids: Vec<BlobId>,
+    lists: Vec<BlobId>,
+}
+
+impl ContentSink<'_> {
+    fn push(&mut self, id: BlobId) -> Result<(), SaveError> {
+        self.ids.push(id);
+        if self.ids.len() >= INLINE_CONTENT_MAX {
+            let (l, _) = self
+                .saver
+                .save(BlobKind::Tree, encode_content_list(&self.ids))?;
+            self.lists.push(l);
+            self.ids.clear();
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(Vec<BlobId>, Vec<BlobId>), SaveError> {
+        if self.lists.is_empty() {
+            return Ok((self.ids, vec![]));
+        }
+        if !self.ids.is_empty() {
+            let (l, _) = self
+                .saver
+                .save(BlobKind::Tree, encode_content_list(&self.ids))?;
+            self.lists.push(l);
+        }
+        Ok((vec![], self.lists))
+    }
+}
+
+/// Chunks a stream into the saver; returns (inline ids, content lists, bytes).
+///
+/// # Errors
+/// `Err(None)` when stopped (cancel or pipeline failure), `Err(Some(e))` on a read error.
+pub fn save_stream<R: Read>(
+    reader: R,
+    saver: &BlobSaver,
+    cutter: &Cutter,
+    cancel: &CancelToken,
+    read_counter: &AtomicU64,
+) -> Result<(Vec<BlobId>, Vec<BlobId>, u64), Option<io::Error>> {
+    let mut chunker = Chunker::new(reader, cutter.clone());
+    let mut sink = ContentSink {
+        saver,
+        ids: vec![],
+        lists: vec![],
+    };
+    let mut last = 0;
+    while let Some(chunk) = chunker.next_chunk().map_err(Some)? {
+        if cancel.is_cancelled() {
+            return Err(None);
+        }
+        let read = chunker.bytes_read();
+        read_counter.fetch_add(read - last, Ordering::Relaxed);
+        last = read;
+        let (id, _) = saver.save(BlobKind::Data, chunk).map_err(|_| None)?;
+        sink.push(id).map_err(|_| None)?;
+    }
+    read_counter.fetch_add(chunker.bytes_read() - last, Ordering::Relaxed);
+    let total = chunker.bytes_read();
+    let (ids, lists) = sink.finish().map_err(|_| None)?;
+    Ok((ids, lists, total))
+}
+
+fn open_noatime(path: &Path) -> io::Result<File> {
+    // O_NOATIME keeps a backup from touching access times; only the owner (or root) may
+    // use it, so fall back to a plain open.
+    let noatime = nix::fcntl::OFlag::O_NOATIME.bits();
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(noatime)
+        .open(path)
+        .or_else(|_| File::open(path))
+}
+
+fn read_file(
+    path: &Path,
+    saver: &BlobSaver,
+    cutter: &Cutter,
+    min_size: u64,
+    cancel: &CancelToken,
+    stats: &FilesStats,
+) -> Result<FileContent, ReadFailure> {
+    let unreadable = |e: io::Error| ReadFailure::Unreadable(e.to_string());
+    let file = open_noatime(path).map_err(unreadable)?;
+    let md = file.metadata().map_err(unreadable)?;
+    if !md.is_file() {
+        return Err(ReadFailure::Unreadable("no longer a regular file".into()));
+    }
+    // Small files are read whole with one exact allocation; they are one or two chunks.
+    if md.len() <= min_size * 2 {
+        let mut data = Vec::with_capacity(md.len() as usize + 1);
+        (&file)
+            .take(md.len() + 1)
+            .read_to_end(&mut data)
+            .map_err(unreadable)?;
+        if data.len() as u64 <= md.len() {
+            stats
+                .bytes_read
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            let size = data.len() as u64;
+            let mut ids = vec![];
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let n = cutter.cut(rest);
+                let (id, _) = saver
+                    .save(BlobKind::Data, rest[..n].to_vec())
+                    .map_err(|_| ReadFailure::Stopped)?;
+                ids.push(id);
+                rest = &rest[n..];
+            }
+            return Ok(FileContent {
+                content: ids,
+                lists: vec![],
+                size,
+            });
+        }
+        // The file grew while we read it: continue as a stream.
+        let reader = io::Cursor::new(data).chain(&file);
+        return stream_file(reader, saver, cutter, cancel, stats);
+    }
+    stream_file(&file, saver, cutter, cancel, stats)
+}
+
+fn stream_file<R: Read>(
+    reader: R,
+    saver: &BlobSaver,
+    cutter: &Cutter,
+    cancel: &CancelToken,
+    stats: &FilesStats,
+) -> Result<FileContent, ReadFailure> {
+    match save_stream(reader, saver, cutter, cancel, &stats.bytes_read) {
+        Ok((content, lists, size)) => Ok(FileContent {
+            content,
+            lists,
+            size,
+        }),
+        Err(Some(e)) => Err(ReadFailure::Unreadable(e.to_string())),
+        Err(None) => Err(ReadFailure::Stopped),
+    }
+}
+
+/// Shared list type for the unreadable report.
+pub type Unreadable = Arc<Mutex<Vec<(String, String)>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excludes_match_names_and_paths() {
+        let ex = Excludes::new(&["*.tmp".into(), "/data/cache".into(), "/x/**/y".into()]).unwrap();
+        assert!(ex.is_excluded(Path::new("/a/b.tmp"), OsStr::new("b.tmp")));
+        assert!(!ex.is_excluded(Path::new("/a/b.tmpx"), OsStr::new("b.tmpx")));
+        assert!(ex.is_excluded(Path::new("/data/cache"), OsStr::new("cache")));
+        assert!(!ex.is_excluded(Path::new("/other/cache"), OsStr::new("cache")));
+        assert!(ex.is_excluded(Path::new("/x/1/2/y"), OsStr::new("y")));
+    }
+
+    #[test]
+    fn virtual_tree_merges_paths() {
+        let v = build_virtual(&[
+            PathBuf::from("/a/b/c"),
+            PathBuf::from("/a/b"),
+            PathBuf::from("/a/d"),
+        ]);
+        let VEntry::Dir(a) = &v.children[&b"a".to_vec()] else {
+            panic!("a is virtual")
+        };
+        assert!(matches!(a.children[&b"b".to_vec()], VEntry::Source));
+        assert!(matches!(a.children[&b"d".to_vec()], VEntry::Source));
+    }
+}

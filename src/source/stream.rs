@@ -1,0 +1,157 @@
+//! Stream sources: stdin, or the stdout of a command. The stream becomes one file node
+//! named by `--stdin-filename` at the root of the snapshot.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicU64;
+
+use super::files::save_stream;
+use super::meta::NameCache;
+use super::CancelToken;
+use crate::pipeline::chunker::Cutter;
+use crate::pipeline::stages::{BlobSaver, SaveError};
+use crate::pipeline::{BlobId, BlobKind};
+use crate::repo::{Node, NodeKind, Repository, Tree};
+
+/// Why a stream backup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Reading the stream failed.
+    #[error("reading {what}: {source}")]
+    Read {
+        /// stdin or the command.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The command could not start.
+    #[error("starting command {command:?}: {source}")]
+    Spawn {
+        /// Program.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The command exited non-zero: no snapshot.
+    #[error("command {command:?} failed ({status}); no snapshot was written")]
+    CommandFailed {
+        /// Program.
+        command: String,
+        /// Exit status.
+        status: String,
+    },
+    /// Storing failed.
+    #[error(transparent)]
+    Save(#[from] SaveError),
+    /// SIGINT/SIGTERM.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// Where the stream comes from.
+pub enum StreamSource {
+    /// Standard input.
+    Stdin,
+    /// A command's stdout.
+    Command(Vec<String>),
+}
+
+/// Saves one stream as file `name`; returns the root tree and the byte count.
+///
+/// # Errors
+/// Read errors, a failed command, interrupt, or pipeline failure.
+pub fn backup_stream(
+    repo: &Repository,
+    saver: &BlobSaver,
+    source: &StreamSource,
+    name: &str,
+    cancel: &CancelToken,
+    read_counter: &AtomicU64,
+) -> Result<(BlobId, u64), StreamError> {
+    let cutter = Cutter::new(repo.config().chunker, repo.keys().gear_table());
+    let started = chrono::Utc::now();
+    let (ids, lists, size) = match source {
+        StreamSource::Stdin => {
+            let stdin = std::io::stdin().lock();
+            run(stdin, saver, &cutter, cancel, read_counter, "stdin")?
+        }
+        StreamSource::Command(argv) => {
+            let (prog, args) = argv.split_first().ok_or_else(|| StreamError::Spawn {
+                command: String::new(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
+            })?;
+            let mut child = Command::new(prog)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .map_err(|source| StreamError::Spawn {
+                    command: prog.clone(),
+                    source,
+                })?;
+            let out = child.stdout.take().expect("stdout is piped");
+            let r = run(out, saver, &cutter, cancel, read_counter, prog);
+            if r.is_err() {
+                let _ = child.kill();
+            }
+            let status = child.wait().map_err(|source| StreamError::Read {
+                what: prog.clone(),
+                source,
+            })?;
+            let r = r?;
+            if !status.success() {
+                return Err(StreamError::CommandFailed {
+                    command: prog.clone(),
+                    status: status.to_string(),
+                });
+            }
+            r
+        }
+    };
+    let mut names = NameCache::default();
+    let uid = nix::unistd::getuid().as_raw();
+    let gid = nix::unistd::getgid().as_raw();
+    let now_ns = started.timestamp_nanos_opt().unwrap_or(0);
+    let node = Node {
+        name: name.to_string(),
+        raw_name: None,
+        kind: NodeKind::File,
+        mode: 0o600,
+        uid,
+        gid,
+        user: names.user(uid),
+        group: names.group(gid),
+        mtime_ns: now_ns,
+        ctime_ns: now_ns,
+        inode: 0,
+        device: 0,
+        links: 1,
+        size,
+        content: ids,
+        content_lists: lists,
+        subtree: None,
+        link_target: None,
+        raw_link_target: None,
+    };
+    let tree = Tree { nodes: vec![node] };
+    let (id, _) = saver.save(BlobKind::Tree, tree.to_bytes())?;
+    Ok((id, size))
+}
+
+fn run<R: Read>(
+    reader: R,
+    saver: &BlobSaver,
+    cutter: &Cutter,
+    cancel: &CancelToken,
+    read_counter: &AtomicU64,
+    what: &str,
+) -> Result<(Vec<BlobId>, Vec<BlobId>, u64), StreamError> {
+    save_stream(reader, saver, cutter, cancel, read_counter).map_err(|e| match e {
+        Some(source) => StreamError::Read {
+            what: what.into(),
+            source,
+        },
+        None if cancel.is_cancelled() => StreamError::Interrupted,
+        None => StreamError::Save(SaveError::Stopped),
+    })
+}
