@@ -87,6 +87,9 @@ pub struct BackupReport {
     pub skipped_special: Vec<String>,
 }
 
+/// Root tree, unreadable paths (with why), skipped special files.
+type SourceOutcome = (BlobId, Vec<(String, String)>, Vec<String>);
+
 fn paths_key(paths: &[String]) -> Vec<String> {
     let mut p = paths.to_vec();
     p.sort();
@@ -142,8 +145,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         opts,
     );
     let stats = req.stats.clone();
-    let result: Result<(BlobId, Vec<(String, String)>, Vec<String>), BackupError> = match req.source
-    {
+    let result: Result<SourceOutcome, BackupError> = match req.source {
         BackupSource::Files { paths, excludes } => (|| {
             let job = FilesJob {
                 repo,

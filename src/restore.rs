@@ -22,7 +22,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 
 use crate::backend::ObjectType;
-use crate::pipeline::{blob, BlobId};
+use crate::pipeline::{blob, BlobId, BlobKind};
 use crate::repo::{object_path, Index, Node, NodeKind, RepoError, Repository};
 
 /// Why a restore could not run at all.
@@ -82,12 +82,16 @@ struct BlobTarget {
     offset: u64,
 }
 
+/// One blob to fetch: id, kind (the index's, which is what sealed it), sealed length,
+/// plaintext length, and where it goes.
+type PlannedBlob = (BlobId, BlobKind, u32, u32, Vec<BlobTarget>);
+
 struct Plan {
     files: Vec<PlannedFile>,
     dirs: Vec<(PathBuf, Node)>,
     links: Vec<(PathBuf, Node)>,
     // pack -> blob -> (offset in pack, length, raw length, targets)
-    packs: BTreeMap<BlobId, BTreeMap<u32, (BlobId, u32, u32, Vec<BlobTarget>)>>,
+    packs: BTreeMap<BlobId, BTreeMap<u32, PlannedBlob>>,
     missing: Vec<(usize, String)>,
     hardlinks: HashMap<(u64, u64), PathBuf>,
 }
@@ -289,9 +293,9 @@ fn plan_tree(
                                         .or_default()
                                         .entry(loc.offset)
                                         .or_insert_with(|| {
-                                            (id, loc.length, loc.raw_length, vec![])
+                                            (id, loc.kind, loc.length, loc.raw_length, vec![])
                                         });
-                                    e.3.push(BlobTarget {
+                                    e.4.push(BlobTarget {
                                         file: file_idx,
                                         offset,
                                     });
@@ -321,12 +325,12 @@ fn plan_tree(
 /// Reads ranges no more than this far apart as one.
 const COALESCE_GAP: u32 = 1024 * 1024;
 /// Largest single ranged read.
-const MAX_RANGE: u64 = 32 * 1024 * 1024;
+const MAX_RANGE: u64 = 8 * 1024 * 1024;
 
 fn restore_pack(
     repo: &Repository,
     pack: &BlobId,
-    blobs: &BTreeMap<u32, (BlobId, u32, u32, Vec<BlobTarget>)>,
+    blobs: &BTreeMap<u32, PlannedBlob>,
     files: &[PlannedFile],
     failed: &Mutex<HashMap<usize, String>>,
     progress: &AtomicU64,
@@ -338,14 +342,14 @@ fn restore_pack(
             g.entry(t.file).or_insert_with(|| why.to_string());
         }
     };
-    let entries: Vec<(&u32, &(BlobId, u32, u32, Vec<BlobTarget>))> = blobs.iter().collect();
+    let entries: Vec<(&u32, &PlannedBlob)> = blobs.iter().collect();
     let mut i = 0;
     while i < entries.len() {
         let start = *entries[i].0;
-        let mut end = start as u64 + entries[i].1 .1 as u64;
+        let mut end = start as u64 + entries[i].1 .2 as u64;
         let mut j = i + 1;
         while j < entries.len() {
-            let (off, (_, len, _, _)) = entries[j];
+            let (off, (_, _, len, _, _)) = entries[j];
             if (*off as u64) > end + COALESCE_GAP as u64
                 || (*off as u64 + *len as u64) - start as u64 > MAX_RANGE
             {
@@ -354,54 +358,61 @@ fn restore_pack(
             end = end.max(*off as u64 + *len as u64);
             j += 1;
         }
-        let group = &entries[i..j];
-        match repo
-            .backend()
-            .get_range(ObjectType::Pack, &name, start as u64, end - start as u64)
-        {
-            Ok(buf) => {
-                for (off, (id, len, raw, targets)) in group {
-                    let lo = (**off - start) as usize;
-                    let sealed = &buf[lo..lo + *len as usize];
-                    match blob::decode(
-                        repo.keys(),
-                        crate::pipeline::BlobKind::Data,
-                        id,
-                        sealed,
-                        *raw as usize,
-                    ) {
-                        Ok(plain) => {
-                            for t in targets {
-                                let f = &files[t.file];
-                                let r = OpenOptions::new()
-                                    .write(true)
-                                    .open(&f.path)
-                                    .and_then(|h| h.write_all_at(&plain, t.offset));
-                                if let Err(e) = r {
-                                    fail(std::slice::from_ref(t), &format!("writing: {e}"));
+        let mut todo = vec![&entries[i..j]];
+        while let Some(group) = todo.pop() {
+            let start = *group[0].0;
+            let end = group
+                .iter()
+                .map(|(off, b)| **off as u64 + b.2 as u64)
+                .max()
+                .unwrap_or(start as u64);
+            match repo.backend().get_range(
+                ObjectType::Pack,
+                &name,
+                start as u64,
+                end - start as u64,
+            ) {
+                Ok(buf) => {
+                    for (off, (id, kind, len, raw, targets)) in group {
+                        let lo = (**off - start) as usize;
+                        let sealed = &buf[lo..lo + *len as usize];
+                        match blob::decode(repo.keys(), *kind, id, sealed, *raw as usize) {
+                            Ok(plain) => {
+                                for t in targets {
+                                    let f = &files[t.file];
+                                    let r = OpenOptions::new()
+                                        .write(true)
+                                        .open(&f.path)
+                                        .and_then(|h| h.write_all_at(&plain, t.offset));
+                                    if let Err(e) = r {
+                                        fail(std::slice::from_ref(t), &format!("writing: {e}"));
+                                    }
                                 }
+                                progress.fetch_add(
+                                    plain.len() as u64 * targets.len() as u64,
+                                    Ordering::Relaxed,
+                                );
                             }
-                            progress.fetch_add(
-                                plain.len() as u64 * targets.len() as u64,
-                                Ordering::Relaxed,
-                            );
-                        }
-                        Err(e) => fail(
-                            targets,
-                            &format!(
-                                "{}: corrupt or tampered ({e})",
-                                object_path(ObjectType::Pack, &name)
+                            Err(e) => fail(
+                                targets,
+                                &format!(
+                                    "{}: corrupt or tampered ({e})",
+                                    object_path(ObjectType::Pack, &name)
+                                ),
                             ),
-                        ),
+                        }
                     }
                 }
-            }
-            Err(e) => {
-                for (_, (_, _, _, targets)) in group {
-                    fail(
-                        targets,
-                        &format!("{}: {e}", object_path(ObjectType::Pack, &name)),
-                    );
+                // A failed ranged read (e.g. a truncated pack) is retried blob by blob, so
+                // the intact blobs of the range are still restored.
+                Err(_) if group.len() > 1 => todo.extend(group.chunks(1).rev()),
+                Err(e) => {
+                    for (_, (_, _, _, _, targets)) in group {
+                        fail(
+                            targets,
+                            &format!("{}: {e}", object_path(ObjectType::Pack, &name)),
+                        );
+                    }
                 }
             }
         }

@@ -7,6 +7,9 @@ pub mod pack;
 pub mod snapshot;
 pub mod tree;
 
+#[cfg(test)]
+mod fixture_tests;
+
 use std::sync::Arc;
 
 use chacha20poly1305::aead::{rand_core::RngCore, OsRng};

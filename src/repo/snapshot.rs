@@ -28,7 +28,8 @@ pub struct BackupSummary {
     pub bytes_stored: u64,
     /// Blobs new to the repository.
     pub blobs_new: u64,
-    /// bytes_total / bytes_stored (how much the repository saved).
+    /// Share of the snapshot's bytes already in the repository: 1 - bytes_added / bytes_total
+    /// (0 = all new, 1 = nothing new).
     pub dedup_ratio: f64,
     /// Wall time.
     pub duration_secs: f64,

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::pipeline::BlobId;
 
-/// Most chunk ids kept inline in a node; longer lists go to content-list blobs.
+/// Content-list size: a file with fewer chunk ids keeps them inline in its node; from this
+/// many on, they go to content-list blobs of this many ids each.
 pub const INLINE_CONTENT_MAX: usize = 4096;
 
 /// What a node is.

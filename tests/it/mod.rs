@@ -1,0 +1,11 @@
+//! Test modules of the `main` integration test binary.
+
+pub mod common;
+
+mod cli;
+mod dedup;
+mod interrupt;
+mod keys;
+mod roundtrip;
+mod stream;
+mod tamper;
