@@ -49,7 +49,7 @@ pub struct GlobalArgs {
 #[derive(Subcommand, Debug)]
 enum Verb {
     /// Create a repository.
-    Init,
+    Init(InitArgs),
     /// Back up files, stdin or a command's output.
     Backup(backup_cmd::BackupArgs),
     /// List snapshots.
@@ -68,6 +68,15 @@ enum Verb {
     Stats,
     /// Check the repository's structure (and data with --read-data).
     Check(inspect::CheckArgs),
+}
+
+/// Arguments of `init`.
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// zstd level for new data, 0 (store raw) to 19. Level 1 was both faster and smaller
+    /// than 3 on the benchmark corpus (docs/decisions/0005-compression-level.md).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=19))]
+    compression: i32,
 }
 
 /// This host's name.
@@ -119,11 +128,17 @@ impl GlobalArgs {
     }
 }
 
-fn init(g: &GlobalArgs) -> Result<()> {
+fn init(g: &GlobalArgs, a: InitArgs) -> Result<()> {
     let loc = g.location()?;
     let pw = password::read_password(&password::REPO_PASSWORD, true)?;
     let backend = Arc::new(LocalBackend::new(PathBuf::from(&loc)));
-    let repo = Repository::init_local(backend, pw.as_bytes(), &hostname(), &current_username())?;
+    let repo = Repository::init_local(
+        backend,
+        pw.as_bytes(),
+        &hostname(),
+        &current_username(),
+        a.compression,
+    )?;
     if g.json {
         println!(
             "{}",
@@ -141,7 +156,7 @@ fn init(g: &GlobalArgs) -> Result<()> {
 fn run(cli: Cli) -> Result<i32> {
     let g = &cli.global;
     match cli.command {
-        Verb::Init => init(g).map(|_| EXIT_OK),
+        Verb::Init(a) => init(g, a).map(|_| EXIT_OK),
         Verb::Backup(a) => backup_cmd::run(g, a),
         Verb::Snapshots(a) => inspect::snapshots(g, a).map(|_| EXIT_OK),
         Verb::Ls(a) => inspect::ls(g, a).map(|_| EXIT_OK),

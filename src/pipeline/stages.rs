@@ -58,9 +58,9 @@ impl Default for SaverOptions {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         SaverOptions {
             seal_workers: cores.clamp(1, 8),
-            uploaders: 2,
+            uploaders: 1,
             pack_size: 16 * 1024 * 1024,
-            zstd_level: 3,
+            zstd_level: 1,
         }
     }
 }
@@ -159,9 +159,12 @@ impl BlobSaver {
             stats: SaverStats::default(),
         });
         let workers = opts.seal_workers.max(1);
-        let (seal_tx, seal_rx) = bounded::<RawBlob>(workers * 2);
-        let (pack_tx, pack_rx) = bounded::<SealedBlob>(workers * 2);
-        let (up_tx, up_rx) = bounded::<FinishedPack>(1);
+        // Queue depths bound memory: at most `workers` raw blobs waiting, `workers` sealed
+        // blobs waiting, one pack being filled and one pack per uploader in flight (a
+        // rendezvous hand-off, so no finished pack waits in a queue).
+        let (seal_tx, seal_rx) = bounded::<RawBlob>(workers);
+        let (pack_tx, pack_rx) = bounded::<SealedBlob>(workers);
+        let (up_tx, up_rx) = bounded::<FinishedPack>(0);
         let mut threads = vec![];
         for i in 0..workers {
             let rx = seal_rx.clone();

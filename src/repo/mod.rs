@@ -119,6 +119,7 @@ impl Repository {
         password: &[u8],
         host: &str,
         username: &str,
+        zstd_level: i32,
     ) -> Result<Self, RepoError> {
         let root = backend.root();
         if root.join("config").exists() {
@@ -136,7 +137,7 @@ impl Repository {
             }
         }
         backend.create_layout()?;
-        Self::init(backend, password, host, username)
+        Self::init(backend, password, host, username, zstd_level)
     }
 
     /// Writes a new config and first key into an empty store.
@@ -148,6 +149,7 @@ impl Repository {
         password: &[u8],
         host: &str,
         username: &str,
+        zstd_level: i32,
     ) -> Result<Self, RepoError> {
         if backend.exists(ObjectType::Config, "config")? {
             return Err(RepoError::NotEmpty {
@@ -162,7 +164,7 @@ impl Repository {
             version: config::FORMAT_VERSION,
             id: hex::encode(rid),
             chunker: ChunkerParams::default(),
-            zstd_level: 3,
+            zstd_level,
             pack_size: 16 * 1024 * 1024,
         };
         let kf = KeyFile::create(&keys, password, host, username).map_err(|source| {

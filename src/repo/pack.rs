@@ -116,7 +116,9 @@ impl PackBuilder {
     /// Appends one sealed blob.
     pub fn add(&mut self, kind: BlobKind, id: BlobId, sealed: &[u8], raw_length: u32) {
         if self.bytes.capacity() == 0 {
-            self.bytes.reserve(20 * 1024 * 1024);
+            // Room for a full pack plus one maximal blob, so the buffer never reallocates
+            // (untouched capacity costs no resident memory).
+            self.bytes.reserve(26 * 1024 * 1024);
         }
         self.entries.push(PackEntry {
             kind,
