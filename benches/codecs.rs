@@ -1,5 +1,5 @@
 //! Criterion benchmarks of the CPU stages of the data path, in MB/s on one core:
-//! chunker, blob id (HMAC-SHA256), zstd-3 compression, seal (XChaCha20-Poly1305), the
+//! chunker, blob id (HMAC-SHA256), zstd compression (levels 1 and 3), seal (XChaCha20-Poly1305), the
 //! whole encode of one blob, the pack writer, and index lookups.
 //!
 //! Run: `cargo bench --bench codecs`. Figures go in the issue notes; nothing here is
@@ -92,19 +92,23 @@ fn per_blob(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("id_hmac_sha256", name), &d, |b, d| {
             b.iter(|| black_box(keys.blob_id(d)))
         });
-        g.bench_with_input(BenchmarkId::new("zstd3", name), &d, |b, d| {
-            b.iter(|| black_box(zstd::bulk::compress(d, 3).expect("compress")))
-        });
+        for level in [1, 3] {
+            g.bench_with_input(
+                BenchmarkId::new(format!("zstd{level}"), name),
+                &d,
+                |b, d| b.iter(|| black_box(zstd::bulk::compress(d, level).expect("compress"))),
+            );
+        }
         g.bench_with_input(BenchmarkId::new("seal", name), &d, |b, d| {
             b.iter(|| black_box(crypto::seal(&keys, ObjectKind::DataBlob, Some(&id.0), d)))
         });
         g.bench_with_input(BenchmarkId::new("encode_full", name), &d, |b, d| {
             b.iter(|| {
                 let id = BlobId(keys.blob_id(d));
-                black_box(blob::encode(&keys, BlobKind::Data, &id, d, 3))
+                black_box(blob::encode(&keys, BlobKind::Data, &id, d, 1))
             })
         });
-        let sealed = blob::encode(&keys, BlobKind::Data, &id, &d, 3);
+        let sealed = blob::encode(&keys, BlobKind::Data, &id, &d, 1);
         g.bench_with_input(BenchmarkId::new("decode_full", name), &sealed, |b, s| {
             b.iter(|| {
                 black_box(blob::decode(&keys, BlobKind::Data, &id, s, d.len()).expect("decode"))
