@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use globset::GlobSet;
 use nix::sys::stat::{utimensat, UtimensatFlags};
@@ -494,6 +494,3 @@ pub fn dump_file(
         source: e,
     })
 }
-
-/// Shared state type for callers that observe progress.
-pub type Progress = Arc<AtomicU64>;

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, BackendError, LocalBackend, ObjectType};
 use crate::crypto::{self, KeyFile, KeyFileError, MasterKeys, ObjectKind};
-use crate::pipeline::{blob, BlobId, BlobKind, ChunkerParams};
+use crate::pipeline::{blob, BlobId, ChunkerParams};
 
 pub use config::Config;
 pub use index::Index;
@@ -517,10 +517,5 @@ impl Repository {
         let id = sha256_hex(&bytes);
         self.backend.put(ObjectType::Key, &id, &bytes)?;
         Ok(id)
-    }
-
-    /// Blob kind helper for callers that decode trees themselves.
-    pub fn tree_kind() -> BlobKind {
-        BlobKind::Tree
     }
 }

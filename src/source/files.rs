@@ -13,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -699,9 +699,6 @@ fn stream_file<R: Read>(
         Err(None) => Err(ReadFailure::Stopped),
     }
 }
-
-/// Shared list type for the unreadable report.
-pub type Unreadable = Arc<Mutex<Vec<(String, String)>>>;
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,7 @@ pub mod common;
 
 mod cli;
 mod dedup;
+mod disk_full;
 mod interrupt;
 mod keys;
 mod roundtrip;
