@@ -2,6 +2,7 @@
 //! `anyhow` and return errors; [`main`] prints them with their causes and maps them to
 //! exit codes.
 
+pub mod allocator;
 mod backup_cmd;
 mod inspect;
 mod keys;
@@ -169,8 +170,26 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// An error with its causes, each said once (several of our errors already include their
+/// cause in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if msg.contains(&s) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&s);
+    }
+    msg
+}
+
 /// Parses the command line, runs the verb, prints any error, returns the exit code.
 pub fn main() -> i32 {
+    allocator::ensure_fixed_mmap_threshold();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("BACKUPD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -186,9 +205,9 @@ pub fn main() -> i32 {
         Err(e) => {
             let code = exit_code(&e);
             if !e.chain().any(|c| c.is::<crate::error::ExitWith>()) {
-                eprintln!("backupd: error: {e:#}");
+                eprintln!("backupd: error: {}", error_chain(&e));
             } else {
-                eprintln!("backupd: {e:#}");
+                eprintln!("backupd: {}", error_chain(&e));
             }
             code
         }

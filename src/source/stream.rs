@@ -82,6 +82,8 @@ pub fn backup_stream(
             })?;
             let mut child = Command::new(prog)
                 .args(args)
+                // Our allocator setting is for us, not for the command.
+                .env_remove(crate::cli::allocator::MMAP_THRESHOLD_VAR)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .spawn()
