@@ -3,9 +3,11 @@
 //! glibc raises its mmap threshold to the size of the largest freed block (up to 32 MiB).
 //! After the first 16–26 MiB pack buffer is freed, every later pack and chunk buffer comes
 //! from per-thread arenas, which fragment and keep memory: the first backup of the bench
-//! corpus peaked at 126 MiB. With a fixed threshold, buffers of that size are mapped and
-//! unmapped, and the pipeline's memory stays at what it holds (measured: 68 MiB, the floor
-//! set by the Argon2id key derivation). `mallopt` would need `unsafe`, which this crate
+//! corpus peaked at 126 MiB. With the threshold fixed at 16 MiB, pack buffers are always
+//! mapped and unmapped, while blob-sized buffers (≤ 8 MiB) are reused from the arenas:
+//! measured peak 68 MiB for the first backup (the floor set by Argon2id key derivation) and
+//! 78 MiB for restore. A 4 MiB threshold also kept memory down but made restore 40 % slower
+//! (every 1–8 MiB buffer faulted in fresh pages). `mallopt` would need `unsafe`, which this crate
 //! forbids; glibc reads the same setting from the environment at start-up, so we set it
 //! and exec ourselves. See docs/decisions/0005-compression-level-and-pipeline-depth.md.
 
@@ -14,7 +16,7 @@ use std::process::Command;
 
 /// The environment variable glibc reads.
 pub const MMAP_THRESHOLD_VAR: &str = "MALLOC_MMAP_THRESHOLD_";
-const THRESHOLD: &str = "4194304";
+const THRESHOLD: &str = "16777216";
 
 /// Re-executes the current binary with a fixed mmap threshold, unless it is already set
 /// (by us or by the operator). Returns only if it is already set or the exec failed, in
