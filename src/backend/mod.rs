@@ -3,6 +3,7 @@
 //!
 //! Retry, throttling and metrics are layers around a backend (issue 3), not code inside it.
 
+pub mod layers;
 pub mod local;
 
 use std::fmt;
@@ -87,6 +88,26 @@ impl BackendError {
     /// True for a missing object.
     pub fn is_not_found(&self) -> bool {
         matches!(self, BackendError::NotFound { .. })
+    }
+
+    /// True for failures worth retrying: timeouts, resets, interrupted calls. A missing
+    /// object, a refused overwrite, a full disk or a permission error is not.
+    pub fn is_transient(&self) -> bool {
+        use std::io::ErrorKind as K;
+        match self {
+            BackendError::Io { source, .. } => matches!(
+                source.kind(),
+                K::TimedOut
+                    | K::Interrupted
+                    | K::WouldBlock
+                    | K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::ConnectionRefused
+                    | K::BrokenPipe
+                    | K::UnexpectedEof
+            ),
+            _ => false,
+        }
     }
 }
 

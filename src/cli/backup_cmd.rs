@@ -174,6 +174,7 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
                 json!(report.unreadable.iter().map(|(p, _)| p).collect::<Vec<_>>()),
             );
             o.insert("skipped_special".into(), json!(report.skipped_special));
+            o.insert("requests".into(), json!(g.requests.stats()));
         }
         println!("{v}");
     } else if !g.quiet {
@@ -206,6 +207,16 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
             s.dedup_ratio * 100.0
         );
         println!("duration:  {:.2} s", s.duration_secs);
+        let r = g.requests.stats();
+        println!(
+            "requests:  {} ({} put, {} get, {} ranged get, {} list, {} exists)",
+            r.total(),
+            r.put,
+            r.get,
+            r.get_range,
+            r.list,
+            r.exists
+        );
     }
     if report.unreadable.is_empty() {
         Ok(EXIT_OK)

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::backend::layers::{MetricsLayer, RequestCounters, RetryLayer, RetryPolicy};
 use crate::backend::{Backend, LocalBackend};
 use crate::error::{exit_code, EXIT_OK};
 use crate::repo::Repository;
@@ -45,6 +46,9 @@ pub struct GlobalArgs {
     /// No progress bars.
     #[arg(long, global = true)]
     no_progress: bool,
+    /// Requests made to the repository by this command (reported in summaries).
+    #[arg(skip)]
+    requests: Arc<RequestCounters>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,7 +110,12 @@ impl GlobalArgs {
 
     fn backend(&self) -> Result<Arc<dyn Backend>> {
         let loc = self.location()?;
-        Ok(Arc::new(LocalBackend::new(PathBuf::from(loc))))
+        let local = LocalBackend::new(PathBuf::from(loc));
+        // Metrics inside retry: every attempt is a request the store serves (and bills).
+        Ok(Arc::new(RetryLayer::new(
+            MetricsLayer::new(local, self.requests.clone()),
+            RetryPolicy::default(),
+        )))
     }
 
     fn open(&self) -> Result<Repository> {
