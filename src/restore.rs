@@ -21,7 +21,7 @@ use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 
-use crate::backend::ObjectType;
+use crate::backend::{BackendError, ObjectType};
 use crate::pipeline::{blob, BlobId, BlobKind};
 use crate::repo::{object_path, Index, Node, NodeKind, RepoError, Repository};
 
@@ -82,15 +82,25 @@ struct BlobTarget {
     offset: u64,
 }
 
-/// One blob to fetch: id, kind (the index's, which is what sealed it), sealed length,
-/// plaintext length, and where it goes.
-type PlannedBlob = (BlobId, BlobKind, u32, u32, Vec<BlobTarget>);
+/// One blob to fetch, keyed by its offset in its pack.
+struct PlannedBlob {
+    id: BlobId,
+    /// The index's kind, which is what sealed it (a file chunk may be stored as a tree blob
+    /// with the same bytes).
+    kind: BlobKind,
+    /// Sealed length.
+    length: u32,
+    /// Plaintext length.
+    raw_length: u32,
+    /// Where it goes.
+    targets: Vec<BlobTarget>,
+}
 
 struct Plan {
     files: Vec<PlannedFile>,
     dirs: Vec<(PathBuf, Node)>,
     links: Vec<(PathBuf, Node)>,
-    // pack -> blob -> (offset in pack, length, raw length, targets)
+    // pack -> offset in pack -> blob
     packs: BTreeMap<BlobId, BTreeMap<u32, PlannedBlob>>,
     missing: Vec<(usize, String)>,
     hardlinks: HashMap<(u64, u64), PathBuf>,
@@ -292,10 +302,14 @@ fn plan_tree(
                                         .entry(loc.pack)
                                         .or_default()
                                         .entry(loc.offset)
-                                        .or_insert_with(|| {
-                                            (id, loc.kind, loc.length, loc.raw_length, vec![])
+                                        .or_insert_with(|| PlannedBlob {
+                                            id,
+                                            kind: loc.kind,
+                                            length: loc.length,
+                                            raw_length: loc.raw_length,
+                                            targets: vec![],
                                         });
-                                    e.4.push(BlobTarget {
+                                    e.targets.push(BlobTarget {
                                         file: file_idx,
                                         offset,
                                     });
@@ -336,88 +350,92 @@ fn restore_pack(
     progress: &AtomicU64,
 ) {
     let name = pack.to_hex();
+    let path = object_path(ObjectType::Pack, &name);
     let fail = |targets: &[BlobTarget], why: &str| {
         let mut g = failed.lock().unwrap_or_else(|p| p.into_inner());
         for t in targets {
             g.entry(t.file).or_insert_with(|| why.to_string());
         }
     };
-    let entries: Vec<(&u32, &PlannedBlob)> = blobs.iter().collect();
+    let entries: Vec<(u32, &PlannedBlob)> = blobs.iter().map(|(o, b)| (*o, b)).collect();
     let mut i = 0;
     while i < entries.len() {
-        let start = *entries[i].0;
-        let mut end = start as u64 + entries[i].1 .2 as u64;
+        let start = entries[i].0 as u64;
+        let mut end = start + entries[i].1.length as u64;
         let mut j = i + 1;
-        while j < entries.len() {
-            let (off, (_, _, len, _, _)) = entries[j];
-            if (*off as u64) > end + COALESCE_GAP as u64
-                || (*off as u64 + *len as u64) - start as u64 > MAX_RANGE
-            {
+        while let Some(&(off, b)) = entries.get(j) {
+            let (off, blob_end) = (off as u64, off as u64 + b.length as u64);
+            if off > end + COALESCE_GAP as u64 || blob_end - start > MAX_RANGE {
                 break;
             }
-            end = end.max(*off as u64 + *len as u64);
+            end = end.max(blob_end);
             j += 1;
         }
         let mut todo = vec![&entries[i..j]];
         while let Some(group) = todo.pop() {
-            let start = *group[0].0;
+            let start = group[0].0 as u64;
             let end = group
                 .iter()
-                .map(|(off, b)| **off as u64 + b.2 as u64)
+                .map(|(off, b)| *off as u64 + b.length as u64)
                 .max()
-                .unwrap_or(start as u64);
-            match repo.backend().get_range(
-                ObjectType::Pack,
-                &name,
-                start as u64,
-                end - start as u64,
-            ) {
+                .unwrap_or(start);
+            match repo
+                .backend()
+                .get_range(ObjectType::Pack, &name, start, end - start)
+            {
                 Ok(buf) => {
-                    for (off, (id, kind, len, raw, targets)) in group {
-                        let lo = (**off - start) as usize;
-                        let sealed = &buf[lo..lo + *len as usize];
-                        match blob::decode(repo.keys(), *kind, id, sealed, *raw as usize) {
-                            Ok(plain) => {
-                                for t in targets {
-                                    let f = &files[t.file];
-                                    let r = OpenOptions::new()
-                                        .write(true)
-                                        .open(&f.path)
-                                        .and_then(|h| h.write_all_at(&plain, t.offset));
-                                    if let Err(e) = r {
-                                        fail(std::slice::from_ref(t), &format!("writing: {e}"));
-                                    }
-                                }
-                                progress.fetch_add(
-                                    plain.len() as u64 * targets.len() as u64,
-                                    Ordering::Relaxed,
-                                );
+                    for &(off, b) in group {
+                        let lo = (off as u64 - start) as usize;
+                        let sealed = &buf[lo..lo + b.length as usize];
+                        match blob::decode(
+                            repo.keys(),
+                            b.kind,
+                            &b.id,
+                            sealed,
+                            b.raw_length as usize,
+                        ) {
+                            Ok(plain) => write_blob(&plain, &b.targets, files, &fail, progress),
+                            Err(e) => {
+                                fail(&b.targets, &format!("{path}: corrupt or tampered ({e})"))
                             }
-                            Err(e) => fail(
-                                targets,
-                                &format!(
-                                    "{}: corrupt or tampered ({e})",
-                                    object_path(ObjectType::Pack, &name)
-                                ),
-                            ),
                         }
                     }
                 }
-                // A failed ranged read (e.g. a truncated pack) is retried blob by blob, so
-                // the intact blobs of the range are still restored.
-                Err(_) if group.len() > 1 => todo.extend(group.chunks(1).rev()),
+                // A short read (a truncated pack) is retried blob by blob, so the intact
+                // blobs before the cut are still restored. Any other failure (a missing
+                // pack, an I/O error) would fail the same way for each blob.
+                Err(BackendError::ShortRead { .. }) if group.len() > 1 => {
+                    todo.extend(group.chunks(1).rev())
+                }
                 Err(e) => {
-                    for (_, (_, _, _, _, targets)) in group {
-                        fail(
-                            targets,
-                            &format!("{}: {e}", object_path(ObjectType::Pack, &name)),
-                        );
+                    for (_, b) in group {
+                        fail(&b.targets, &format!("{path}: {e}"));
                     }
                 }
             }
         }
         i = j;
     }
+}
+
+/// Writes one decoded blob at its offset in every file that holds it.
+fn write_blob(
+    plain: &[u8],
+    targets: &[BlobTarget],
+    files: &[PlannedFile],
+    fail: &dyn Fn(&[BlobTarget], &str),
+    progress: &AtomicU64,
+) {
+    for t in targets {
+        let r = OpenOptions::new()
+            .write(true)
+            .open(&files[t.file].path)
+            .and_then(|h| h.write_all_at(plain, t.offset));
+        if let Err(e) = r {
+            fail(std::slice::from_ref(t), &format!("writing: {e}"));
+        }
+    }
+    progress.fetch_add(plain.len() as u64 * targets.len() as u64, Ordering::Relaxed);
 }
 
 fn apply_metadata(path: &Path, node: &Node) -> io::Result<()> {

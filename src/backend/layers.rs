@@ -339,6 +339,25 @@ mod tests {
     }
 
     #[test]
+    fn shipped_order_counts_every_attempt() {
+        // The CLI composes Retry(Metrics(backend)): each attempt is a request the store
+        // serves and bills, so three failures and one success count four puts.
+        let d = tempfile::tempdir().unwrap();
+        let local = LocalBackend::new(d.path());
+        local.create_layout().unwrap();
+        let flaky = Flaky {
+            inner: local,
+            left: Mutex::new(3),
+            kind: io::ErrorKind::TimedOut,
+        };
+        let counters = Arc::new(RequestCounters::default());
+        let b = RetryLayer::new(MetricsLayer::new(flaky, counters.clone()), fast());
+        b.put(ObjectType::Snapshot, "s1", b"data").unwrap();
+        let s = counters.stats();
+        assert_eq!((s.put, s.bytes_up), (4, 4));
+    }
+
+    #[test]
     fn retries_give_up_after_the_policy() {
         let (_d, b, _) = setup(10, io::ErrorKind::ConnectionReset);
         let e = b.put(ObjectType::Snapshot, "s1", b"data").unwrap_err();

@@ -6,8 +6,8 @@
 //! corpus peaked at 126 MiB. With the threshold fixed at 16 MiB, pack buffers are always
 //! mapped and unmapped, while blob-sized buffers (≤ 8 MiB) are reused from the arenas:
 //! measured peak 68 MiB for the first backup (the floor set by Argon2id key derivation) and
-//! 78 MiB for restore. A 4 MiB threshold also kept memory down but made restore 40 % slower
-//! (every 1–8 MiB buffer faulted in fresh pages). `mallopt` would need `unsafe`, which this crate
+//! 78 MiB for restore. 1 and 4 MiB thresholds also kept memory down but made restore take
+//! 6.6–8.6 s instead of 5.4 s (every 1–8 MiB buffer faulted in fresh pages). `mallopt` would need `unsafe`, which this crate
 //! forbids; glibc reads the same setting from the environment at start-up, so we set it
 //! and exec ourselves. See docs/decisions/0005-compression-level-and-pipeline-depth.md.
 

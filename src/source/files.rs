@@ -659,15 +659,26 @@ fn read_file(
                 .bytes_read
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
             let size = data.len() as u64;
+            let save = |chunk: Vec<u8>| {
+                saver
+                    .save(BlobKind::Data, chunk)
+                    .map(|(id, _)| id)
+                    .map_err(|_| ReadFailure::Stopped)
+            };
             let mut ids = vec![];
-            let mut rest = &data[..];
-            while !rest.is_empty() {
-                let n = cutter.cut(rest);
-                let (id, _) = saver
-                    .save(BlobKind::Data, rest[..n].to_vec())
-                    .map_err(|_| ReadFailure::Stopped)?;
-                ids.push(id);
-                rest = &rest[n..];
+            let first = cutter.cut(&data);
+            if first == data.len() {
+                // One chunk (the common case): hand over the buffer, no copy.
+                if !data.is_empty() {
+                    ids.push(save(data)?);
+                }
+            } else {
+                let mut rest = &data[..];
+                while !rest.is_empty() {
+                    let n = cutter.cut(rest);
+                    ids.push(save(rest[..n].to_vec())?);
+                    rest = &rest[n..];
+                }
             }
             return Ok(FileContent {
                 content: ids,
