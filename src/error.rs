@@ -43,6 +43,11 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<ExitWith>() {
             return e.code;
         }
+        if let Some(crate::backend::BackendError::BucketMissing { .. }) =
+            cause.downcast_ref::<crate::backend::BackendError>()
+        {
+            return EXIT_NO_REPOSITORY;
+        }
         if let Some(e) = cause.downcast_ref::<RepoError>() {
             if let Some(c) = repo_code(e) {
                 return c;

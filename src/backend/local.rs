@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Backend, BackendError, ObjectType};
+use super::{Backend, BackendError, Bytes, ObjectType};
 
 /// A repository in a local directory.
 #[derive(Debug)]
@@ -78,7 +78,7 @@ impl Backend for LocalBackend {
         self.root.display().to_string()
     }
 
-    fn put(&self, kind: ObjectType, name: &str, data: &[u8]) -> Result<(), BackendError> {
+    fn put(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
         let dest = self.full(kind, name);
         let tmp_dir = self.root.join("tmp");
         let tmp = tmp_dir.join(format!(
@@ -101,7 +101,7 @@ impl Backend for LocalBackend {
                     0o644
                 })
                 .open(&tmp)?;
-            f.write_all(data)?;
+            f.write_all(&data)?;
             f.sync_all()
         };
         if let Err(e) = write() {
@@ -120,7 +120,7 @@ impl Backend for LocalBackend {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 // Content-addressed objects: the same bytes again is harmless.
-                let same = fs::read(&dest).map(|old| old == data).unwrap_or(false);
+                let same = fs::read(&dest).map(|old| old == data[..]).unwrap_or(false);
                 if !same {
                     return Err(BackendError::AlreadyExists {
                         path: dest.display().to_string(),
@@ -220,11 +220,19 @@ impl Backend for LocalBackend {
 
     fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError> {
         let p = self.full(kind, name);
-        fs::remove_file(&p).map_err(|e| self.err(kind, name, e))?;
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(self.err(kind, name, e)),
+        }
         if let Some(parent) = p.parent() {
             let _ = sync_dir(parent);
         }
         Ok(())
+    }
+
+    fn create(&self) -> Result<(), BackendError> {
+        self.create_layout()
     }
 
     fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError> {
@@ -246,10 +254,12 @@ mod tests {
         let b = LocalBackend::new(d.path());
         b.create_layout().unwrap();
         let name = "ab".repeat(32);
-        b.put(ObjectType::Pack, &name, b"hello world").unwrap();
-        b.put(ObjectType::Pack, &name, b"hello world").unwrap();
+        b.put(ObjectType::Pack, &name, Bytes::from_static(b"hello world"))
+            .unwrap();
+        b.put(ObjectType::Pack, &name, Bytes::from_static(b"hello world"))
+            .unwrap();
         assert!(matches!(
-            b.put(ObjectType::Pack, &name, b"other"),
+            b.put(ObjectType::Pack, &name, Bytes::from_static(b"other")),
             Err(BackendError::AlreadyExists { .. })
         ));
         assert_eq!(b.get(ObjectType::Pack, &name).unwrap(), b"hello world");

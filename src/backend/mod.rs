@@ -5,10 +5,13 @@
 
 pub mod layers;
 pub mod local;
+pub mod s3;
 
 use std::fmt;
 
+pub use bytes::Bytes;
 pub use local::LocalBackend;
+pub use s3::{S3Backend, S3Location, S3Options};
 
 /// The folders of a repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,6 +77,32 @@ pub enum BackendError {
         /// Bytes available.
         got: u64,
     },
+    /// The bucket of an S3 repository does not exist.
+    #[error("{location}: bucket {bucket:?} does not exist")]
+    BucketMissing {
+        /// The repository.
+        location: String,
+        /// The bucket.
+        bucket: String,
+    },
+    /// The store refused the credentials or the request.
+    #[error("{location}: access denied ({why}); check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)")]
+    Denied {
+        /// The repository.
+        location: String,
+        /// The store's answer.
+        why: String,
+    },
+    /// A remote store failed a request.
+    #[error("{path}: {why}")]
+    Remote {
+        /// Object (with the endpoint).
+        path: String,
+        /// What happened.
+        why: String,
+        /// Worth retrying (network failure, 5xx, throttling).
+        transient: bool,
+    },
     /// An I/O error on an object.
     #[error("{path}: {source}")]
     Io {
@@ -106,6 +135,7 @@ impl BackendError {
                     | K::BrokenPipe
                     | K::UnexpectedEof
             ),
+            BackendError::Remote { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -121,7 +151,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     ///
     /// # Errors
     /// I/O failures, or `AlreadyExists`.
-    fn put(&self, kind: ObjectType, name: &str, data: &[u8]) -> Result<(), BackendError>;
+    fn put(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError>;
 
     /// Reads a whole object.
     ///
@@ -147,10 +177,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// I/O failures.
     fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError>;
 
-    /// Removes an object.
+    /// Removes an object. Removing an object that is not there succeeds (as on S3), so
+    /// two cleanups racing both succeed.
     ///
     /// # Errors
-    /// `NotFound`, or I/O failures.
+    /// I/O failures.
     fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError>;
 
     /// True when the object exists.
@@ -158,4 +189,54 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Errors
     /// I/O failures.
     fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError>;
+
+    /// Prepares an empty store for `init` (creates the directory or the bucket).
+    ///
+    /// # Errors
+    /// The store refuses.
+    fn create(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// For a remote store, how many requests it serves at once (`--s3-connections`); the
+    /// pipeline sizes its uploaders and restore its fetchers by it. `None` for local disks.
+    fn connections(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn location(&self) -> String {
+        (**self).location()
+    }
+    fn put(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
+        (**self).put(kind, name, data)
+    }
+    fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
+        (**self).get(kind, name)
+    }
+    fn get_range(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, BackendError> {
+        (**self).get_range(kind, name, offset, len)
+    }
+    fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
+        (**self).list(kind)
+    }
+    fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError> {
+        (**self).delete(kind, name)
+    }
+    fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError> {
+        (**self).exists(kind, name)
+    }
+    fn create(&self) -> Result<(), BackendError> {
+        (**self).create()
+    }
+    fn connections(&self) -> Option<usize> {
+        (**self).connections()
+    }
 }

@@ -16,8 +16,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::layers::{MetricsLayer, RequestCounters, RetryLayer, RetryPolicy};
-use crate::backend::{Backend, LocalBackend};
+use crate::backend::layers::{
+    MetricsLayer, RequestCounters, RetryLayer, RetryPolicy, ThrottleLayer,
+};
+use crate::backend::{Backend, LocalBackend, S3Backend, S3Location, S3Options};
 use crate::error::{exit_code, EXIT_OK};
 use crate::repo::Repository;
 
@@ -34,9 +36,24 @@ pub struct Cli {
 /// Options every verb takes.
 #[derive(Args, Debug, Clone)]
 pub struct GlobalArgs {
-    /// Repository location (a local directory).
+    /// Repository location: a local directory, `s3:http[s]://HOST[:PORT]/BUCKET[/PREFIX]`, or
+    /// `s3:BUCKET[/PREFIX]` on AWS. S3 credentials and region come from the AWS chain
+    /// (AWS_* variables, shared profile, web identity, instance metadata); BACKUPD_S3_ENDPOINT,
+    /// BACKUPD_S3_PATH_STYLE, BACKUPD_S3_STORAGE_CLASS and BACKUPD_S3_REGION override.
     #[arg(short = 'r', long = "repo", env = "BACKUPD_REPOSITORY", global = true)]
     repo: Option<String>,
+    /// Upload bandwidth limit in KiB/s.
+    #[arg(long, value_name = "KIB_PER_SEC", env = "BACKUPD_LIMIT_UPLOAD", global = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    limit_upload: Option<u64>,
+    /// Download bandwidth limit in KiB/s.
+    #[arg(long, value_name = "KIB_PER_SEC", env = "BACKUPD_LIMIT_DOWNLOAD", global = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    limit_download: Option<u64>,
+    /// S3 requests in flight at most (objects, parts, list pages).
+    #[arg(long, value_name = "N", env = "BACKUPD_S3_CONNECTIONS", global = true,
+          default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    s3_connections: u64,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -108,12 +125,31 @@ impl GlobalArgs {
             .context("no repository given: use --repo DIR or set BACKUPD_REPOSITORY")
     }
 
-    fn backend(&self) -> Result<Arc<dyn Backend>> {
+    /// The store itself, without layers.
+    fn store(&self) -> Result<Box<dyn Backend>> {
         let loc = self.location()?;
-        let local = LocalBackend::new(PathBuf::from(loc));
+        if loc.starts_with("s3:") {
+            let location = S3Location::parse(&loc)?;
+            let opts = S3Options {
+                connections: usize::try_from(self.s3_connections).unwrap_or(8),
+                ..S3Options::default()
+            }
+            .with_env(|k| std::env::var(k).ok())?;
+            Ok(Box::new(S3Backend::new(location, opts)?))
+        } else {
+            Ok(Box::new(LocalBackend::new(PathBuf::from(loc))))
+        }
+    }
+
+    fn backend(&self) -> Result<Arc<dyn Backend>> {
+        let store = self.store()?;
         // Metrics inside retry: every attempt is a request the store serves (and bills).
+        // Throttle innermost, so a retried transfer is paced too.
         Ok(Arc::new(RetryLayer::new(
-            MetricsLayer::new(local, self.requests.clone()),
+            MetricsLayer::new(
+                ThrottleLayer::new(store, self.limit_upload, self.limit_download),
+                self.requests.clone(),
+            ),
             RetryPolicy::default(),
         )))
     }
@@ -141,14 +177,26 @@ impl GlobalArgs {
 fn init(g: &GlobalArgs, a: InitArgs) -> Result<()> {
     let loc = g.location()?;
     let pw = password::read_password(&password::REPO_PASSWORD, true)?;
-    let backend = Arc::new(LocalBackend::new(PathBuf::from(&loc)));
-    let repo = Repository::init_local(
-        backend,
-        pw.as_bytes(),
-        &hostname(),
-        &current_username(),
-        a.compression,
-    )?;
+    let repo = if loc.starts_with("s3:") {
+        let backend = g.backend()?;
+        backend.create()?;
+        Repository::init(
+            backend,
+            pw.as_bytes(),
+            &hostname(),
+            &current_username(),
+            a.compression,
+        )?
+    } else {
+        let backend = Arc::new(LocalBackend::new(PathBuf::from(&loc)));
+        Repository::init_local(
+            backend,
+            pw.as_bytes(),
+            &hostname(),
+            &current_username(),
+            a.compression,
+        )?
+    };
     if g.json {
         println!(
             "{}",
@@ -200,8 +248,11 @@ fn error_chain(e: &anyhow::Error) -> String {
 pub fn main() -> i32 {
     allocator::ensure_fixed_mmap_threshold();
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BACKUPD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BACKUPD_LOG").unwrap_or_else(|_| {
+        // The AWS SDK logs every step of credential and region discovery as a warning
+        // (no instance metadata off EC2, ...); its real failures reach us as errors.
+        tracing_subscriber::EnvFilter::new("warn,aws_config=error,aws_smithy_runtime=error")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

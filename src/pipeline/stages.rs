@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::backend::{Backend, BackendError, ObjectType};
+use crate::backend::{Backend, BackendError, Bytes, ObjectType};
 use crate::crypto::MasterKeys;
 use crate::pipeline::{blob, BlobId, BlobKind};
 use crate::repo::index::IndexedPack;
@@ -332,11 +332,10 @@ fn uploader(sh: &Shared, rx: Receiver<FinishedPack>, backend: &dyn Backend) {
             return;
         }
         let name = p.id.to_hex();
-        match backend.put(ObjectType::Pack, &name, &p.bytes) {
+        let len = p.bytes.len() as u64;
+        match backend.put(ObjectType::Pack, &name, Bytes::from(p.bytes)) {
             Ok(()) => {
-                sh.stats
-                    .bytes_stored
-                    .fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+                sh.stats.bytes_stored.fetch_add(len, Ordering::Relaxed);
                 sh.stats.packs.fetch_add(1, Ordering::Relaxed);
                 sh.done
                     .lock()

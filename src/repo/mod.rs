@@ -175,7 +175,7 @@ impl Repository {
         })?;
         let kbytes = kf.to_bytes();
         let key_id = sha256_hex(&kbytes);
-        backend.put(ObjectType::Key, &key_id, &kbytes)?;
+        backend.put(ObjectType::Key, &key_id, kbytes.into())?;
         let sealed = crypto::seal(
             &keys,
             ObjectKind::Config,
@@ -183,7 +183,7 @@ impl Repository {
             &serde_json::to_vec(&config).expect("config serializes"),
         );
         // The config is written last: a repository exists once its config does.
-        backend.put(ObjectType::Config, "config", &sealed)?;
+        backend.put(ObjectType::Config, "config", sealed.into())?;
         Ok(Repository {
             backend,
             keys: Arc::new(keys),
@@ -297,7 +297,7 @@ impl Repository {
     ) -> Result<BlobId, RepoError> {
         let sealed = crypto::seal(&self.keys, okind, None, plain);
         let id = BlobId(Sha256::digest(&sealed).into());
-        self.backend.put(kind, &id.to_hex(), &sealed)?;
+        self.backend.put(kind, &id.to_hex(), sealed.into())?;
         Ok(id)
     }
 
@@ -515,7 +515,7 @@ impl Repository {
         })?;
         let bytes = kf.to_bytes();
         let id = sha256_hex(&bytes);
-        self.backend.put(ObjectType::Key, &id, &bytes)?;
+        self.backend.put(ObjectType::Key, &id, bytes.into())?;
         Ok(id)
     }
 }

@@ -127,7 +127,7 @@ pub fn encode_content_list(ids: &[BlobId]) -> Vec<u8> {
 
 /// Decodes a content-list blob.
 pub fn decode_content_list(b: &[u8]) -> Option<Vec<BlobId>> {
-    if b.len() % 32 != 0 {
+    if !b.len().is_multiple_of(32) {
         return None;
     }
     Some(

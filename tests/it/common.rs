@@ -594,7 +594,7 @@ pub fn write_mixed(path: &Path, len: usize) {
     let mut i = 0u64;
     while out.len() < len {
         let n = block.min(len - out.len());
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let mut text = Vec::with_capacity(n);
             let mut line = 0u64;
             while text.len() < n {

@@ -1,0 +1,944 @@
+//! S3 backend: objects under `BUCKET/PREFIX/` on AWS S3 or any S3-compatible store.
+//!
+//! The [`Backend`] trait is synchronous (the pipeline runs on threads); this backend owns a
+//! small tokio runtime and every call runs as a task on it, the calling thread waiting for the
+//! answer. Every HTTP request holds one permit of a semaphore, so at most `connections`
+//! requests (whole objects, parts of one, list pages) are in flight at once: that bounds
+//! both the sockets and the memory of parts.
+//!
+//! Objects up to `multipart_threshold` are one PUT; larger ones are multipart with parts
+//! uploaded in parallel. Every upload carries its SHA-256 (`x-amz-checksum-sha256`) so the
+//! store rejects bytes damaged on the way. Nothing here relies on conditional PUT: the
+//! names are content hashes (the same name always means the same bytes), and the two names
+//! that are not (`config`, key files named by their own hash too) are checked with HEAD.
+//!
+//! The SDK's own retries are off: [`crate::backend::layers::RetryLayer`] retries what
+//! [`BackendError::is_transient`] calls transient, and the metrics layer counts each attempt.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, StorageClass};
+use aws_sdk_s3::Client;
+use base64::Engine as _;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use super::{Backend, BackendError, ObjectType};
+
+/// Why an S3 repository cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    /// The `s3:` location does not parse.
+    #[error("invalid S3 location {location:?}: {why} (expected s3:http[s]://HOST[:PORT]/BUCKET[/PREFIX] or s3:BUCKET[/PREFIX])")]
+    BadLocation {
+        /// What was given.
+        location: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A `BACKUPD_S3_*` setting is invalid.
+    #[error("{name}={value:?}: {why}")]
+    BadSetting {
+        /// Variable name.
+        name: String,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The I/O runtime could not start.
+    #[error("starting the S3 client: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Where a repository lives on S3.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Location {
+    /// `http(s)://host[:port]`, or `None` for AWS's own endpoints.
+    pub endpoint: Option<String>,
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/` (may be empty).
+    pub prefix: String,
+}
+
+impl S3Location {
+    /// Parses `s3:http[s]://HOST[:PORT]/BUCKET[/PREFIX]` or `s3:BUCKET[/PREFIX]`.
+    ///
+    /// # Errors
+    /// `BadLocation` naming what is wrong.
+    pub fn parse(location: &str) -> Result<Self, S3Error> {
+        let bad = |why: &str| S3Error::BadLocation {
+            location: location.to_string(),
+            why: why.to_string(),
+        };
+        let rest = location
+            .strip_prefix("s3:")
+            .ok_or_else(|| bad("does not start with s3:"))?;
+        let (endpoint, path) = if let Some(scheme_end) = rest.find("://") {
+            let scheme = &rest[..scheme_end];
+            if scheme != "http" && scheme != "https" {
+                return Err(bad("the endpoint scheme must be http or https"));
+            }
+            let after = &rest[scheme_end + 3..];
+            let (host, path) = after.split_once('/').unwrap_or((after, ""));
+            if host.is_empty() {
+                return Err(bad("no host"));
+            }
+            (Some(format!("{scheme}://{host}")), path)
+        } else {
+            (None, rest)
+        };
+        let path = path.trim_matches('/');
+        let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+        if bucket.is_empty() {
+            return Err(bad("no bucket"));
+        }
+        if bucket.len() < 3
+            || bucket.len() > 63
+            || !bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(bad(
+                "a bucket name is 3-63 characters of a-z, 0-9, '-' and '.'",
+            ));
+        }
+        if prefix
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+            && !prefix.is_empty()
+        {
+            return Err(bad("the prefix has an empty, '.' or '..' component"));
+        }
+        Ok(S3Location {
+            endpoint,
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+/// Settings of the S3 client.
+#[derive(Clone, Debug)]
+pub struct S3Options {
+    /// Requests in flight at most (`--s3-connections`).
+    pub connections: usize,
+    /// Objects larger than this are uploaded as multipart.
+    pub multipart_threshold: usize,
+    /// Size of each part.
+    pub part_size: usize,
+    /// Endpoint override (`BACKUPD_S3_ENDPOINT`), e.g. for AWS-compatible stores when the
+    /// location is `s3:BUCKET/PREFIX`.
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`BACKUPD_S3_PATH_STYLE`); by default on for custom endpoints
+    /// and off for AWS.
+    pub path_style: Option<bool>,
+    /// Storage class of new objects (`BACKUPD_S3_STORAGE_CLASS`).
+    pub storage_class: Option<String>,
+    /// Region override (`BACKUPD_S3_REGION`); otherwise the AWS chain, else `us-east-1`.
+    pub region: Option<String>,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            connections: 8,
+            multipart_threshold: 64 * 1024 * 1024,
+            part_size: 16 * 1024 * 1024,
+            endpoint: None,
+            path_style: None,
+            storage_class: None,
+            region: None,
+        }
+    }
+}
+
+impl S3Options {
+    /// Applies the `BACKUPD_S3_*` variables found in `env`.
+    ///
+    /// # Errors
+    /// `BadSetting` for a value that does not parse.
+    pub fn with_env(mut self, env: impl Fn(&str) -> Option<String>) -> Result<Self, S3Error> {
+        if let Some(v) = env("BACKUPD_S3_ENDPOINT").filter(|v| !v.is_empty()) {
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(S3Error::BadSetting {
+                    name: "BACKUPD_S3_ENDPOINT".into(),
+                    value: v,
+                    why: "expected http://HOST[:PORT] or https://HOST[:PORT]".into(),
+                });
+            }
+            self.endpoint = Some(v.trim_end_matches('/').to_string());
+        }
+        if let Some(v) = env("BACKUPD_S3_PATH_STYLE").filter(|v| !v.is_empty()) {
+            self.path_style = Some(match v.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(S3Error::BadSetting {
+                        name: "BACKUPD_S3_PATH_STYLE".into(),
+                        value: v,
+                        why: "expected true or false".into(),
+                    })
+                }
+            });
+        }
+        if let Some(v) = env("BACKUPD_S3_STORAGE_CLASS").filter(|v| !v.is_empty()) {
+            let known = StorageClass::values();
+            if !known.contains(&v.as_str()) {
+                return Err(S3Error::BadSetting {
+                    name: "BACKUPD_S3_STORAGE_CLASS".into(),
+                    value: v,
+                    why: format!("expected one of {}", known.join(", ")),
+                });
+            }
+            self.storage_class = Some(v);
+        }
+        if let Some(v) = env("BACKUPD_S3_REGION").filter(|v| !v.is_empty()) {
+            self.region = Some(v);
+        }
+        Ok(self)
+    }
+}
+
+/// A repository in an S3 bucket.
+pub struct S3Backend {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    loc: S3Location,
+    display: String,
+    permits: Arc<Semaphore>,
+    opts: S3Options,
+}
+
+impl std::fmt::Debug for S3Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Backend")
+            .field("location", &self.display)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Backend {
+    /// Connects (lazily: no request is made here). Credentials and region come from the
+    /// standard AWS chain: environment, shared profile, web identity, instance metadata.
+    ///
+    /// # Errors
+    /// The runtime cannot start.
+    pub fn new(loc: S3Location, opts: S3Options) -> Result<Self, S3Error> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("s3-io")
+            .enable_all()
+            .build()
+            .map_err(S3Error::Runtime)?;
+        let endpoint = opts.endpoint.clone().or_else(|| loc.endpoint.clone());
+        let path_style = opts.path_style.unwrap_or(endpoint.is_some());
+        let connections = opts.connections.max(1);
+        let http = aws_smithy_http_client::Builder::new()
+            .pool_max_idle_per_host(connections)
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        // A custom endpoint never needs instance metadata for its region: the override, the
+        // AWS_REGION variables, or us-east-1 (which S3-compatible stores accept).
+        let env_region = || {
+            ["AWS_REGION", "AWS_DEFAULT_REGION"]
+                .iter()
+                .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        };
+        let region = opts.region.clone().or_else(|| {
+            endpoint
+                .is_some()
+                .then(|| env_region().unwrap_or_else(|| "us-east-1".into()))
+        });
+        let client = rt.block_on(async move {
+            let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+            if let Some(r) = region {
+                loader = loader.region(Region::new(r));
+            }
+            let shared = loader.load().await;
+            let mut b = aws_sdk_s3::config::Builder::from(&shared)
+                .force_path_style(path_style)
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+                .retry_config(RetryConfig::disabled())
+                .timeout_config(
+                    TimeoutConfig::builder()
+                        .connect_timeout(Duration::from_secs(10))
+                        .read_timeout(Duration::from_secs(120))
+                        .build(),
+                );
+            if let Some(ep) = &endpoint {
+                b = b.endpoint_url(ep);
+            }
+            if shared.region().is_none() {
+                b = b.region(Region::new("us-east-1"));
+            }
+            Client::from_conf(b.build())
+        });
+        let display = match (&opts.endpoint, &loc.endpoint) {
+            (Some(ep), _) | (None, Some(ep)) => format!("s3:{ep}/{}", loc.bucket),
+            (None, None) => format!("s3:{}", loc.bucket),
+        } + &if loc.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("/{}", loc.prefix)
+        };
+        Ok(S3Backend {
+            rt,
+            client,
+            loc,
+            display,
+            permits: Arc::new(Semaphore::new(connections)),
+            opts: S3Options {
+                connections,
+                part_size: opts.part_size.max(5 * 1024 * 1024),
+                ..opts
+            },
+        })
+    }
+
+    fn key(&self, kind: ObjectType, name: &str) -> String {
+        let rel = kind.path_of(name);
+        if self.loc.prefix.is_empty() {
+            rel
+        } else {
+            format!("{}/{rel}", self.loc.prefix)
+        }
+    }
+
+    fn dir_prefix(&self, kind: ObjectType) -> String {
+        if self.loc.prefix.is_empty() {
+            format!("{}/", kind.dir())
+        } else {
+            format!("{}/{}/", self.loc.prefix, kind.dir())
+        }
+    }
+
+    /// Runs a future on the backend's runtime and waits for it from this (non-async)
+    /// thread. Works from any thread, including one inside another runtime's
+    /// `spawn_blocking`.
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        match rx.recv() {
+            Ok(v) => v,
+            // The task panicked; surface it on the caller's thread.
+            Err(_) => panic!("S3 task ended without an answer"),
+        }
+    }
+
+    fn ctx(&self) -> Ctx {
+        Ctx {
+            client: self.client.clone(),
+            bucket: self.loc.bucket.clone(),
+            display: self.display.clone(),
+            permits: self.permits.clone(),
+        }
+    }
+
+    /// Creates the bucket when it does not exist yet (`init`).
+    ///
+    /// # Errors
+    /// The store refuses.
+    pub fn create_bucket(&self) -> Result<(), BackendError> {
+        let ctx = self.ctx();
+        let region = self.client.config().region().map(|r| r.to_string());
+        self.run(async move {
+            let _p = ctx.permit().await;
+            match ctx.client.head_bucket().bucket(&ctx.bucket).send().await {
+                Ok(_) => return Ok(()),
+                Err(e) if status_of(&e) == Some(404) => {}
+                Err(e) => return Err(ctx.map_err("", e)),
+            }
+            let mut req = ctx.client.create_bucket().bucket(&ctx.bucket);
+            if let Some(r) = region.filter(|r| r != "us-east-1") {
+                req = req.create_bucket_configuration(
+                    aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                        .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(
+                            r.as_str(),
+                        ))
+                        .build(),
+                );
+            }
+            match req.send().await {
+                Ok(_) => Ok(()),
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Some("BucketAlreadyOwnedByYou") | Some("BucketAlreadyExists")
+                    ) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(ctx.map_err("", e)),
+            }
+        })
+    }
+}
+
+/// What a request task needs, cloned into it.
+#[derive(Clone)]
+struct Ctx {
+    client: Client,
+    bucket: String,
+    display: String,
+    permits: Arc<Semaphore>,
+}
+
+fn status_of<E, R: HasStatus>(e: &SdkError<E, R>) -> Option<u16> {
+    e.raw_response().map(HasStatus::status_code)
+}
+
+trait HasStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+impl Ctx {
+    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        // The semaphore is never closed.
+        self.permits
+            .acquire()
+            .await
+            .unwrap_or_else(|_| unreachable!("the request semaphore is never closed"))
+    }
+
+    /// Maps an SDK error to a backend error naming the object and the endpoint.
+    fn map_err<E>(
+        &self,
+        key: &str,
+        e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> BackendError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let path = if key.is_empty() {
+            self.display.clone()
+        } else {
+            format!("{}/{key}", self.display)
+        };
+        let status = status_of(&e);
+        let code = e.code().map(str::to_string);
+        let detail = e
+            .message()
+            .map(str::to_string)
+            .unwrap_or_else(|| causes(&e).to_string());
+        match (&e, status, code.as_deref()) {
+            (_, _, Some("NoSuchBucket")) => BackendError::BucketMissing {
+                location: self.display.clone(),
+                bucket: self.bucket.clone(),
+            },
+            (_, Some(404), _) | (_, _, Some("NoSuchKey")) => BackendError::NotFound { path },
+            (_, Some(401 | 403), _)
+            | (_, _, Some("AccessDenied" | "SignatureDoesNotMatch" | "InvalidAccessKeyId")) => {
+                BackendError::Denied {
+                    location: self.display.clone(),
+                    why: match code {
+                        Some(c) => format!("{c}: {detail}"),
+                        None => format!("HTTP {}", status.unwrap_or(403)),
+                    },
+                }
+            }
+            (SdkError::DispatchFailure(d), _, _) => BackendError::Remote {
+                path,
+                why: format!("cannot reach the endpoint: {}", causes(&e)),
+                transient: d.is_io() || d.is_timeout() || d.is_other(),
+            },
+            (SdkError::TimeoutError(_), _, _) => BackendError::Remote {
+                path,
+                why: "timed out".into(),
+                transient: true,
+            },
+            (SdkError::ResponseError(_), _, _) => BackendError::Remote {
+                path,
+                why: format!("the response broke off: {}", causes(&e)),
+                transient: true,
+            },
+            (SdkError::ConstructionFailure(_), _, _) => BackendError::Remote {
+                path,
+                why: format!("cannot build the request: {}", causes(&e)),
+                transient: false,
+            },
+            (_, s, c) => {
+                let transient = matches!(s, Some(500..=599 | 429 | 408))
+                    || matches!(
+                        c,
+                        Some(
+                            "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable"
+                        )
+                    );
+                BackendError::Remote {
+                    path,
+                    why: match (s, c) {
+                        (Some(s), Some(c)) => format!("HTTP {s} {c}: {detail}"),
+                        (Some(s), None) => format!("HTTP {s}: {detail}"),
+                        _ => detail,
+                    },
+                    transient,
+                }
+            }
+        }
+    }
+
+    fn body_err(&self, key: &str, e: impl std::fmt::Display) -> BackendError {
+        BackendError::Remote {
+            path: format!("{}/{key}", self.display),
+            why: format!("the response broke off: {e}"),
+            transient: true,
+        }
+    }
+
+    async fn put_single(
+        &self,
+        key: String,
+        data: Bytes,
+        storage_class: Option<StorageClass>,
+    ) -> Result<(), BackendError> {
+        let sum = b64_sha256(&data);
+        let _p = self.permit().await;
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_length(data.len() as i64)
+            .checksum_sha256(sum)
+            .body(ByteStream::from(data));
+        if let Some(sc) = storage_class {
+            req = req.storage_class(sc);
+        }
+        req.send().await.map_err(|e| self.map_err(&key, e))?;
+        Ok(())
+    }
+
+    async fn put_multipart(
+        &self,
+        key: String,
+        data: Bytes,
+        part_size: usize,
+        storage_class: Option<StorageClass>,
+    ) -> Result<(), BackendError> {
+        let upload_id = {
+            let _p = self.permit().await;
+            let mut req = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&key)
+                .checksum_algorithm(ChecksumAlgorithm::Sha256);
+            if let Some(sc) = storage_class {
+                req = req.storage_class(sc);
+            }
+            let out = req.send().await.map_err(|e| self.map_err(&key, e))?;
+            out.upload_id()
+                .map(str::to_string)
+                .ok_or_else(|| BackendError::Remote {
+                    path: format!("{}/{key}", self.display),
+                    why: "the store returned no upload id".into(),
+                    transient: false,
+                })?
+        };
+        let result = self.upload_parts(&key, &upload_id, &data, part_size).await;
+        let parts = match result {
+            Ok(p) => p,
+            Err(e) => {
+                let _p = self.permit().await;
+                let _ = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await;
+                return Err(e);
+            }
+        };
+        let _p = self.permit().await;
+        let done = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&key)
+            .upload_id(&upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await;
+        if let Err(e) = done {
+            let err = self.map_err(&key, e);
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Uploads all parts, as many at once as there are free permits.
+    async fn upload_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        data: &Bytes,
+        part_size: usize,
+    ) -> Result<Vec<CompletedPart>, BackendError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, start) in (0..data.len()).step_by(part_size).enumerate() {
+            let part = data.slice(start..(start + part_size).min(data.len()));
+            let number = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            let ctx = self.clone();
+            let key = key.to_string();
+            let upload_id = upload_id.to_string();
+            tasks.spawn(async move {
+                let sum = b64_sha256(&part);
+                let _p = ctx.permit().await;
+                let out = ctx
+                    .client
+                    .upload_part()
+                    .bucket(&ctx.bucket)
+                    .key(&key)
+                    .upload_id(&upload_id)
+                    .part_number(number)
+                    .content_length(part.len() as i64)
+                    .checksum_sha256(sum.clone())
+                    .body(ByteStream::from(part))
+                    .send()
+                    .await
+                    .map_err(|e| ctx.map_err(&key, e))?;
+                Ok::<_, BackendError>(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .checksum_sha256(sum)
+                        .build(),
+                )
+            });
+        }
+        let mut parts = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(p)) => parts.push(p),
+                Ok(Err(e)) => {
+                    tasks.abort_all();
+                    return Err(e);
+                }
+                Err(e) => {
+                    tasks.abort_all();
+                    return Err(BackendError::Remote {
+                        path: format!("{}/{key}", self.display),
+                        why: format!("a part upload failed: {e}"),
+                        transient: false,
+                    });
+                }
+            }
+        }
+        parts.sort_by_key(|p| p.part_number());
+        Ok(parts)
+    }
+
+    async fn get(&self, key: String, range: Option<(u64, u64)>) -> Result<Vec<u8>, BackendError> {
+        let _p = self.permit().await;
+        let mut req = self.client.get_object().bucket(&self.bucket).key(&key);
+        if let Some((off, len)) = range {
+            req = req.range(format!("bytes={off}-{}", off + len - 1));
+        }
+        let out = match req.send().await {
+            Ok(o) => o,
+            Err(e) if status_of(&e) == Some(416) => {
+                let (offset, want) = range.unwrap_or((0, 0));
+                return Err(BackendError::ShortRead {
+                    path: format!("{}/{key}", self.display),
+                    offset,
+                    want,
+                    got: 0,
+                });
+            }
+            Err(e) => return Err(self.map_err(&key, e)),
+        };
+        let expect = out.content_length().and_then(|n| usize::try_from(n).ok());
+        let mut buf = Vec::with_capacity(expect.unwrap_or(0));
+        let mut body = out.body;
+        while let Some(chunk) = body.try_next().await.map_err(|e| self.body_err(&key, e))? {
+            buf.extend_from_slice(&chunk);
+        }
+        if let Some(n) = expect {
+            if buf.len() != n {
+                return Err(self.body_err(
+                    &key,
+                    format!("{} of {n} announced bytes arrived", buf.len()),
+                ));
+            }
+        }
+        if let Some((offset, want)) = range {
+            if (buf.len() as u64) < want {
+                return Err(BackendError::ShortRead {
+                    path: format!("{}/{key}", self.display),
+                    offset,
+                    want,
+                    got: buf.len() as u64,
+                });
+            }
+            buf.truncate(want as usize);
+        }
+        Ok(buf)
+    }
+}
+
+/// An error and its sources, each said once ("dispatch failure: io error: ... Connection
+/// refused (os error 111)").
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+fn b64_sha256(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(data))
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> String {
+        self.display.clone()
+    }
+
+    fn put(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
+        let key = self.key(kind, name);
+        let ctx = self.ctx();
+        let sc = self.opts.storage_class.as_deref().map(StorageClass::from);
+        let part_size = self.opts.part_size;
+        if data.len() > self.opts.multipart_threshold {
+            self.run(async move { ctx.put_multipart(key, data, part_size, sc).await })
+        } else {
+            self.run(async move { ctx.put_single(key, data, sc).await })
+        }
+    }
+
+    fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
+        let key = self.key(kind, name);
+        let ctx = self.ctx();
+        self.run(async move { ctx.get(key, None).await })
+    }
+
+    fn get_range(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, BackendError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.key(kind, name);
+        let ctx = self.ctx();
+        self.run(async move { ctx.get(key, Some((offset, len))).await })
+    }
+
+    fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
+        let prefix = self.dir_prefix(kind);
+        let ctx = self.ctx();
+        self.run(async move {
+            let mut out = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let _p = ctx.permit().await;
+                let page = ctx
+                    .client
+                    .list_objects_v2()
+                    .bucket(&ctx.bucket)
+                    .prefix(&prefix)
+                    .set_continuation_token(token.take())
+                    .send()
+                    .await
+                    .map_err(|e| ctx.map_err(&prefix, e))?;
+                for o in page.contents() {
+                    let Some(key) = o.key() else { continue };
+                    let name = key.rsplit('/').next().unwrap_or(key);
+                    if name.is_empty() || name.starts_with('.') {
+                        continue;
+                    }
+                    out.push((name.to_string(), o.size().unwrap_or(0).max(0) as u64));
+                }
+                match page.next_continuation_token() {
+                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                    _ => break,
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError> {
+        let key = self.key(kind, name);
+        let ctx = self.ctx();
+        self.run(async move {
+            let _p = ctx.permit().await;
+            ctx.client
+                .delete_object()
+                .bucket(&ctx.bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| ctx.map_err(&key, e))?;
+            Ok(())
+        })
+    }
+
+    fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError> {
+        let key = self.key(kind, name);
+        let ctx = self.ctx();
+        let is_config = kind == ObjectType::Config;
+        self.run(async move {
+            let head = {
+                let _p = ctx.permit().await;
+                ctx.client
+                    .head_object()
+                    .bucket(&ctx.bucket)
+                    .key(&key)
+                    .send()
+                    .await
+            };
+            match head {
+                Ok(_) => Ok(true),
+                Err(e) if status_of(&e) == Some(404) => {
+                    if is_config {
+                        // A HEAD answer has no body, so a missing bucket looks like a
+                        // missing object: ask once, to say which.
+                        let _p = ctx.permit().await;
+                        match ctx.client.head_bucket().bucket(&ctx.bucket).send().await {
+                            Err(e) if status_of(&e) == Some(404) => {
+                                return Err(BackendError::BucketMissing {
+                                    location: ctx.display.clone(),
+                                    bucket: ctx.bucket.clone(),
+                                })
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok(false)
+                }
+                Err(e) => Err(ctx.map_err(&key, e)),
+            }
+        })
+    }
+
+    fn create(&self) -> Result<(), BackendError> {
+        self.create_bucket()
+    }
+
+    fn connections(&self) -> Option<usize> {
+        Some(self.opts.connections)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_custom_endpoints_and_aws_locations() {
+        let l = S3Location::parse("s3:http://127.0.0.1:9000/bk1/some/prefix/").unwrap();
+        assert_eq!(l.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(l.bucket, "bk1");
+        assert_eq!(l.prefix, "some/prefix");
+        let l = S3Location::parse("s3:https://s3.example.com/bucket").unwrap();
+        assert_eq!(l.endpoint.as_deref(), Some("https://s3.example.com"));
+        assert_eq!(l.prefix, "");
+        let l = S3Location::parse("s3:my-bucket/host1").unwrap();
+        assert_eq!(l.endpoint, None);
+        assert_eq!(
+            (l.bucket.as_str(), l.prefix.as_str()),
+            ("my-bucket", "host1")
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_locations() {
+        for bad in [
+            "s3:",
+            "s3:http://",
+            "s3:http://host",
+            "s3:ftp://host/bucket",
+            "s3:BUCKET",
+            "s3:ab",
+            "s3:bucket/a//b",
+            "s3:bucket/../x",
+            "/local/path",
+        ] {
+            let e = S3Location::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_are_checked() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let o = S3Options::default()
+            .with_env(env(&[
+                ("BACKUPD_S3_ENDPOINT", "http://127.0.0.1:1/"),
+                ("BACKUPD_S3_PATH_STYLE", "false"),
+                ("BACKUPD_S3_STORAGE_CLASS", "STANDARD_IA"),
+            ]))
+            .unwrap();
+        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:1"));
+        assert_eq!(o.path_style, Some(false));
+        assert_eq!(o.storage_class.as_deref(), Some("STANDARD_IA"));
+        for (k, v) in [
+            ("BACKUPD_S3_ENDPOINT", "127.0.0.1:9000"),
+            ("BACKUPD_S3_PATH_STYLE", "maybe"),
+            ("BACKUPD_S3_STORAGE_CLASS", "COLD"),
+        ] {
+            let e = S3Options::default()
+                .with_env(|n| (n == k).then(|| v.to_string()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(k) && e.contains(v), "{e}");
+        }
+    }
+}
