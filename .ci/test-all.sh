@@ -12,6 +12,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# The S3 server the tests start on loopback (docs: ../shared/design/recipes.md section 3).
+# 0.14.1 is the newest s3s-fs that builds with rustc 1.95.
+if ! command -v s3s-fs >/dev/null && [ ! -x "$HOME/.local/bin/s3s-fs" ]; then
+  cargo install s3s-fs@0.14.1 --features binary --locked --root "$HOME/.local"
+fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy || true
 
 cargo fmt --all -- --check

@@ -136,6 +136,9 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
     let opts = SaverOptions {
         pack_size: repo.config().pack_size as usize,
         zstd_level: repo.config().zstd_level,
+        // A remote store is latency-bound: keep several packs in flight (each one is
+        // memory, so at most four).
+        uploaders: repo.backend().connections().map_or(1, |n| n.clamp(1, 4)),
         ..SaverOptions::default()
     };
     let (saver, threads) = BlobSaver::start(

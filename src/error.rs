@@ -33,6 +33,9 @@ fn repo_code(e: &RepoError) -> Option<i32> {
     match e {
         RepoError::NotARepository { .. } => Some(EXIT_NO_REPOSITORY),
         RepoError::WrongPassword { .. } => Some(EXIT_WRONG_PASSWORD),
+        RepoError::Backend(crate::backend::BackendError::BucketMissing { .. }) => {
+            Some(EXIT_NO_REPOSITORY)
+        }
         _ => None,
     }
 }

@@ -502,6 +502,18 @@ impl Ctx {
         }
     }
 
+    /// `BucketMissing` when the bucket does not exist.
+    async fn check_bucket(&self) -> Result<(), BackendError> {
+        let _p = self.permit().await;
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Err(e) if status_of(&e) == Some(404) => Err(BackendError::BucketMissing {
+                location: self.display.clone(),
+                bucket: self.bucket.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn body_err(&self, key: &str, e: impl std::fmt::Display) -> BackendError {
         BackendError::Remote {
             path: format!("{}/{key}", self.display),
@@ -755,7 +767,18 @@ impl Backend for S3Backend {
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
         let key = self.key(kind, name);
         let ctx = self.ctx();
-        self.run(async move { ctx.get(key, None).await })
+        let is_config = kind == ObjectType::Config;
+        self.run(async move {
+            match ctx.get(key, None).await {
+                Err(BackendError::NotFound { path }) if is_config => {
+                    // Some stores answer NoSuchKey for a missing bucket too: ask, to say
+                    // which is missing.
+                    ctx.check_bucket().await?;
+                    Err(BackendError::NotFound { path })
+                }
+                other => other,
+            }
+        })
     }
 
     fn get_range(
@@ -843,16 +866,7 @@ impl Backend for S3Backend {
                     if is_config {
                         // A HEAD answer has no body, so a missing bucket looks like a
                         // missing object: ask once, to say which.
-                        let _p = ctx.permit().await;
-                        match ctx.client.head_bucket().bucket(&ctx.bucket).send().await {
-                            Err(e) if status_of(&e) == Some(404) => {
-                                return Err(BackendError::BucketMissing {
-                                    location: ctx.display.clone(),
-                                    bucket: ctx.bucket.clone(),
-                                })
-                            }
-                            _ => {}
-                        }
+                        ctx.check_bucket().await?;
                     }
                     Ok(false)
                 }

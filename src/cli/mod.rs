@@ -63,6 +63,14 @@ pub struct GlobalArgs {
     /// No progress bars.
     #[arg(long, global = true)]
     no_progress: bool,
+    /// Where to cache snapshots, index files and tree packs of remote repositories
+    /// (default: $XDG_CACHE_HOME/backupd or ~/.cache/backupd). Given for a local
+    /// repository, caches it too.
+    #[arg(long, value_name = "DIR", env = "BACKUPD_CACHE_DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+    /// Use no local cache.
+    #[arg(long, env = "BACKUPD_NO_CACHE", global = true)]
+    no_cache: bool,
     /// Requests made to the repository by this command (reported in summaries).
     #[arg(skip)]
     requests: Arc<RequestCounters>,
@@ -157,14 +165,21 @@ impl GlobalArgs {
     fn open(&self) -> Result<Repository> {
         let backend = self.backend()?;
         // Check for the repository before asking for a password.
-        if !backend.exists(crate::backend::ObjectType::Config, "config")? {
-            return Err(crate::repo::RepoError::NotARepository {
-                location: backend.location(),
-            }
-            .into());
-        }
+        let sealed_config = Repository::read_config(&backend)?;
+        let remote = backend.connections().is_some();
         let pw = password::read_password(&password::REPO_PASSWORD, false)?;
-        Ok(Repository::open(backend, pw.as_bytes())?)
+        let repo = Repository::open_with_config(backend, &sealed_config, pw.as_bytes())?;
+        // A local repository is its own cache; a remote one is cached unless told not to.
+        let base = match (&self.cache_dir, self.no_cache, remote) {
+            (_, true, _) => None,
+            (Some(dir), false, _) => Some(dir.clone()),
+            (None, false, true) => crate::repo::cache::default_base(),
+            (None, false, false) => None,
+        };
+        Ok(match base {
+            Some(b) => repo.with_cache(&b),
+            None => repo,
+        })
     }
 
     fn say(&self, msg: impl AsRef<str>) {

@@ -1,6 +1,7 @@
 //! The repository: opening it with a password, and reading and writing its sealed objects
 //! (config, keys, packs, index, snapshots) through a [`Backend`].
 
+pub mod cache;
 pub mod config;
 pub mod index;
 pub mod pack;
@@ -10,6 +11,8 @@ pub mod tree;
 #[cfg(test)]
 mod fixture_tests;
 
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 
 use chacha20poly1305::aead::{rand_core::RngCore, OsRng};
@@ -17,8 +20,9 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, BackendError, LocalBackend, ObjectType};
 use crate::crypto::{self, KeyFile, KeyFileError, MasterKeys, ObjectKind};
-use crate::pipeline::{blob, BlobId, ChunkerParams};
+use crate::pipeline::{blob, BlobId, BlobKind, ChunkerParams};
 
+pub use cache::Cache;
 pub use config::Config;
 pub use index::Index;
 pub use snapshot::{BackupSummary, Snapshot};
@@ -94,6 +98,7 @@ pub struct Repository {
     keys: Arc<MasterKeys>,
     config: Config,
     key_id: String,
+    cache: Option<Arc<Cache>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -189,6 +194,7 @@ impl Repository {
             keys: Arc::new(keys),
             config,
             key_id,
+            cache: None,
         })
     }
 
@@ -197,11 +203,34 @@ impl Repository {
     /// # Errors
     /// `NotARepository`, `WrongPassword`, a tampered config, or backend failures.
     pub fn open(backend: Arc<dyn Backend>, password: &[u8]) -> Result<Self, RepoError> {
-        if !backend.exists(ObjectType::Config, "config")? {
-            return Err(RepoError::NotARepository {
+        let sealed = Self::read_config(&backend)?;
+        Self::open_with_config(backend, &sealed, password)
+    }
+
+    /// Reads the sealed config: the first request to a repository, and the proof that one
+    /// is there.
+    ///
+    /// # Errors
+    /// `NotARepository`, or backend failures.
+    pub fn read_config(backend: &Arc<dyn Backend>) -> Result<Vec<u8>, RepoError> {
+        match backend.get(ObjectType::Config, "config") {
+            Ok(b) => Ok(b),
+            Err(BackendError::NotFound { .. }) => Err(RepoError::NotARepository {
                 location: backend.location(),
-            });
+            }),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// Opens a repository whose sealed config was read by [`Repository::read_config`].
+    ///
+    /// # Errors
+    /// `WrongPassword`, a tampered config, or backend failures.
+    pub fn open_with_config(
+        backend: Arc<dyn Backend>,
+        sealed: &[u8],
+        password: &[u8],
+    ) -> Result<Self, RepoError> {
         let mut opened = None;
         for (name, _) in backend.list(ObjectType::Key)? {
             let bytes = match backend.get(ObjectType::Key, &name) {
@@ -236,8 +265,7 @@ impl Repository {
         let (key_id, keys) = opened.ok_or_else(|| RepoError::WrongPassword {
             location: backend.location(),
         })?;
-        let sealed = backend.get(ObjectType::Config, "config")?;
-        let plain = crypto::open(&keys, ObjectKind::Config, None, &sealed).map_err(|e| {
+        let plain = crypto::open(&keys, ObjectKind::Config, None, sealed).map_err(|e| {
             RepoError::CorruptOrTampered {
                 object: "config".into(),
                 why: e.to_string(),
@@ -262,7 +290,24 @@ impl Repository {
             keys: Arc::new(keys),
             config,
             key_id,
+            cache: None,
         })
+    }
+
+    /// Uses a local cache under `base` for snapshots, index files and tree packs. A cache
+    /// that cannot be created is only a warning.
+    #[must_use]
+    pub fn with_cache(mut self, base: &Path) -> Self {
+        match Cache::open(base, &self.config.id) {
+            Ok(c) => self.cache = Some(Arc::new(c)),
+            Err(e) => tracing::warn!("{e}; going on without a cache"),
+        }
+        self
+    }
+
+    /// The local cache, when one is in use.
+    pub fn cache(&self) -> Option<&Cache> {
+        self.cache.as_deref()
     }
 
     /// The backend.
@@ -297,7 +342,11 @@ impl Repository {
     ) -> Result<BlobId, RepoError> {
         let sealed = crypto::seal(&self.keys, okind, None, plain);
         let id = BlobId(Sha256::digest(&sealed).into());
-        self.backend.put(kind, &id.to_hex(), sealed.into())?;
+        let name = id.to_hex();
+        if let Some(cache) = &self.cache {
+            cache.put(kind, &name, &sealed);
+        }
+        self.backend.put(kind, &name, sealed.into())?;
         Ok(id)
     }
 
@@ -311,7 +360,26 @@ impl Repository {
         okind: ObjectKind,
         name: &str,
     ) -> Result<Vec<u8>, RepoError> {
+        if let Some(cache) = &self.cache {
+            if let Some(bytes) = cache.get(kind, name) {
+                if sha256_hex(&bytes) == name {
+                    if let Ok(plain) = crypto::open(&self.keys, okind, None, &bytes) {
+                        return Ok(plain);
+                    }
+                }
+                tracing::warn!(
+                    "cached {} is damaged; fetching it again",
+                    object_path(kind, name)
+                );
+                cache.remove(kind, name);
+            }
+        }
         let bytes = self.backend.get(kind, name)?;
+        if let Some(cache) = &self.cache {
+            if sha256_hex(&bytes) == name {
+                cache.put(kind, name, &bytes);
+            }
+        }
         if sha256_hex(&bytes) != name {
             return Err(RepoError::CorruptOrTampered {
                 object: object_path(kind, name),
@@ -330,8 +398,20 @@ impl Repository {
     /// A damaged index file (named), or backend failures.
     pub fn load_index(&self) -> Result<Index, RepoError> {
         let mut all = vec![];
-        for (name, _) in self.backend.list(ObjectType::Index)? {
-            all.extend(self.load_index_file(&name)?);
+        let listed = self.backend.list(ObjectType::Index)?;
+        for (name, _) in &listed {
+            all.extend(self.load_index_file(name)?);
+        }
+        if let Some(cache) = &self.cache {
+            cache.retain(
+                ObjectType::Index,
+                &listed.iter().map(|(n, _)| n.as_str()).collect(),
+            );
+            let packs: Vec<String> = all.iter().map(|p| p.pack.to_hex()).collect();
+            cache.retain(
+                ObjectType::Pack,
+                &packs.iter().map(String::as_str).collect::<HashSet<_>>(),
+            );
         }
         Ok(Index::from_packs(all))
     }
@@ -383,7 +463,14 @@ impl Repository {
     /// A damaged snapshot, or backend failures.
     pub fn snapshots(&self) -> Result<Vec<(BlobId, Snapshot)>, RepoError> {
         let mut out = vec![];
-        for (name, _) in self.backend.list(ObjectType::Snapshot)? {
+        let listed = self.backend.list(ObjectType::Snapshot)?;
+        if let Some(cache) = &self.cache {
+            cache.retain(
+                ObjectType::Snapshot,
+                &listed.iter().map(|(n, _)| n.as_str()).collect(),
+            );
+        }
+        for (name, _) in listed {
             let id = BlobId::from_hex(&name).ok_or_else(|| RepoError::CorruptOrTampered {
                 object: object_path(ObjectType::Snapshot, &name),
                 why: "name is not a 64-digit hex id".into(),
@@ -429,6 +516,36 @@ impl Repository {
     pub fn read_blob(&self, index: &Index, id: &BlobId) -> Result<Vec<u8>, RepoError> {
         let loc = index.get(id).ok_or(RepoError::BlobNotFound { id: *id })?;
         let pack = loc.pack.to_hex();
+        if let (Some(cache), BlobKind::Tree) = (&self.cache, loc.kind) {
+            // Packs holding trees are fetched whole once and read locally from then on:
+            // walking a snapshot costs one request per tree pack, not one per directory.
+            let filled = cache.fill_once(ObjectType::Pack, &pack, || {
+                self.backend.get(ObjectType::Pack, &pack)
+            });
+            match filled {
+                Ok(()) => {
+                    if let Some(plain) = cache
+                        .get_range(
+                            ObjectType::Pack,
+                            &pack,
+                            loc.offset as u64,
+                            loc.length as u64,
+                        )
+                        .and_then(|sealed| {
+                            blob::decode(&self.keys, loc.kind, id, &sealed, loc.raw_length as usize)
+                                .ok()
+                        })
+                    {
+                        return Ok(plain);
+                    }
+                    // Damaged or short in the cache (or in the store): drop the copy and
+                    // read the blob from the store, which names any damage.
+                    cache.remove(ObjectType::Pack, &pack);
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let sealed = self
             .backend
             .get_range(

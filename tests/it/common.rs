@@ -312,27 +312,56 @@ impl FloorCharBoundary for str {
 // Repositories
 // ---------------------------------------------------------------------------------------
 
-/// A repository in its own temporary directory, initialized with [`PASSWORD`].
+/// A repository in its own temporary directory (or in a bucket of its own S3 server),
+/// initialized with [`PASSWORD`].
 pub struct Repo {
     dir: TempDir,
-    /// The repository directory.
+    /// Where its objects are as files: the directory, or the S3 server's files of it.
     pub path: PathBuf,
+    /// What `--repo` gets.
+    pub location: String,
     /// Its password.
     pub password: String,
+    /// The S3 server holding it, if any.
+    pub s3: Option<S3Server>,
 }
 
 impl Repo {
-    /// Creates and initializes a repository; asserts `init` output.
+    /// Creates and initializes a local repository; asserts `init` output.
     pub fn new() -> Repo {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("repo");
-        let r = Repo {
+        let location = path.display().to_string();
+        Self::init(Repo {
             dir,
             path,
+            location,
             password: PASSWORD.to_string(),
-        };
+            s3: None,
+        })
+    }
+
+    /// Creates a repository at `s3:http://127.0.0.1:PORT/bk1/repo` on a server of its own.
+    pub fn new_s3() -> Repo {
+        let server = S3Server::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::init(Repo {
+            dir,
+            path: server.bucket_dir("bk1").join("repo"),
+            location: server.location("bk1/repo"),
+            password: PASSWORD.to_string(),
+            s3: Some(server),
+        })
+    }
+
+    /// The same tests on both kinds of repository.
+    pub fn both() -> [Repo; 2] {
+        [Repo::new(), Repo::new_s3()]
+    }
+
+    fn init(r: Repo) -> Repo {
         let out = r.cmd().arg("init").run().ok();
-        let want = format!("at {}", r.path.display());
+        let want = format!("at {}", r.location);
         assert!(
             out.stdout().contains("created backupd repository") && out.stdout().contains(&want),
             "init output:\n{}",
@@ -353,10 +382,16 @@ impl Repo {
 
     /// `backupd --repo PATH` with this password.
     pub fn cmd_pw(&self, pw: &str) -> Run {
-        backupd()
+        let run = backupd()
             .arg("--repo")
-            .arg(&self.path)
-            .env("BACKUPD_PASSWORD", pw)
+            .arg(&self.location)
+            .env("BACKUPD_PASSWORD", pw);
+        match &self.s3 {
+            Some(s) => s
+                .credentials(run)
+                .env("BACKUPD_CACHE_DIR", self.dir.path().join("cache")),
+            None => run,
+        }
     }
 
     /// Runs with these arguments.
@@ -869,4 +904,157 @@ pub fn assert_hex64(s: &str) {
                 .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
         "{s:?} is not a 64-digit hex id"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// A real S3 server (s3s-fs) on loopback
+// ---------------------------------------------------------------------------------------
+
+/// Access key of the test servers.
+pub const S3_ACCESS_KEY: &str = "AKTEST";
+/// Secret key of the test servers.
+pub const S3_SECRET_KEY: &str = "SKTEST";
+
+/// The s3s-fs binary: `BACKUPD_TEST_S3S_FS`, else on PATH, else `~/.local/bin` (where
+/// `.ci/test-all.sh` installs it). A missing server fails the test: install it.
+pub fn s3s_fs_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("BACKUPD_TEST_S3S_FS") {
+        return PathBuf::from(p);
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("s3s-fs"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(Path::new(&home).join(".local/bin/s3s-fs"));
+        candidates.push(Path::new(&home).join(".cargo/bin/s3s-fs"));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+            "s3s-fs not found; install it with: cargo install s3s-fs@0.14.1 --features binary \\
+             --locked --root $HOME/.local (bash .ci/test-all.sh does)"
+        )
+        })
+}
+
+/// A throwaway s3s-fs server: buckets are directories under `root`, objects plain files,
+/// so tests can look at and damage what the server stores.
+pub struct S3Server {
+    root: TempDir,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl S3Server {
+    /// Starts a server with one bucket, `bk1`, on a free port.
+    pub fn start() -> S3Server {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(root.path().join("bk1")).expect("bucket dir");
+        let mut s = S3Server {
+            root,
+            port: 0,
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    /// Starts the server again on the same root (on a new port the first time).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        for _ in 0..20 {
+            let port = if self.port == 0 {
+                free_port()
+            } else {
+                self.port
+            };
+            let child = Command::new(s3s_fs_binary())
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+                .arg(self.root.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start s3s-fs");
+            self.child = Some(child);
+            if self.wait_ready(port) {
+                self.port = port;
+                return;
+            }
+            self.kill();
+            if self.port != 0 {
+                thread::sleep(Duration::from_millis(200));
+            }
+        }
+        panic!("s3s-fs did not start");
+    }
+
+    fn wait_ready(&mut self, port: u16) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return false;
+                }
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Stops the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `s3:http://127.0.0.1:PORT/PATH`.
+    pub fn location(&self, path: &str) -> String {
+        format!("s3:{}/{path}", self.endpoint())
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The directory holding a bucket's objects.
+    pub fn bucket_dir(&self, bucket: &str) -> PathBuf {
+        self.root.path().join(bucket)
+    }
+
+    /// Adds the server's credentials to a command.
+    pub fn credentials(&self, run: Run) -> Run {
+        run.env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }

@@ -3,10 +3,12 @@
 pub mod common;
 
 mod cli;
+mod conformance;
 mod dedup;
 mod disk_full;
 mod interrupt;
 mod keys;
 mod roundtrip;
+mod s3;
 mod stream;
 mod tamper;

@@ -105,7 +105,15 @@ fn build_tree(src: &Path) -> PathBuf {
 
 #[test]
 fn round_trip_every_file_kind_and_metadata() {
-    let repo = Repo::new();
+    round_trip_every_file_kind(&Repo::new());
+}
+
+#[test]
+fn round_trip_every_file_kind_and_metadata_on_s3() {
+    round_trip_every_file_kind(&Repo::new_s3());
+}
+
+fn round_trip_every_file_kind(repo: &Repo) {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
     let fifo = build_tree(&src);

@@ -1,0 +1,236 @@
+//! One backend conformance suite, run against the local backend and against a real S3
+//! server (s3s-fs on loopback): every backend must behave the same to the layers above.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use backupd::backend::layers::{MetricsLayer, RequestCounters};
+use backupd::backend::{
+    Backend, BackendError, Bytes, LocalBackend, ObjectType, S3Backend, S3Location, S3Options,
+};
+use sha2::{Digest, Sha256};
+
+use super::common::*;
+
+/// Credentials for the SDK's environment provider (nextest runs each test in a process of
+/// its own; the values are the same for every test anyway).
+fn set_s3_credentials() {
+    std::env::set_var("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY);
+}
+
+fn s3_backend(server: &S3Server, path: &str, opts: S3Options) -> S3Backend {
+    set_s3_credentials();
+    S3Backend::new(S3Location::parse(&server.location(path)).unwrap(), opts).unwrap()
+}
+
+fn name(i: u64) -> String {
+    hex(&Sha256::digest(i.to_le_bytes()))
+}
+
+/// The suite. `big` is the size of the large-object case.
+fn conformance(b: &dyn Backend, big: usize) {
+    b.create().unwrap();
+
+    // Missing objects.
+    let missing = name(u64::MAX);
+    assert!(!b.exists(ObjectType::Pack, &missing).unwrap());
+    assert!(matches!(
+        b.get(ObjectType::Pack, &missing),
+        Err(BackendError::NotFound { .. })
+    ));
+    assert!(matches!(
+        b.get_range(ObjectType::Pack, &missing, 0, 10),
+        Err(BackendError::NotFound { .. })
+    ));
+    assert!(!b.exists(ObjectType::Config, "config").unwrap());
+
+    // Put and get of every kind.
+    let body = random_bytes(100_000);
+    for kind in [
+        ObjectType::Key,
+        ObjectType::Pack,
+        ObjectType::Index,
+        ObjectType::Snapshot,
+    ] {
+        b.put(kind, &name(1), Bytes::from(body.clone())).unwrap();
+        assert!(b.exists(kind, &name(1)).unwrap(), "{kind:?}");
+        assert_eq!(b.get(kind, &name(1)).unwrap(), body, "{kind:?}");
+        assert_eq!(b.list(kind).unwrap(), vec![(name(1), body.len() as u64)]);
+    }
+    b.put(ObjectType::Config, "config", Bytes::from_static(b"cfg"))
+        .unwrap();
+    assert!(b.exists(ObjectType::Config, "config").unwrap());
+    assert_eq!(b.get(ObjectType::Config, "config").unwrap(), b"cfg");
+    // The same bytes again (a retried upload) succeed.
+    b.put(ObjectType::Pack, &name(1), Bytes::from(body.clone()))
+        .unwrap();
+
+    // Ranged reads: start, middle, exact end, past the end, empty.
+    let r = |off: u64, len: u64| b.get_range(ObjectType::Pack, &name(1), off, len);
+    assert_eq!(r(0, 10).unwrap(), &body[..10]);
+    assert_eq!(r(4_000, 50_000).unwrap(), &body[4_000..54_000]);
+    assert_eq!(r(99_990, 10).unwrap(), &body[99_990..]);
+    assert!(r(0, 0).unwrap().is_empty());
+    match r(99_990, 20) {
+        Err(BackendError::ShortRead { got, want, .. }) => assert_eq!((got, want), (10, 20)),
+        other => panic!("read past the end: {other:?}"),
+    }
+    match r(200_000, 5) {
+        Err(BackendError::ShortRead { got: 0, .. }) => {}
+        other => panic!("read after the end: {other:?}"),
+    }
+
+    // Listing past one page (S3 pages hold 1000 keys); packs spread over data/xx/.
+    let many: BTreeSet<String> = (100..1_150).map(name).collect();
+    for n in &many {
+        b.put(ObjectType::Pack, n, Bytes::from(n.clone().into_bytes()))
+            .unwrap();
+    }
+    let listed = b.list(ObjectType::Pack).unwrap();
+    assert_eq!(listed.len(), many.len() + 1);
+    for (n, size) in &listed {
+        if *n != name(1) {
+            assert!(many.contains(n), "unexpected {n}");
+            assert_eq!(*size, 64);
+        }
+    }
+    // Other kinds are not mixed in.
+    assert_eq!(b.list(ObjectType::Index).unwrap().len(), 1);
+
+    // Delete: gone from get, exists and list; deleting again succeeds.
+    for n in many.iter().take(10) {
+        b.delete(ObjectType::Pack, n).unwrap();
+        assert!(!b.exists(ObjectType::Pack, n).unwrap());
+        b.delete(ObjectType::Pack, n).unwrap();
+    }
+    assert_eq!(b.list(ObjectType::Pack).unwrap().len(), many.len() + 1 - 10);
+    assert!(matches!(
+        b.get(ObjectType::Pack, many.iter().next().unwrap()),
+        Err(BackendError::NotFound { .. })
+    ));
+
+    // A large object (multipart with parallel parts on S3), read back whole and in ranges
+    // across part boundaries.
+    let unit = random_bytes(1 << 20);
+    let mut large = vec![0u8; big];
+    for (i, chunk) in large.chunks_mut(1 << 20).enumerate() {
+        chunk.copy_from_slice(&unit[..chunk.len()]);
+        chunk[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    let digest = Sha256::digest(&large);
+    let large = Bytes::from(large);
+    b.put(ObjectType::Pack, &name(2), large.clone()).unwrap();
+    let back = b.get(ObjectType::Pack, &name(2)).unwrap();
+    assert_eq!(back.len(), big);
+    assert_eq!(Sha256::digest(&back), digest);
+    drop(back);
+    let mid = (big / 2) as u64;
+    assert_eq!(
+        b.get_range(ObjectType::Pack, &name(2), mid - 1000, 2000)
+            .unwrap(),
+        &large[mid as usize - 1000..mid as usize + 1000]
+    );
+    let end = big as u64;
+    assert_eq!(
+        b.get_range(ObjectType::Pack, &name(2), end - 7, 7).unwrap(),
+        &large[big - 7..]
+    );
+    b.delete(ObjectType::Pack, &name(2)).unwrap();
+}
+
+const BIG: usize = 200 * 1024 * 1024;
+
+#[test]
+fn local_backend_conforms() {
+    let d = tempfile::tempdir().unwrap();
+    let b = LocalBackend::new(d.path().join("repo"));
+    conformance(&b, BIG);
+}
+
+#[test]
+fn s3_backend_conforms() {
+    let server = S3Server::start();
+    let counters = Arc::new(RequestCounters::default());
+    let b = MetricsLayer::new(
+        s3_backend(&server, "bk1/conformance", S3Options::default()),
+        counters.clone(),
+    );
+    conformance(&b, BIG);
+    // The objects are where the layout says, under the prefix.
+    let root = server.bucket_dir("bk1").join("conformance");
+    assert!(root.join("config").is_file());
+    assert!(root.join("keys").join(name(1)).is_file());
+    let p = name(1);
+    assert!(root.join("data").join(&p[..2]).join(&p).is_file());
+    // Listing 1051 packs took two pages.
+    assert!(counters.stats().list >= 2);
+}
+
+#[test]
+fn s3_backend_creates_a_missing_bucket() {
+    let server = S3Server::start();
+    let b = s3_backend(&server, "newbucket/x", S3Options::default());
+    match b.exists(ObjectType::Config, "config") {
+        Err(BackendError::BucketMissing { bucket, location }) => {
+            assert_eq!(bucket, "newbucket");
+            assert!(location.contains(&server.endpoint()), "{location}");
+        }
+        other => panic!("missing bucket: {other:?}"),
+    }
+    b.create().unwrap();
+    assert!(!b.exists(ObjectType::Config, "config").unwrap());
+    b.create().unwrap();
+}
+
+#[test]
+fn s3_wrong_credentials_are_denied_not_retried() {
+    let server = S3Server::start();
+    std::env::set_var("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "wrong-secret");
+    let b = S3Backend::new(
+        S3Location::parse(&server.location("bk1/repo")).unwrap(),
+        S3Options::default(),
+    )
+    .unwrap();
+    match b.put(ObjectType::Snapshot, &name(1), Bytes::from_static(b"x")) {
+        Err(e @ BackendError::Denied { .. }) => assert!(!e.is_transient()),
+        other => panic!("a wrong secret: {other:?}"),
+    }
+    let out = backupd()
+        .args(["snapshots", "--repo"])
+        .arg(server.location("bk1/repo"))
+        .env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        .env("BACKUPD_PASSWORD", "x")
+        .run()
+        .expect(1);
+    let err = out.stderr.clone();
+    assert!(
+        err.contains("access denied") && err.contains(&server.endpoint()),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !err.contains("retrying"),
+        "denied requests must not be retried: {err}"
+    );
+    assert!(!err.contains("wrong-secret"), "the secret leaked: {err}");
+}
+
+#[test]
+fn s3_bucket_missing_is_no_repository() {
+    let server = S3Server::start();
+    let out = server
+        .credentials(backupd())
+        .args(["snapshots", "--repo"])
+        .arg(server.location("nosuchbucket/repo"))
+        .env("BACKUPD_PASSWORD", "x")
+        .run()
+        .expect(10);
+    assert!(
+        out.stderr.contains("nosuchbucket") && out.stderr.contains("does not exist"),
+        "{}",
+        out.describe()
+    );
+}

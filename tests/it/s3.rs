@@ -1,0 +1,226 @@
+//! S3 repositories through the binary, against a real server (s3s-fs) on loopback: a
+//! server that dies in the middle of a backup, a pack damaged on the server's disk, and
+//! what a backup costs in requests.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::common::*;
+
+/// Waits until the server has stored at least one pack of the repository.
+fn wait_for_first_pack(repo_dir: &Path, deadline: Duration) -> bool {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        let any = fs::read_dir(repo_dir.join("data"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| {
+                fs::read_dir(d.path())
+                    .map(|mut r| r.next().is_some())
+                    .unwrap_or(false)
+            });
+        if any {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn server_killed_mid_backup_leaves_no_snapshot_and_the_next_backup_restores_exactly() {
+    let mut repo = Repo::new_s3();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    for i in 0..5 {
+        write_random(&src.join(format!("f{i}")), 12 << 20);
+    }
+    let running = repo.cmd().arg("backup").arg(&src).spawn();
+    assert!(
+        wait_for_first_pack(&repo.path, Duration::from_secs(120)),
+        "no pack reached the server"
+    );
+    let endpoint = repo.s3.as_ref().unwrap().endpoint();
+    repo.s3.as_mut().unwrap().kill();
+    let out = running.wait(TIMEOUT).expect(1);
+    assert!(
+        out.stderr.contains(&endpoint) && out.stderr.contains("cannot reach the endpoint"),
+        "the error does not name the endpoint:\n{}",
+        out.describe()
+    );
+    assert!(
+        !repo.path.join("snapshots").exists()
+            || fs::read_dir(repo.path.join("snapshots"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a snapshot was written by the failed backup"
+    );
+
+    repo.s3.as_mut().unwrap().restart();
+    assert!(repo.snapshots().is_empty());
+    let summary = repo.backup(&[&src]);
+    assert_eq!(summary["files_new"], 5, "{summary}");
+    repo.ok(&["check", "--read-data"]);
+    let target = work.path().join("restore");
+    repo.cmd()
+        .args(["restore", "latest", "--target"])
+        .arg(&target)
+        .run()
+        .ok();
+    assert_same_tree(&src, &restored_path(&target, &src), &|_, _| false);
+}
+
+#[test]
+fn pack_damaged_on_the_server_is_named_by_restore() {
+    let repo = Repo::new_s3();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    write_random(&src.join("a"), 3 << 20);
+    write_random(&src.join("b"), 3 << 20);
+    repo.backup(&[&src]);
+    let packs = repo.indexed_packs();
+    let data = packs.iter().find(|p| p.all("data")).expect("a data pack");
+    let rel = Repo::pack_rel(&data.id);
+    let on_disk = repo.path.join(&rel);
+    assert!(on_disk.is_file(), "{} not on the server", on_disk.display());
+    flip_bit(&on_disk, 100);
+
+    let target = work.path().join("restore");
+    let out = repo
+        .cmd()
+        .args(["restore", "latest", "--target"])
+        .arg(&target)
+        .run()
+        .expect(1);
+    assert!(
+        out.all_text().contains(&data.id[..16]),
+        "restore does not name the damaged pack {}:\n{}",
+        data.id,
+        out.describe()
+    );
+    let out = repo.run(&["check", "--read-data"]).expect(1);
+    assert!(
+        out.all_text().contains(&data.id[..16]),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn every_verb_works_on_s3() {
+    let repo = Repo::new_s3();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    write_mixed(&src.join("m"), 2 << 20);
+    fs::write(src.join("small"), b"hello").unwrap();
+    let s = repo.backup(&[&src]);
+    let id = s["snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(repo.snapshots().len(), 1);
+    let ls = repo.ok(&["ls", "latest"]).stdout();
+    assert!(ls.contains("small"), "{ls}");
+    let dump = repo
+        .cmd()
+        .args(["dump", "latest"])
+        .arg(src.join("small"))
+        .run()
+        .ok();
+    assert_eq!(dump.stdout, b"hello");
+    repo.ok(&["cat", "config"]);
+    repo.ok(&["cat", "snapshot", &id]);
+    repo.ok(&["stats"]);
+    repo.ok(&["check"]);
+    // Keys: add a second password, open with it, remove the first.
+    repo.cmd()
+        .args(["key", "add"])
+        .env("BACKUPD_NEW_PASSWORD", "second password")
+        .run()
+        .ok();
+    let keys = repo.ok(&["key", "list", "--json"]).json();
+    assert_eq!(keys.as_array().map(Vec::len), Some(2), "{keys}");
+    repo.cmd_pw("second password")
+        .args(["snapshots"])
+        .run()
+        .ok();
+    repo.cmd_pw("wrong").args(["snapshots"]).run().expect(12);
+    // init again refuses.
+    repo.run(&["init"]).expect(1).stderr_has("already exists");
+}
+
+#[test]
+fn a_backup_reports_requests_by_kind_and_a_no_change_backup_is_cheap() {
+    let repo = Repo::new_s3();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    for d in 0..30 {
+        let dir = src.join(format!("d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("f"), format!("file {d}")).unwrap();
+    }
+    let first = repo.backup(&[&src]);
+    let req = &first["requests"];
+    assert!(req["put"].as_u64().unwrap() >= 3, "{req}");
+    let total = |req: &serde_json::Value| -> u64 {
+        ["get", "get_range", "put", "list", "delete", "exists"]
+            .iter()
+            .map(|k| req[k].as_u64().unwrap())
+            .sum()
+    };
+    // The parent's trees come from one whole tree pack, fetched once into the cache.
+    let second = repo.backup(&[&src]);
+    let req = &second["requests"];
+    assert_eq!(second["files_unchanged"], 30, "{second}");
+    // One put: the snapshot. No listing of data/, no per-directory reads.
+    assert_eq!(req["put"], 1, "{second}");
+    assert_eq!(req["get_range"], 0, "{second}");
+    assert!(
+        total(req) <= 10,
+        "a no-change backup made {} requests: {req}",
+        total(req)
+    );
+    // With everything cached: config, key list and key, snapshot and index lists, and the
+    // new snapshot.
+    let third = repo.cmd().args(["backup", "--json"]).arg(&src).run().ok();
+    let summary = third.json();
+    let req = &summary["requests"];
+    assert_eq!(total(req), 6, "{}", third.describe());
+    // Without the cache every directory is a ranged read.
+    let uncached = repo
+        .cmd()
+        .args(["backup", "--json", "--no-cache"])
+        .arg(&src)
+        .run()
+        .ok()
+        .json();
+    assert!(
+        uncached["requests"]["get_range"].as_u64().unwrap() >= 31,
+        "{uncached}"
+    );
+}
+
+#[test]
+fn upload_limit_paces_a_backup() {
+    let repo = Repo::new();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    write_random(&src.join("r"), 1 << 20);
+    let started = Instant::now();
+    repo.cmd()
+        .args(["backup", "--limit-upload", "256"])
+        .arg(&src)
+        .run()
+        .ok();
+    // 1 MiB of incompressible data at 256 KiB/s cannot take less than 4 s; allow for
+    // rounding of the pack boundaries (the limit is a lower bound on time, nothing else).
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(3_500),
+        "1 MiB went out in {took:?} under a 256 KiB/s limit"
+    );
+}
