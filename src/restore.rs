@@ -167,12 +167,17 @@ pub fn restore(
     let next = AtomicU64::new(0);
     std::thread::scope(|s| {
         for _ in 0..workers.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some((pack, blobs)) = packs.get(i) else {
-                    return;
-                };
-                restore_pack(repo, pack, blobs, &plan.files, &failed, progress);
+            s.spawn(|| {
+                // One read buffer and one decompression buffer per worker, reused for every
+                // range and blob: bounded memory, and no fresh pages to fault in per read.
+                let mut bufs = Buffers::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some((pack, blobs)) = packs.get(i) else {
+                        return;
+                    };
+                    restore_pack(repo, pack, blobs, &plan.files, &failed, progress, &mut bufs);
+                }
             });
         }
     });
@@ -338,8 +343,13 @@ fn plan_tree(
 
 /// Reads ranges no more than this far apart as one.
 const COALESCE_GAP: u32 = 1024 * 1024;
-/// Largest single ranged read.
-const MAX_RANGE: u64 = 8 * 1024 * 1024;
+
+/// A restore worker's reusable buffers.
+#[derive(Default)]
+struct Buffers {
+    range: Vec<u8>,
+    plain: Vec<u8>,
+}
 
 fn restore_pack(
     repo: &Repository,
@@ -348,9 +358,17 @@ fn restore_pack(
     files: &[PlannedFile],
     failed: &Mutex<HashMap<usize, String>>,
     progress: &AtomicU64,
+    bufs: &mut Buffers,
 ) {
     let name = pack.to_hex();
     let path = object_path(ObjectType::Pack, &name);
+    // Each worker holds one ranged read at a time; a remote store gets more, smaller reads
+    // in flight (throughput per connection is what limits it), a local disk fewer, larger.
+    let max_range: u64 = if repo.backend().connections().is_some() {
+        4 * 1024 * 1024
+    } else {
+        8 * 1024 * 1024
+    };
     let fail = |targets: &[BlobTarget], why: &str| {
         let mut g = failed.lock().unwrap_or_else(|p| p.into_inner());
         for t in targets {
@@ -365,7 +383,7 @@ fn restore_pack(
         let mut j = i + 1;
         while let Some(&(off, b)) = entries.get(j) {
             let (off, blob_end) = (off as u64, off as u64 + b.length as u64);
-            if off > end + COALESCE_GAP as u64 || blob_end - start > MAX_RANGE {
+            if off > end + COALESCE_GAP as u64 || blob_end - start > max_range {
                 break;
             }
             end = end.max(blob_end);
@@ -379,22 +397,24 @@ fn restore_pack(
                 .map(|(off, b)| *off as u64 + b.length as u64)
                 .max()
                 .unwrap_or(start);
+            let Buffers { range, plain } = &mut *bufs;
             match repo
                 .backend()
-                .get_range(ObjectType::Pack, &name, start, end - start)
+                .get_range_into(ObjectType::Pack, &name, start, end - start, range)
             {
-                Ok(buf) => {
+                Ok(()) => {
                     for &(off, b) in group {
                         let lo = (off as u64 - start) as usize;
-                        let sealed = &buf[lo..lo + b.length as usize];
-                        match blob::decode(
+                        let sealed = &mut range[lo..lo + b.length as usize];
+                        match blob::decode_in_place(
                             repo.keys(),
                             b.kind,
                             &b.id,
                             sealed,
                             b.raw_length as usize,
+                            plain,
                         ) {
-                            Ok(plain) => write_blob(&plain, &b.targets, files, &fail, progress),
+                            Ok(data) => write_blob(data, &b.targets, files, &fail, progress),
                             Err(e) => {
                                 fail(&b.targets, &format!("{path}: corrupt or tampered ({e})"))
                             }

@@ -123,6 +123,20 @@ impl<B: Backend> Backend for MetricsLayer<B> {
         Ok(r)
     }
 
+    fn get_range_into(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        bump(&self.counters.get_range, 1);
+        self.inner.get_range_into(kind, name, offset, len, buf)?;
+        bump(&self.counters.bytes_down, buf.len() as u64);
+        Ok(())
+    }
+
     fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
         bump(&self.counters.list, 1);
         self.inner.list(kind)
@@ -185,7 +199,7 @@ impl<B: Backend> RetryLayer<B> {
     fn run<T>(
         &self,
         what: &str,
-        f: impl Fn() -> Result<T, BackendError>,
+        mut f: impl FnMut() -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
         let mut delay = self.policy.base_delay;
         let mut attempt = 1;
@@ -228,6 +242,19 @@ impl<B: Backend> Backend for RetryLayer<B> {
         len: u64,
     ) -> Result<Vec<u8>, BackendError> {
         self.run("get", || self.inner.get_range(kind, name, offset, len))
+    }
+
+    fn get_range_into(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        self.run("get", || {
+            self.inner.get_range_into(kind, name, offset, len, buf)
+        })
     }
 
     fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
@@ -347,6 +374,22 @@ impl<B: Backend> Backend for ThrottleLayer<B> {
             p.pace(started, r.len() as u64);
         }
         Ok(r)
+    }
+
+    fn get_range_into(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        let started = Instant::now();
+        self.inner.get_range_into(kind, name, offset, len, buf)?;
+        if let Some(p) = &self.down {
+            p.pace(started, buf.len() as u64);
+        }
+        Ok(())
     }
 
     fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {

@@ -150,8 +150,22 @@ impl Backend for LocalBackend {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, BackendError> {
+        let mut buf = Vec::new();
+        self.get_range_into(kind, name, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn get_range_into(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
         let f = File::open(self.full(kind, name)).map_err(|e| self.err(kind, name, e))?;
-        let mut buf = vec![0u8; len as usize];
+        buf.clear();
+        buf.resize(len as usize, 0);
         let mut got = 0usize;
         while got < buf.len() {
             match f.read_at(&mut buf[got..], offset + got as u64) {
@@ -168,7 +182,7 @@ impl Backend for LocalBackend {
                 Err(e) => return Err(self.err(kind, name, e)),
             }
         }
-        Ok(buf)
+        Ok(())
     }
 
     fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {

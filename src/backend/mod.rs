@@ -148,6 +148,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Stores a new object durably; returns only once it would survive a crash. Refuses to
     /// overwrite an existing object with different bytes; the same bytes are a no-op.
+    /// Every name but `config` is the hex SHA-256 of the bytes; a backend may check it
+    /// (S3 sends it as the upload checksum, so the store refuses a mismatch).
     ///
     /// # Errors
     /// I/O failures, or `AlreadyExists`.
@@ -170,6 +172,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, BackendError>;
+
+    /// Like [`Backend::get_range`], into `buf` (its contents replaced, its allocation
+    /// reused): restore workers keep one buffer instead of faulting in a fresh one per read.
+    ///
+    /// # Errors
+    /// As [`Backend::get_range`].
+    fn get_range_into(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        *buf = self.get_range(kind, name, offset, len)?;
+        Ok(())
+    }
 
     /// Names and sizes of all objects of a kind.
     ///
@@ -223,6 +242,16 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         len: u64,
     ) -> Result<Vec<u8>, BackendError> {
         (**self).get_range(kind, name, offset, len)
+    }
+    fn get_range_into(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        (**self).get_range_into(kind, name, offset, len, buf)
     }
     fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
         (**self).list(kind)

@@ -12,6 +12,13 @@ use sha2::{Digest, Sha256};
 
 use super::common::*;
 
+fn fs_names(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// Credentials for the SDK's environment provider (nextest runs each test in a process of
 /// its own; the values are the same for every test anyway).
 fn set_s3_credentials() {
@@ -26,6 +33,11 @@ fn s3_backend(server: &S3Server, path: &str, opts: S3Options) -> S3Backend {
 
 fn name(i: u64) -> String {
     hex(&Sha256::digest(i.to_le_bytes()))
+}
+
+/// Objects are named by the SHA-256 of their bytes (all but `config`; format.md).
+fn name_of(body: &[u8]) -> String {
+    hex(&Sha256::digest(body))
 }
 
 /// The suite. `big` is the size of the large-object case.
@@ -47,27 +59,28 @@ fn conformance(b: &dyn Backend, big: usize) {
 
     // Put and get of every kind.
     let body = random_bytes(100_000);
+    let id = name_of(&body);
     for kind in [
         ObjectType::Key,
         ObjectType::Pack,
         ObjectType::Index,
         ObjectType::Snapshot,
     ] {
-        b.put(kind, &name(1), Bytes::from(body.clone())).unwrap();
-        assert!(b.exists(kind, &name(1)).unwrap(), "{kind:?}");
-        assert_eq!(b.get(kind, &name(1)).unwrap(), body, "{kind:?}");
-        assert_eq!(b.list(kind).unwrap(), vec![(name(1), body.len() as u64)]);
+        b.put(kind, &id, Bytes::from(body.clone())).unwrap();
+        assert!(b.exists(kind, &id).unwrap(), "{kind:?}");
+        assert_eq!(b.get(kind, &id).unwrap(), body, "{kind:?}");
+        assert_eq!(b.list(kind).unwrap(), vec![(id.clone(), body.len() as u64)]);
     }
     b.put(ObjectType::Config, "config", Bytes::from_static(b"cfg"))
         .unwrap();
     assert!(b.exists(ObjectType::Config, "config").unwrap());
     assert_eq!(b.get(ObjectType::Config, "config").unwrap(), b"cfg");
     // The same bytes again (a retried upload) succeed.
-    b.put(ObjectType::Pack, &name(1), Bytes::from(body.clone()))
+    b.put(ObjectType::Pack, &id, Bytes::from(body.clone()))
         .unwrap();
 
     // Ranged reads: start, middle, exact end, past the end, empty.
-    let r = |off: u64, len: u64| b.get_range(ObjectType::Pack, &name(1), off, len);
+    let r = |off: u64, len: u64| b.get_range(ObjectType::Pack, &id, off, len);
     assert_eq!(r(0, 10).unwrap(), &body[..10]);
     assert_eq!(r(4_000, 50_000).unwrap(), &body[4_000..54_000]);
     assert_eq!(r(99_990, 10).unwrap(), &body[99_990..]);
@@ -82,17 +95,20 @@ fn conformance(b: &dyn Backend, big: usize) {
     }
 
     // Listing past one page (S3 pages hold 1000 keys); packs spread over data/xx/.
-    let many: BTreeSet<String> = (100..1_150).map(name).collect();
-    for n in &many {
-        b.put(ObjectType::Pack, n, Bytes::from(n.clone().into_bytes()))
+    let bodies: Vec<Vec<u8>> = (100..1_150)
+        .map(|i: u32| format!("object {i:08}").into_bytes())
+        .collect();
+    let many: BTreeSet<String> = bodies.iter().map(|b| name_of(b)).collect();
+    for body in &bodies {
+        b.put(ObjectType::Pack, &name_of(body), Bytes::from(body.clone()))
             .unwrap();
     }
     let listed = b.list(ObjectType::Pack).unwrap();
     assert_eq!(listed.len(), many.len() + 1);
     for (n, size) in &listed {
-        if *n != name(1) {
+        if *n != id {
             assert!(many.contains(n), "unexpected {n}");
-            assert_eq!(*size, 64);
+            assert_eq!(*size, 15);
         }
     }
     // Other kinds are not mixed in.
@@ -119,24 +135,25 @@ fn conformance(b: &dyn Backend, big: usize) {
         chunk[..8].copy_from_slice(&(i as u64).to_le_bytes());
     }
     let digest = Sha256::digest(&large);
+    let big_id = hex(&digest);
     let large = Bytes::from(large);
-    b.put(ObjectType::Pack, &name(2), large.clone()).unwrap();
-    let back = b.get(ObjectType::Pack, &name(2)).unwrap();
+    b.put(ObjectType::Pack, &big_id, large.clone()).unwrap();
+    let back = b.get(ObjectType::Pack, &big_id).unwrap();
     assert_eq!(back.len(), big);
     assert_eq!(Sha256::digest(&back), digest);
     drop(back);
     let mid = (big / 2) as u64;
     assert_eq!(
-        b.get_range(ObjectType::Pack, &name(2), mid - 1000, 2000)
+        b.get_range(ObjectType::Pack, &big_id, mid - 1000, 2000)
             .unwrap(),
         &large[mid as usize - 1000..mid as usize + 1000]
     );
     let end = big as u64;
     assert_eq!(
-        b.get_range(ObjectType::Pack, &name(2), end - 7, 7).unwrap(),
+        b.get_range(ObjectType::Pack, &big_id, end - 7, 7).unwrap(),
         &large[big - 7..]
     );
-    b.delete(ObjectType::Pack, &name(2)).unwrap();
+    b.delete(ObjectType::Pack, &big_id).unwrap();
 }
 
 const BIG: usize = 200 * 1024 * 1024;
@@ -160,9 +177,28 @@ fn s3_backend_conforms() {
     // The objects are where the layout says, under the prefix.
     let root = server.bucket_dir("bk1").join("conformance");
     assert!(root.join("config").is_file());
-    assert!(root.join("keys").join(name(1)).is_file());
-    let p = name(1);
-    assert!(root.join("data").join(&p[..2]).join(&p).is_file());
+    assert_eq!(fs_names(&root.join("keys")).len(), 1);
+    let subdirs = fs_names(&root.join("data"));
+    assert!(
+        subdirs.len() > 100,
+        "packs are spread over data/xx/: {subdirs:?}"
+    );
+    assert!(
+        subdirs
+            .iter()
+            .all(|d| d.len() == 2 && hex::decode(d).is_ok()),
+        "{subdirs:?}"
+    );
+    // The store checks each upload against its name: bytes that do not match are refused,
+    // and not retried.
+    match b.put(
+        ObjectType::Pack,
+        &name(7),
+        Bytes::from_static(b"not what the name says"),
+    ) {
+        Err(e) => assert!(!e.is_transient(), "{e}"),
+        Ok(()) => panic!("a pack whose bytes do not match its name was stored"),
+    }
     // Listing 1051 packs took two pages.
     assert!(counters.stats().list >= 2);
 }
