@@ -229,3 +229,28 @@ fn upload_limit_paces_a_backup() {
         "1 MiB went out in {took:?} under a 256 KiB/s limit"
     );
 }
+
+#[test]
+fn download_limit_paces_a_restore() {
+    let repo = Repo::new();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    write_random(&src.join("r"), 1 << 20);
+    repo.backup(&[&src]);
+    let started = Instant::now();
+    repo.cmd()
+        .args(["restore", "latest", "--limit-download", "256", "--target"])
+        .arg(work.path().join("out"))
+        .run()
+        .ok();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(3_500),
+        "1 MiB came in in {took:?} under a 256 KiB/s limit"
+    );
+    assert_eq!(
+        fs::read(restored_path(&work.path().join("out"), &src).join("r")).unwrap(),
+        fs::read(src.join("r")).unwrap()
+    );
+}
