@@ -578,38 +578,29 @@ impl Ctx {
                     transient: false,
                 })?
         };
-        let result = self.upload_parts(&key, &upload_id, &data, part_size).await;
-        let parts = match result {
-            Ok(p) => p,
-            Err(e) => {
+        let result = match self.upload_parts(&key, &upload_id, &data, part_size).await {
+            Ok(parts) => {
                 let _p = self.permit().await;
-                let _ = self
-                    .client
-                    .abort_multipart_upload()
+                self.client
+                    .complete_multipart_upload()
                     .bucket(&self.bucket)
                     .key(&key)
                     .upload_id(&upload_id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
                     .send()
-                    .await;
-                return Err(e);
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.map_err(&key, e))
             }
+            Err(e) => Err(e),
         };
-        let _p = self.permit().await;
-        let done = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&key)
-            .upload_id(&upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await;
-        if let Err(e) = done {
-            let err = self.map_err(&key, e);
+        if result.is_err() {
+            // Best effort: a store keeps (and bills) the parts of an upload never finished.
+            let _p = self.permit().await;
             let _ = self
                 .client
                 .abort_multipart_upload()
@@ -618,9 +609,8 @@ impl Ctx {
                 .upload_id(&upload_id)
                 .send()
                 .await;
-            return Err(err);
         }
-        Ok(())
+        result
     }
 
     /// Uploads all parts, as many at once as there are free permits.

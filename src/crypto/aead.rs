@@ -16,6 +16,8 @@ use super::MasterKeys;
 pub const SEAL_VERSION: u8 = 1;
 /// Bytes a sealed object adds to its plaintext.
 pub const SEAL_OVERHEAD: usize = 1 + 4 + 24 + 16;
+/// Bytes before the ciphertext: version, generation, nonce.
+pub const SEAL_HEADER: usize = 1 + 4 + 24;
 
 /// What a sealed object is; part of the associated data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

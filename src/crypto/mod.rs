@@ -7,6 +7,6 @@ pub mod aead;
 pub mod keyfile;
 pub mod master;
 
-pub use aead::{open, open_in_place, seal, ObjectKind, SealError, SEAL_OVERHEAD};
+pub use aead::{open, open_in_place, seal, ObjectKind, SealError, SEAL_HEADER, SEAL_OVERHEAD};
 pub use keyfile::{KdfParams, KeyFile, KeyFileError};
 pub use master::{MasterKeys, Secret32};

@@ -187,34 +187,19 @@ pub fn decode(
     sealed: &[u8],
     raw_len: usize,
 ) -> Result<Vec<u8>, BlobError> {
-    let framed = crypto::open(keys, kind.object_kind(), Some(&id.0), sealed)
-        .map_err(|source| BlobError::Seal { id: *id, source })?;
-    let (flag, payload) = framed.split_first().ok_or_else(|| BlobError::Payload {
-        id: *id,
-        why: "empty".into(),
-    })?;
-    let out = match *flag {
-        RAW => payload.to_vec(),
-        ZSTD => with_decompressor(|d| d.decompress(payload, raw_len)).map_err(|e| {
-            BlobError::Payload {
-                id: *id,
-                why: format!("zstd: {e}"),
-            }
-        })?,
-        other => {
-            return Err(BlobError::Payload {
-                id: *id,
-                why: format!("unknown compression {other}"),
-            })
-        }
-    };
-    if out.len() != raw_len {
-        return Err(BlobError::Payload {
-            id: *id,
-            why: format!("{} bytes, index says {raw_len}", out.len()),
-        });
+    let mut buf = sealed.to_vec();
+    let mut scratch = Vec::new();
+    let len = decode_in_place(keys, kind, id, &mut buf, raw_len, &mut scratch)?.len();
+    if !scratch.is_empty() {
+        // Compressed: the output is in `scratch`.
+        return Ok(scratch);
     }
-    Ok(out)
+    // Stored raw (or empty): the output is in `buf`, after the envelope header and the
+    // compression byte.
+    let start = crypto::SEAL_HEADER + 1;
+    buf.truncate(start + len);
+    buf.drain(..start);
+    Ok(buf)
 }
 
 /// Like [`decode`], but opens the blob inside `sealed` (which it overwrites) and returns a
