@@ -1,5 +1,6 @@
 //! Exit codes scripts can rely on (restic's), and the mapping from errors to them.
 
+use crate::backend::BackendError;
 use crate::backup::BackupError;
 use crate::repo::RepoError;
 
@@ -29,13 +30,19 @@ pub struct ExitWith {
     pub message: String,
 }
 
+fn backend_code(e: &BackendError) -> Option<i32> {
+    match e {
+        BackendError::BucketMissing { .. } => Some(EXIT_NO_REPOSITORY),
+        _ => None,
+    }
+}
+
 fn repo_code(e: &RepoError) -> Option<i32> {
     match e {
         RepoError::NotARepository { .. } => Some(EXIT_NO_REPOSITORY),
         RepoError::WrongPassword { .. } => Some(EXIT_WRONG_PASSWORD),
-        RepoError::Backend(crate::backend::BackendError::BucketMissing { .. }) => {
-            Some(EXIT_NO_REPOSITORY)
-        }
+        // Transparent: the chain skips the backend error inside, so look at it here.
+        RepoError::Backend(b) => backend_code(b),
         _ => None,
     }
 }
@@ -46,10 +53,8 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<ExitWith>() {
             return e.code;
         }
-        if let Some(crate::backend::BackendError::BucketMissing { .. }) =
-            cause.downcast_ref::<crate::backend::BackendError>()
-        {
-            return EXIT_NO_REPOSITORY;
+        if let Some(c) = cause.downcast_ref::<BackendError>().and_then(backend_code) {
+            return c;
         }
         if let Some(e) = cause.downcast_ref::<RepoError>() {
             if let Some(c) = repo_code(e) {

@@ -110,19 +110,6 @@ impl<B: Backend> Backend for MetricsLayer<B> {
         Ok(r)
     }
 
-    fn get_range(
-        &self,
-        kind: ObjectType,
-        name: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, BackendError> {
-        bump(&self.counters.get_range, 1);
-        let r = self.inner.get_range(kind, name, offset, len)?;
-        bump(&self.counters.bytes_down, r.len() as u64);
-        Ok(r)
-    }
-
     fn get_range_into(
         &self,
         kind: ObjectType,
@@ -232,16 +219,6 @@ impl<B: Backend> Backend for RetryLayer<B> {
 
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
         self.run("get", || self.inner.get(kind, name))
-    }
-
-    fn get_range(
-        &self,
-        kind: ObjectType,
-        name: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, BackendError> {
-        self.run("get", || self.inner.get_range(kind, name, offset, len))
     }
 
     fn get_range_into(
@@ -361,21 +338,6 @@ impl<B: Backend> Backend for ThrottleLayer<B> {
         Ok(r)
     }
 
-    fn get_range(
-        &self,
-        kind: ObjectType,
-        name: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, BackendError> {
-        let started = Instant::now();
-        let r = self.inner.get_range(kind, name, offset, len)?;
-        if let Some(p) = &self.down {
-            p.pace(started, r.len() as u64);
-        }
-        Ok(r)
-    }
-
     fn get_range_into(
         &self,
         kind: ObjectType,
@@ -455,15 +417,16 @@ mod tests {
             self.trip()?;
             self.inner.get(k, n)
         }
-        fn get_range(
+        fn get_range_into(
             &self,
             k: ObjectType,
             n: &str,
             o: u64,
             l: u64,
-        ) -> Result<Vec<u8>, BackendError> {
+            b: &mut Vec<u8>,
+        ) -> Result<(), BackendError> {
             self.trip()?;
-            self.inner.get_range(k, n, o, l)
+            self.inner.get_range_into(k, n, o, l, b)
         }
         fn list(&self, k: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
             self.trip()?;

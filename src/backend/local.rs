@@ -143,18 +143,6 @@ impl Backend for LocalBackend {
         Ok(out)
     }
 
-    fn get_range(
-        &self,
-        kind: ObjectType,
-        name: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, BackendError> {
-        let mut buf = Vec::new();
-        self.get_range_into(kind, name, offset, len, &mut buf)?;
-        Ok(buf)
-    }
-
     fn get_range_into(
         &self,
         kind: ObjectType,

@@ -161,23 +161,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// `NotFound`, or I/O failures.
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError>;
 
-    /// Reads `len` bytes at `offset`.
+    /// Reads `len` bytes at `offset` into `buf` (its contents replaced, its allocation
+    /// reused): restore workers keep one buffer instead of faulting in a fresh one per read.
+    /// Backends and layers implement this; [`Backend::get_range`] is built on it.
     ///
     /// # Errors
     /// `NotFound`, `ShortRead`, or I/O failures.
-    fn get_range(
-        &self,
-        kind: ObjectType,
-        name: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, BackendError>;
-
-    /// Like [`Backend::get_range`], into `buf` (its contents replaced, its allocation
-    /// reused): restore workers keep one buffer instead of faulting in a fresh one per read.
-    ///
-    /// # Errors
-    /// As [`Backend::get_range`].
     fn get_range_into(
         &self,
         kind: ObjectType,
@@ -185,9 +174,22 @@ pub trait Backend: Send + Sync + fmt::Debug {
         offset: u64,
         len: u64,
         buf: &mut Vec<u8>,
-    ) -> Result<(), BackendError> {
-        *buf = self.get_range(kind, name, offset, len)?;
-        Ok(())
+    ) -> Result<(), BackendError>;
+
+    /// Reads `len` bytes at `offset`.
+    ///
+    /// # Errors
+    /// As [`Backend::get_range_into`].
+    fn get_range(
+        &self,
+        kind: ObjectType,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, BackendError> {
+        let mut buf = Vec::new();
+        self.get_range_into(kind, name, offset, len, &mut buf)?;
+        Ok(buf)
     }
 
     /// Names and sizes of all objects of a kind.
@@ -233,15 +235,6 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
         (**self).get(kind, name)
-    }
-    fn get_range(
-        &self,
-        kind: ObjectType,
-        name: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, BackendError> {
-        (**self).get_range(kind, name, offset, len)
     }
     fn get_range_into(
         &self,

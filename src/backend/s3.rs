@@ -72,6 +72,11 @@ pub struct S3Location {
 }
 
 impl S3Location {
+    /// True when `location` names an S3 repository (`s3:...`) rather than a directory.
+    pub fn is_s3(location: &str) -> bool {
+        location.starts_with("s3:")
+    }
+
     /// Parses `s3:http[s]://HOST[:PORT]/BUCKET[/PREFIX]` or `s3:BUCKET[/PREFIX]`.
     ///
     /// # Errors
@@ -677,10 +682,6 @@ impl Ctx {
         Ok(parts)
     }
 
-    async fn get(&self, key: String, range: Option<(u64, u64)>) -> Result<Vec<u8>, BackendError> {
-        self.get_into(key, range, Vec::new()).await
-    }
-
     /// Reads into `buf` (cleared; its allocation reused) and hands it back.
     async fn get_into(
         &self,
@@ -794,7 +795,7 @@ impl Backend for S3Backend {
         let ctx = self.ctx();
         let is_config = kind == ObjectType::Config;
         self.run(async move {
-            match ctx.get(key, None).await {
+            match ctx.get_into(key, None, Vec::new()).await {
                 Err(BackendError::NotFound { path }) if is_config => {
                     // Some stores answer NoSuchKey for a missing bucket too: ask, to say
                     // which is missing.
@@ -804,21 +805,6 @@ impl Backend for S3Backend {
                 other => other,
             }
         })
-    }
-
-    fn get_range(
-        &self,
-        kind: ObjectType,
-        name: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<u8>, BackendError> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let key = self.key(kind, name);
-        let ctx = self.ctx();
-        self.run(async move { ctx.get(key, Some((offset, len))).await })
     }
 
     fn get_range_into(

@@ -136,10 +136,11 @@ impl GlobalArgs {
     /// The store itself, without layers.
     fn store(&self) -> Result<Box<dyn Backend>> {
         let loc = self.location()?;
-        if loc.starts_with("s3:") {
+        if S3Location::is_s3(&loc) {
             let location = S3Location::parse(&loc)?;
             let opts = S3Options {
-                connections: usize::try_from(self.s3_connections).unwrap_or(8),
+                // At most 256 (the argument's range).
+                connections: self.s3_connections as usize,
                 ..S3Options::default()
             }
             .with_env(|k| std::env::var(k).ok())?;
@@ -192,7 +193,7 @@ impl GlobalArgs {
 fn init(g: &GlobalArgs, a: InitArgs) -> Result<()> {
     let loc = g.location()?;
     let pw = password::read_password(&password::REPO_PASSWORD, true)?;
-    let repo = if loc.starts_with("s3:") {
+    let repo = if S3Location::is_s3(&loc) {
         let backend = g.backend()?;
         backend.create()?;
         Repository::init(
@@ -265,11 +266,7 @@ pub fn main() -> i32 {
     // Readers of a local repository keep freed blob buffers; with a remote one, many more
     // fetches are in flight and kept buffers would add up (measured: 12 S3 restore workers
     // peaked at 160 MiB with a 4 MiB trim threshold, 131 MiB with glibc's default).
-    let remote = cli
-        .global
-        .repo
-        .as_deref()
-        .is_some_and(|r| r.starts_with("s3:"));
+    let remote = cli.global.repo.as_deref().is_some_and(S3Location::is_s3);
     allocator::ensure_tuned(match cli.command {
         Verb::Backup(_) | Verb::Init(_) | Verb::Key(_) => allocator::Profile::Write,
         _ if remote => allocator::Profile::Write,

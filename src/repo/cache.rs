@@ -14,7 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::backend::ObjectType;
@@ -39,6 +39,9 @@ pub struct Cache {
     counter: AtomicU64,
     /// One whole-pack fill at a time, so two threads wanting the same tree pack fetch it once.
     fill: Mutex<()>,
+    /// A write failed (full disk, ...): whole packs are no longer fetched for the cache,
+    /// which would otherwise refetch one for every tree it holds.
+    write_failed: AtomicBool,
 }
 
 /// The default base directory: `$XDG_CACHE_HOME/backupd`, else `$HOME/.cache/backupd`.
@@ -84,12 +87,19 @@ impl Cache {
             dir,
             counter: AtomicU64::new(0),
             fill: Mutex::new(()),
+            write_failed: AtomicBool::new(false),
         })
     }
 
-    /// The repository's cache directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The folder of a cached kind (`None` for kinds never cached).
+    fn kind_dir(&self, kind: ObjectType) -> Option<PathBuf> {
+        let sub = match kind {
+            ObjectType::Snapshot => "snapshots",
+            ObjectType::Index => "index",
+            ObjectType::Pack => "data",
+            ObjectType::Config | ObjectType::Key => return None,
+        };
+        Some(self.dir.join(sub))
     }
 
     fn path(&self, kind: ObjectType, name: &str) -> Option<PathBuf> {
@@ -97,13 +107,7 @@ impl Cache {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        let sub = match kind {
-            ObjectType::Snapshot => "snapshots",
-            ObjectType::Index => "index",
-            ObjectType::Pack => "data",
-            ObjectType::Config | ObjectType::Key => return None,
-        };
-        Some(self.dir.join(sub).join(name))
+        Some(self.kind_dir(kind)?.join(name))
     }
 
     /// The cached bytes of an object, if any.
@@ -130,10 +134,11 @@ impl Cache {
         Some(buf)
     }
 
-    /// Stores an object. A failure (full disk, ...) only costs the cache: it is logged.
-    pub fn put(&self, kind: ObjectType, name: &str, data: &[u8]) {
+    /// Stores an object; false if it was not stored. A failure (full disk, ...) only costs
+    /// the cache: it is logged.
+    pub fn put(&self, kind: ObjectType, name: &str, data: &[u8]) -> bool {
         let Some(dest) = self.path(kind, name) else {
-            return;
+            return false;
         };
         let tmp = self.dir.join("tmp").join(format!(
             "{}-{}-{name}",
@@ -149,9 +154,18 @@ impl Cache {
             f.write_all(data)?;
             fs::rename(&tmp, &dest)
         };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            tracing::warn!("cache {}: {e}", dest.display());
+        match write() {
+            Ok(()) => true,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                if !self.write_failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "cache {}: {e}; tree packs are read from the store",
+                        dest.display()
+                    );
+                }
+                false
+            }
         }
     }
 
@@ -164,10 +178,7 @@ impl Cache {
 
     /// Drops cached objects of `kind` that the repository no longer has.
     pub fn retain(&self, kind: ObjectType, present: &HashSet<&str>) {
-        let Some(dir) = self
-            .path(kind, "0")
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-        else {
+        let Some(dir) = self.kind_dir(kind) else {
             return;
         };
         let Ok(rd) = fs::read_dir(&dir) else { return };
@@ -180,21 +191,25 @@ impl Cache {
         }
     }
 
-    /// Runs `fill` at most once at a time (whole-pack fetches), re-checking `has` under the
-    /// lock so a pack another thread just cached is not fetched again.
+    /// Makes sure the object is cached, running `fill` to fetch it when it is not: one fill
+    /// at a time, re-checking under the lock so a pack another thread just cached is not
+    /// fetched again. `Ok(false)` when it is not cached and will not be (a write failed
+    /// before, or now): read from the store instead.
     pub fn fill_once<E>(
         &self,
         kind: ObjectType,
         name: &str,
         fill: impl FnOnce() -> Result<Vec<u8>, E>,
-    ) -> Result<(), E> {
+    ) -> Result<bool, E> {
         let _g = self.fill.lock().unwrap_or_else(|e| e.into_inner());
         if self.has(kind, name) {
-            return Ok(());
+            return Ok(true);
+        }
+        if self.write_failed.load(Ordering::Relaxed) {
+            return Ok(false);
         }
         let bytes = fill()?;
-        self.put(kind, name, &bytes);
-        Ok(())
+        Ok(self.put(kind, name, &bytes))
     }
 }
 
@@ -234,16 +249,42 @@ mod tests {
         );
         // A fill runs once; a second call finds the object.
         let mut calls = 0;
-        c.fill_once::<()>(ObjectType::Pack, "ee55", || {
-            calls += 1;
-            Ok(b"pack".to_vec())
-        })
-        .unwrap();
-        c.fill_once::<()>(ObjectType::Pack, "ee55", || {
-            calls += 1;
-            Ok(vec![])
-        })
-        .unwrap();
+        assert!(c
+            .fill_once::<()>(ObjectType::Pack, "ee55", || {
+                calls += 1;
+                Ok(b"pack".to_vec())
+            })
+            .unwrap());
+        assert!(c
+            .fill_once::<()>(ObjectType::Pack, "ee55", || {
+                calls += 1;
+                Ok(vec![])
+            })
+            .unwrap());
         assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn a_failed_write_stops_whole_pack_fills() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::open(d.path(), "abcd").unwrap();
+        // `data` is a file now: every pack write fails (as on a full disk, even as root).
+        let data = d.path().join("abcd").join("data");
+        fs::remove_dir(&data).unwrap();
+        fs::write(&data, b"").unwrap();
+        let mut calls = 0;
+        let mut fill = |name: &str| {
+            c.fill_once::<()>(ObjectType::Pack, name, || {
+                calls += 1;
+                Ok(b"pack".to_vec())
+            })
+            .unwrap()
+        };
+        assert!(!fill("aa01"));
+        assert!(!fill("aa02"));
+        assert_eq!(
+            calls, 1,
+            "a pack was fetched again for a cache that cannot hold it"
+        );
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use chacha20poly1305::aead::{rand_core::RngCore, OsRng};
 use sha2::{Digest, Sha256};
 
-use crate::backend::{Backend, BackendError, LocalBackend, ObjectType};
+use crate::backend::{Backend, BackendError, Bytes, LocalBackend, ObjectType};
 use crate::crypto::{self, KeyFile, KeyFileError, MasterKeys, ObjectKind};
 use crate::pipeline::{blob, BlobId, BlobKind, ChunkerParams};
 
@@ -305,11 +305,6 @@ impl Repository {
         self
     }
 
-    /// The local cache, when one is in use.
-    pub fn cache(&self) -> Option<&Cache> {
-        self.cache.as_deref()
-    }
-
     /// The backend.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
@@ -343,10 +338,11 @@ impl Repository {
         let sealed = crypto::seal(&self.keys, okind, None, plain);
         let id = BlobId(Sha256::digest(&sealed).into());
         let name = id.to_hex();
+        let sealed = Bytes::from(sealed);
+        self.backend.put(kind, &name, sealed.clone())?;
         if let Some(cache) = &self.cache {
             cache.put(kind, &name, &sealed);
         }
-        self.backend.put(kind, &name, sealed.into())?;
         Ok(id)
     }
 
@@ -362,31 +358,38 @@ impl Repository {
     ) -> Result<Vec<u8>, RepoError> {
         if let Some(cache) = &self.cache {
             if let Some(bytes) = cache.get(kind, name) {
-                if sha256_hex(&bytes) == name {
-                    if let Ok(plain) = crypto::open(&self.keys, okind, None, &bytes) {
-                        return Ok(plain);
+                match self.open_object(kind, okind, name, &bytes) {
+                    Ok(plain) => return Ok(plain),
+                    Err(e) => {
+                        tracing::warn!("cached copy: {e}; fetching it again");
+                        cache.remove(kind, name);
                     }
                 }
-                tracing::warn!(
-                    "cached {} is damaged; fetching it again",
-                    object_path(kind, name)
-                );
-                cache.remove(kind, name);
             }
         }
         let bytes = self.backend.get(kind, name)?;
+        let plain = self.open_object(kind, okind, name, &bytes)?;
         if let Some(cache) = &self.cache {
-            if sha256_hex(&bytes) == name {
-                cache.put(kind, name, &bytes);
-            }
+            cache.put(kind, name, &bytes);
         }
-        if sha256_hex(&bytes) != name {
+        Ok(plain)
+    }
+
+    /// Checks a stored object against its name and opens it.
+    fn open_object(
+        &self,
+        kind: ObjectType,
+        okind: ObjectKind,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, RepoError> {
+        if sha256_hex(bytes) != name {
             return Err(RepoError::CorruptOrTampered {
                 object: object_path(kind, name),
                 why: "content does not match its name".into(),
             });
         }
-        crypto::open(&self.keys, okind, None, &bytes).map_err(|e| RepoError::CorruptOrTampered {
+        crypto::open(&self.keys, okind, None, bytes).map_err(|e| RepoError::CorruptOrTampered {
             object: object_path(kind, name),
             why: e.to_string(),
         })
@@ -523,7 +526,7 @@ impl Repository {
                 self.backend.get(ObjectType::Pack, &pack)
             });
             match filled {
-                Ok(()) => {
+                Ok(true) => {
                     if let Some(plain) = cache
                         .get_range(
                             ObjectType::Pack,
@@ -542,6 +545,9 @@ impl Repository {
                     // read the blob from the store, which names any damage.
                     cache.remove(ObjectType::Pack, &pack);
                 }
+                // Not cached (the cache cannot be written), or the pack is missing: the
+                // ranged read below reads the blob or names the failure.
+                Ok(false) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e.into()),
             }
