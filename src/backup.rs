@@ -6,12 +6,14 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::pipeline::stages::{BlobSaver, SaveError, SaverOptions};
 use crate::pipeline::BlobId;
-use crate::repo::{BackupSummary, RepoError, Repository, Snapshot};
-use crate::source::files::{backup_files, Excludes, FilesError, FilesJob, FilesStats};
+use crate::postgres::basebackup::{wait_for_wal, PgSession, PgWalkPolicy};
+use crate::postgres::PgError;
+use crate::repo::{BackupSummary, PgTablespace, PostgresMeta, RepoError, Repository, Snapshot};
+use crate::source::files::{backup_files, Excludes, FilesError, FilesJob, FilesStats, Layout};
 use crate::source::stream::{backup_stream, StreamError, StreamSource};
 use crate::source::CancelToken;
 
@@ -33,6 +35,24 @@ pub enum BackupError {
     /// SIGINT/SIGTERM: no snapshot written.
     #[error("interrupted; no snapshot was written")]
     Interrupted,
+    /// PostgreSQL.
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    /// Files of a database that could not be read: the backup would not restore.
+    #[error("cannot read {0}; no snapshot was written")]
+    PgUnreadable(String),
+}
+
+/// A PostgreSQL base backup to take.
+pub struct PgSource {
+    /// A connected session (checked).
+    pub session: PgSession,
+    /// Label for `pg_backup_start()`.
+    pub label: String,
+    /// Ask for an immediate checkpoint instead of a spread one.
+    pub fast_checkpoint: bool,
+    /// How long to wait for the backup's WAL to reach the repository.
+    pub archive_timeout: Duration,
 }
 
 /// What to back up.
@@ -51,6 +71,8 @@ pub enum BackupSource {
         /// File name in the snapshot.
         name: String,
     },
+    /// A PostgreSQL base backup.
+    Postgres(Box<PgSource>),
 }
 
 /// A backup request.
@@ -87,8 +109,13 @@ pub struct BackupReport {
     pub skipped_special: Vec<String>,
 }
 
-/// Root tree, unreadable paths (with why), skipped special files.
-type SourceOutcome = (BlobId, Vec<(String, String)>, Vec<String>);
+/// Root tree, unreadable paths (with why), skipped special files, PostgreSQL facts.
+type SourceOutcome = (
+    BlobId,
+    Vec<(String, String)>,
+    Vec<String>,
+    Option<PostgresMeta>,
+);
 
 fn paths_key(paths: &[String]) -> Vec<String> {
     let mut p = paths.to_vec();
@@ -121,6 +148,19 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                 StreamSource::Stdin => None,
             },
         ),
+        BackupSource::Postgres(pg) => (
+            std::iter::once(pg.session.info.data_directory.display().to_string())
+                .chain(
+                    pg.session
+                        .info
+                        .tablespaces
+                        .iter()
+                        .map(|(_, _, l)| l.display().to_string()),
+                )
+                .collect(),
+            "postgres",
+            None,
+        ),
     };
     let parent: Option<(BlobId, Snapshot)> = match (&req.source, &req.parent, req.force) {
         (_, _, true) => None,
@@ -131,8 +171,21 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                 s.host == req.host && s.source == "files" && paths_key(&s.paths) == key
             })
         }
+        (BackupSource::Postgres(pg), None, _) => {
+            let sysid = pg.session.info.system_identifier;
+            repo.snapshots()?.into_iter().rev().find(|(_, s)| {
+                s.host == req.host
+                    && s.source == "postgres"
+                    && s.postgres
+                        .as_ref()
+                        .is_some_and(|m| m.system_identifier == sysid)
+            })
+        }
         _ => None,
     };
+    let parent_time_ns = parent
+        .as_ref()
+        .and_then(|(_, s)| s.time.timestamp_nanos_opt());
     let opts = SaverOptions {
         pack_size: repo.config().pack_size as usize,
         zstd_level: repo.config().zstd_level,
@@ -149,26 +202,108 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
     );
     let stats = req.stats.clone();
     let result: Result<SourceOutcome, BackupError> = match req.source {
-        BackupSource::Files { paths, excludes } => (|| {
+        BackupSource::Files {
+            ref paths,
+            ref excludes,
+        } => (|| {
             let job = FilesJob {
                 repo,
                 index: index.clone(),
-                paths,
-                excludes: Excludes::new(&excludes)?,
+                paths: paths.clone(),
+                excludes: Excludes::new(excludes)?,
                 parent_tree: parent.as_ref().map(|(_, s)| s.tree),
                 readers: req.readers,
                 cancel: req.cancel.clone(),
                 stats: stats.clone(),
+                parent_time_ns,
+                layout: Layout::Absolute,
+                policy: None,
             };
             let out = backup_files(job, saver.clone())?;
-            Ok((out.tree, out.unreadable, out.skipped_special))
+            Ok((out.tree, out.unreadable, out.skipped_special, None))
         })(),
-        BackupSource::Stream { source, name } => {
+        BackupSource::Postgres(ref pg) => (|| {
+            let info = &pg.session.info;
+            let pmeta = parent.as_ref().and_then(|(_, s)| s.postgres.as_ref());
+            let started = pg.session.start(&pg.label, pg.fast_checkpoint)?;
+            let walk = |dir: PathBuf,
+                        tablespace_dir: Option<String>,
+                        parent_tree: Option<BlobId>|
+             -> Result<(BlobId, Vec<String>), BackupError> {
+                let job = FilesJob {
+                    repo,
+                    index: index.clone(),
+                    paths: vec![dir],
+                    excludes: Excludes::default(),
+                    parent_tree,
+                    readers: req.readers,
+                    cancel: req.cancel.clone(),
+                    stats: stats.clone(),
+                    parent_time_ns,
+                    layout: Layout::Contents,
+                    policy: Some(Arc::new(PgWalkPolicy { tablespace_dir })),
+                };
+                let out = backup_files(job, saver.clone())?;
+                if !out.unreadable.is_empty() {
+                    let list: Vec<String> = out
+                        .unreadable
+                        .iter()
+                        .map(|(p, why)| format!("{p} ({why})"))
+                        .collect();
+                    return Err(BackupError::PgUnreadable(list.join(", ")));
+                }
+                Ok((out.tree, out.skipped_special))
+            };
+            let (tree, mut skipped) = walk(
+                info.data_directory.clone(),
+                None,
+                parent.as_ref().map(|(_, s)| s.tree),
+            )?;
+            let mut tablespaces = vec![];
+            for (oid, name, location) in &info.tablespaces {
+                let ptree = pmeta.and_then(|m| {
+                    m.tablespaces
+                        .iter()
+                        .find(|t| t.oid == *oid && t.location == location.display().to_string())
+                        .map(|t| t.tree)
+                });
+                let (t, s) = walk(location.clone(), Some(info.tablespace_version_dir()), ptree)?;
+                skipped.extend(s);
+                tablespaces.push(PgTablespace {
+                    oid: *oid,
+                    name: name.clone(),
+                    location: location.display().to_string(),
+                    tree: t,
+                });
+            }
+            let stopped = pg.session.stop()?;
+            let meta = PostgresMeta {
+                system_identifier: info.system_identifier,
+                timeline: started.timeline,
+                start_lsn: started.lsn,
+                stop_lsn: stopped.lsn,
+                start_time: started.time,
+                stop_time: stopped.time,
+                server_version: info.version.clone(),
+                server_version_num: info.version_num,
+                wal_segment_size: info.wal_segment_size,
+                label: pg.label.clone(),
+                data_directory: info.data_directory.display().to_string(),
+                backup_label: stopped.backup_label,
+                tablespace_map: stopped.tablespace_map,
+                tablespaces,
+            };
+            Ok((tree, vec![], skipped, Some(meta)))
+        })(),
+        BackupSource::Stream {
+            ref source,
+            ref name,
+        } => {
             stats.files_new.fetch_add(1, Ordering::Relaxed);
-            backup_stream(repo, &saver, &source, &name, &req.cancel, &stats.bytes_read)
+            backup_stream(repo, &saver, source, name, &req.cancel, &stats.bytes_read)
                 .map(|(tree, size)| {
                     stats.bytes_total.fetch_add(size, Ordering::Relaxed);
-                    (tree, vec![], vec![])
+                    (tree, vec![], vec![], None)
                 })
                 .map_err(BackupError::from)
         }
@@ -185,7 +320,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
     if req.cancel.is_cancelled() {
         return Err(BackupError::Interrupted);
     }
-    let (tree, unreadable, skipped_special) = match (result, save_err) {
+    let (tree, unreadable, skipped_special, postgres) = match (result, save_err) {
         (_, Some(e)) => return Err(e.into()),
         (Err(BackupError::Files(FilesError::Interrupted)), _)
         | (Err(BackupError::Stream(StreamError::Interrupted)), _) => {
@@ -194,6 +329,17 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         (Err(e), None) => return Err(e),
         (Ok(r), None) => r,
     };
+    if let (Some(meta), BackupSource::Postgres(pg)) = (&postgres, &req.source) {
+        // The backup restores only with its WAL: commit it once that is archived.
+        wait_for_wal(
+            repo,
+            &pg.session.info,
+            meta.timeline,
+            meta.start_lsn,
+            meta.stop_lsn,
+            pg.archive_timeout,
+        )?;
+    }
     let bytes_total = stats.bytes_total.load(Ordering::Relaxed);
     let summary = BackupSummary {
         files_new: stats.files_new.load(Ordering::Relaxed),
@@ -224,6 +370,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         command,
         policy: req.policy,
         summary,
+        postgres,
         program_version: env!("CARGO_PKG_VERSION").into(),
     };
     let snapshot_id = repo.save_snapshot(&snapshot)?;

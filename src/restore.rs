@@ -58,6 +58,8 @@ pub struct RestoreReport {
     pub symlinks: u64,
     /// Content bytes written.
     pub bytes: u64,
+    /// Content bytes a delta restore found in place already.
+    pub bytes_unchanged: u64,
     /// Files that could not be restored completely, with why.
     pub failed: Vec<(String, String)>,
 }
@@ -69,6 +71,11 @@ pub struct RestoreFilter {
     pub include: Option<GlobSet>,
     /// Not these (nor what is under them).
     pub exclude: Option<GlobSet>,
+    /// Delta restore: the target may hold files already. Each file's blobs are compared
+    /// with what is on disk (by keyed hash, at the blob's own offsets) and only those that
+    /// differ are fetched and written; files are cut to their size; entries the snapshot
+    /// does not have are removed.
+    pub delta: bool,
 }
 
 struct PlannedFile {
@@ -129,7 +136,7 @@ pub fn restore(
         source,
     };
     if let Ok(mut rd) = fs::read_dir(target) {
-        if rd.next().is_some() {
+        if rd.next().is_some() && !filter.delta {
             return Err(RestoreError::TargetNotEmpty(target.display().to_string()));
         }
     } else if target.exists() {
@@ -225,6 +232,9 @@ fn plan_tree(
         source,
     };
     let t = repo.load_tree(index, tree)?;
+    if filter.delta {
+        remove_extraneous(dir, &t.nodes).map_err(|e| io(dir, e))?;
+    }
     for node in t.nodes {
         let name = node.name_bytes();
         if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
@@ -271,6 +281,9 @@ fn plan_tree(
             _ if !inc => {}
             NodeKind::Symlink => {
                 let target = node.link_target_bytes().unwrap_or_default();
+                if filter.delta {
+                    remove_any(&path).map_err(|e| io(&path, e))?;
+                }
                 std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)
                     .map_err(|e| io(&path, e))?;
                 report.symlinks += 1;
@@ -288,19 +301,54 @@ fn plan_tree(
                         plan.hardlinks.insert(key, path.clone());
                     }
                 }
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| io(&path, e))?;
+                // In a delta restore, an existing regular file is kept and compared.
+                let existing = filter.delta
+                    && fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+                if filter.delta && !existing {
+                    remove_any(&path).map_err(|e| io(&path, e))?;
+                }
+                let f = if existing {
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| io(&path, e))?
+                } else {
+                    OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .map_err(|e| io(&path, e))?
+                };
+                let old_len = if existing {
+                    f.metadata().map_err(|e| io(&path, e))?.len()
+                } else {
+                    0
+                };
                 f.set_len(node.size).map_err(|e| io(&path, e))?;
                 let file_idx = plan.files.len();
                 let mut offset = 0u64;
+                let mut scratch = vec![];
                 match repo.file_content(index, &node) {
                     Ok(ids) => {
                         for id in ids {
                             match index.get(&id) {
+                                Some(loc)
+                                    if existing
+                                        && offset + loc.raw_length as u64 <= old_len
+                                        && same_bytes_on_disk(
+                                            repo,
+                                            &f,
+                                            offset,
+                                            loc.raw_length,
+                                            &id,
+                                            &mut scratch,
+                                        ) =>
+                                {
+                                    report.bytes_unchanged += loc.raw_length as u64;
+                                    offset += loc.raw_length as u64;
+                                }
                                 Some(loc) => {
                                     let e = plan
                                         .packs
@@ -336,6 +384,54 @@ fn plan_tree(
                     node,
                 });
             }
+        }
+    }
+    Ok(())
+}
+
+/// True when the file holds exactly the blob `id` at `offset`.
+fn same_bytes_on_disk(
+    repo: &Repository,
+    f: &fs::File,
+    offset: u64,
+    len: u32,
+    id: &BlobId,
+    buf: &mut Vec<u8>,
+) -> bool {
+    buf.resize(len as usize, 0);
+    f.read_exact_at(buf, offset).is_ok() && repo.keys().blob_id(buf) == id.0
+}
+
+/// Removes whatever is at `path` (file, link or directory tree); absent is fine.
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Delta restore: removes entries of `dir` the snapshot's directory does not hold, and
+/// entries whose kind differs from the snapshot's (they are recreated).
+fn remove_extraneous(dir: &Path, nodes: &[Node]) -> io::Result<()> {
+    let wanted: HashMap<Vec<u8>, &Node> = nodes.iter().map(|n| (n.name_bytes(), n)).collect();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let e = e?;
+        let name = e.file_name();
+        let ft = e.file_type()?;
+        let keep = wanted.get(name.as_bytes()).is_some_and(|n| match n.kind {
+            NodeKind::Dir => ft.is_dir(),
+            NodeKind::File => ft.is_file(),
+            NodeKind::Symlink => ft.is_symlink(),
+        });
+        if !keep {
+            remove_any(&e.path())?;
         }
     }
     Ok(())

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Backend, BackendError, Bytes, ObjectType};
+use super::{Backend, BackendError, Bytes, DirListing, ObjectType};
 
 /// Requests and bytes by kind, counted as they happen.
 #[derive(Debug, Default)]
@@ -129,6 +129,11 @@ impl<B: Backend> Backend for MetricsLayer<B> {
         self.inner.list(kind)
     }
 
+    fn list_dir(&self, kind: ObjectType, sub: &str) -> Result<DirListing, BackendError> {
+        bump(&self.counters.list, 1);
+        self.inner.list_dir(kind, sub)
+    }
+
     fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError> {
         bump(&self.counters.delete, 1);
         self.inner.delete(kind, name)
@@ -236,6 +241,10 @@ impl<B: Backend> Backend for RetryLayer<B> {
 
     fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
         self.run("list", || self.inner.list(kind))
+    }
+
+    fn list_dir(&self, kind: ObjectType, sub: &str) -> Result<DirListing, BackendError> {
+        self.run("list", || self.inner.list_dir(kind, sub))
     }
 
     fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError> {
@@ -358,6 +367,10 @@ impl<B: Backend> Backend for ThrottleLayer<B> {
         self.inner.list(kind)
     }
 
+    fn list_dir(&self, kind: ObjectType, sub: &str) -> Result<DirListing, BackendError> {
+        self.inner.list_dir(kind, sub)
+    }
+
     fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError> {
         self.inner.delete(kind, name)
     }
@@ -431,6 +444,10 @@ mod tests {
         fn list(&self, k: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
             self.trip()?;
             self.inner.list(k)
+        }
+        fn list_dir(&self, k: ObjectType, sub: &str) -> Result<DirListing, BackendError> {
+            self.trip()?;
+            self.inner.list_dir(k, sub)
         }
         fn delete(&self, k: ObjectType, n: &str) -> Result<(), BackendError> {
             self.trip()?;

@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Backend, BackendError, Bytes, ObjectType};
+use super::{Backend, BackendError, Bytes, DirListing, ObjectType};
 
 /// A repository in a local directory.
 #[derive(Debug)]
@@ -73,6 +73,26 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` and its missing ancestors, fsyncing the parent of each one created, so a
+/// new folder (a WAL group) survives a crash along with the object put into it.
+fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs_durably(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match dir.parent() {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
 impl Backend for LocalBackend {
     fn location(&self) -> String {
         self.root.display().to_string()
@@ -85,7 +105,7 @@ impl Backend for LocalBackend {
             "{}-{}-{}",
             std::process::id(),
             self.counter.fetch_add(1, Ordering::Relaxed),
-            name
+            name.replace('/', "_")
         ));
         let io = |p: &Path, source| BackendError::Io {
             path: p.display().to_string(),
@@ -109,7 +129,7 @@ impl Backend for LocalBackend {
             return Err(io(&tmp, e));
         }
         if let Some(parent) = dest.parent() {
-            if let Err(e) = fs::create_dir_all(parent) {
+            if let Err(e) = create_dirs_durably(parent) {
                 let _ = fs::remove_file(&tmp);
                 return Err(io(parent, e));
             }
@@ -217,6 +237,39 @@ impl Backend for LocalBackend {
             other => scan(&self.root.join(other.dir()))?,
         }
         out.sort();
+        Ok(out)
+    }
+
+    fn list_dir(&self, kind: ObjectType, sub: &str) -> Result<DirListing, BackendError> {
+        let dir = if sub.is_empty() {
+            self.root.join(kind.dir())
+        } else {
+            self.root.join(kind.dir()).join(sub)
+        };
+        let io = |p: &Path, source| BackendError::Io {
+            path: p.display().to_string(),
+            source,
+        };
+        let mut out = DirListing::default();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io(&dir, e)),
+        };
+        for ent in rd {
+            let ent = ent.map_err(|e| io(&dir, e))?;
+            let md = ent.metadata().map_err(|e| io(&ent.path(), e))?;
+            let Some(n) = ent.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if md.is_dir() {
+                out.dirs.push(n);
+            } else if md.is_file() {
+                out.files.push((n, md.len()));
+            }
+        }
+        out.files.sort();
+        out.dirs.sort();
         Ok(out)
     }
 

@@ -26,6 +26,18 @@ pub enum ObjectType {
     Index,
     /// `snapshots/<id>`.
     Snapshot,
+    /// `wal/<system id>/...`: PostgreSQL WAL segments and history files, named by
+    /// PostgreSQL's own file names (not by content), listed one folder at a time.
+    Wal,
+}
+
+/// What one folder of a kind holds (see [`Backend::list_dir`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirListing {
+    /// Objects directly inside: name and size.
+    pub files: Vec<(String, u64)>,
+    /// Sub-folders directly inside, by name.
+    pub dirs: Vec<String>,
 }
 
 impl ObjectType {
@@ -37,7 +49,13 @@ impl ObjectType {
             ObjectType::Pack => "data",
             ObjectType::Index => "index",
             ObjectType::Snapshot => "snapshots",
+            ObjectType::Wal => "wal",
         }
+    }
+
+    /// True when every object of this kind is named by the SHA-256 of its bytes.
+    pub fn named_by_content(self) -> bool {
+        !matches!(self, ObjectType::Config | ObjectType::Wal)
     }
 
     /// The object's path relative to the repository root.
@@ -148,8 +166,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Stores a new object durably; returns only once it would survive a crash. Refuses to
     /// overwrite an existing object with different bytes; the same bytes are a no-op.
-    /// Every name but `config` is the hex SHA-256 of the bytes; a backend may check it
-    /// (S3 sends it as the upload checksum, so the store refuses a mismatch).
+    /// Every name of a kind [`ObjectType::named_by_content`] is the hex SHA-256 of the
+    /// bytes; a backend may check it (S3 sends it as the upload checksum, so the store
+    /// refuses a mismatch). WAL names may hold `/` (folders).
     ///
     /// # Errors
     /// I/O failures, or `AlreadyExists`.
@@ -197,6 +216,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Errors
     /// I/O failures.
     fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError>;
+
+    /// The objects and sub-folders directly inside the folder `sub` of a kind (`""` for
+    /// the kind's own folder), for kinds too large to list whole (WAL archives).
+    ///
+    /// # Errors
+    /// I/O failures.
+    fn list_dir(&self, kind: ObjectType, sub: &str) -> Result<DirListing, BackendError>;
 
     /// Removes an object. Removing an object that is not there succeeds (as on S3), so
     /// two cleanups racing both succeed.
@@ -248,6 +274,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn list(&self, kind: ObjectType) -> Result<Vec<(String, u64)>, BackendError> {
         (**self).list(kind)
+    }
+    fn list_dir(&self, kind: ObjectType, sub: &str) -> Result<DirListing, BackendError> {
+        (**self).list_dir(kind, sub)
     }
     fn delete(&self, kind: ObjectType, name: &str) -> Result<(), BackendError> {
         (**self).delete(kind, name)

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use super::{Backend, BackendError, ObjectType};
+use super::{Backend, BackendError, DirListing, ObjectType};
 
 /// Why an S3 repository cannot be set up.
 #[derive(Debug, thiserror::Error)]
@@ -781,7 +781,7 @@ impl Backend for S3Backend {
             // the checksum the store verifies is the name itself: no second pass over the
             // data, and a name that does not match its bytes is refused (BadDigest).
             let sum = match hex_sha256(name) {
-                Some(d) if kind != ObjectType::Config => {
+                Some(d) if kind.named_by_content() => {
                     base64::engine::general_purpose::STANDARD.encode(d)
                 }
                 _ => b64_sha256(&data),
@@ -856,6 +856,59 @@ impl Backend for S3Backend {
                     _ => break,
                 }
             }
+            Ok(out)
+        })
+    }
+
+    fn list_dir(&self, kind: ObjectType, sub: &str) -> Result<DirListing, BackendError> {
+        let mut prefix = self.dir_prefix(kind);
+        if !sub.is_empty() {
+            prefix.push_str(sub.trim_end_matches('/'));
+            prefix.push('/');
+        }
+        let ctx = self.ctx();
+        self.run(async move {
+            let mut out = DirListing::default();
+            let mut token: Option<String> = None;
+            loop {
+                let _p = ctx.permit().await;
+                let page = ctx
+                    .client
+                    .list_objects_v2()
+                    .bucket(&ctx.bucket)
+                    .prefix(&prefix)
+                    .delimiter("/")
+                    .set_continuation_token(token.take())
+                    .send()
+                    .await
+                    .map_err(|e| ctx.map_err(&prefix, e))?;
+                for o in page.contents() {
+                    let Some(name) = o.key().and_then(|k| k.strip_prefix(prefix.as_str())) else {
+                        continue;
+                    };
+                    if name.is_empty() || name.starts_with('.') {
+                        continue;
+                    }
+                    out.files
+                        .push((name.to_string(), o.size().unwrap_or(0).max(0) as u64));
+                }
+                for p in page.common_prefixes() {
+                    if let Some(d) = p
+                        .prefix()
+                        .and_then(|k| k.strip_prefix(prefix.as_str()))
+                        .map(|d| d.trim_end_matches('/'))
+                        .filter(|d| !d.is_empty())
+                    {
+                        out.dirs.push(d.to_string());
+                    }
+                }
+                match page.next_continuation_token() {
+                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                    _ => break,
+                }
+            }
+            out.files.sort();
+            out.dirs.sort();
             Ok(out)
         })
     }

@@ -9,8 +9,9 @@ use serde_json::json;
 
 use super::progress::Progress;
 use super::GlobalArgs;
-use crate::backup::{run_backup, BackupRequest, BackupSource};
+use crate::backup::{run_backup, BackupRequest, BackupSource, PgSource};
 use crate::error::{EXIT_OK, EXIT_PARTIAL};
+use crate::postgres::basebackup::PgSession;
 use crate::source::files::FilesStats;
 use crate::source::stream::StreamSource;
 use crate::source::CancelToken;
@@ -50,6 +51,25 @@ pub struct BackupArgs {
     /// Reader threads for files.
     #[arg(long, default_value_t = 2)]
     read_concurrency: usize,
+    /// Take a PostgreSQL base backup of the server given by --pg-host/--pg-port/--pg-user
+    /// (or PG* variables, ~/.pgpass), reading its data directory on this host. WAL must be
+    /// archived with archive_command = 'backupd wal-push %p' into this repository.
+    #[arg(long)]
+    postgres: bool,
+    #[command(flatten)]
+    pg: super::pg_cmd::PgArgs,
+    /// The data directory, checked against the server's [PGDATA].
+    #[arg(long = "pg-data", value_name = "DIR")]
+    pg_data: Option<PathBuf>,
+    /// Label for pg_backup_start() (default: backupd and the time).
+    #[arg(long = "pg-label", value_name = "LABEL")]
+    pg_label: Option<String>,
+    /// Wait for a spread checkpoint instead of asking for an immediate one.
+    #[arg(long = "pg-spread-checkpoint")]
+    pg_spread_checkpoint: bool,
+    /// Seconds to wait for the backup's WAL to reach the repository.
+    #[arg(long = "archive-timeout", value_name = "SECONDS", default_value_t = 60)]
+    archive_timeout: u64,
     /// The command for --stdin-from-command.
     #[arg(last = true)]
     command: Vec<String>,
@@ -75,7 +95,30 @@ fn human(bytes: u64) -> String {
 /// # Errors
 /// Bad arguments, repository errors, or a failed backup.
 pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
-    let source = if a.stdin_from_command {
+    let source = if a.postgres {
+        if !a.paths.is_empty() || a.stdin || a.stdin_from_command {
+            bail!("--postgres takes no paths, --stdin or --stdin-from-command");
+        }
+        let env = |k: &str| std::env::var(k).ok();
+        let resolved = a.pg.settings().resolve(env);
+        let session = PgSession::connect(resolved.config(env)?, &resolved)?;
+        let pg_data = a
+            .pg_data
+            .clone()
+            .or_else(|| std::env::var_os("PGDATA").map(PathBuf::from));
+        session.check(pg_data.as_deref())?;
+        BackupSource::Postgres(Box::new(PgSource {
+            session,
+            label: a.pg_label.clone().unwrap_or_else(|| {
+                format!(
+                    "backupd {}",
+                    chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+                )
+            }),
+            fast_checkpoint: !a.pg_spread_checkpoint,
+            archive_timeout: std::time::Duration::from_secs(a.archive_timeout),
+        }))
+    } else if a.stdin_from_command {
         if a.command.is_empty() {
             bail!("--stdin-from-command needs the command after `--`, e.g. `backupd backup --stdin-from-command -- pg_dump -Fc db`");
         }
@@ -206,6 +249,12 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
             "dedup:     {:.1}% of the snapshot was already in the repository",
             s.dedup_ratio * 100.0
         );
+        if let Some(m) = &report.snapshot.postgres {
+            println!(
+                "postgres:  {} system {}, timeline {}, WAL {} .. {}",
+                m.server_version, m.system_identifier, m.timeline, m.start_lsn, m.stop_lsn
+            );
+        }
         println!("duration:  {:.2} s", s.duration_secs);
         let r = g.requests.stats();
         println!(

@@ -106,6 +106,18 @@ pub fn snapshots(g: &GlobalArgs, a: SnapshotsArgs) -> Result<()> {
                 format!("  [{}]", s.tags.join(","))
             }
         );
+        if let Some(m) = &s.postgres {
+            println!(
+                "           postgres {} system {} timeline {}  WAL {} .. {}  {} .. {}",
+                m.server_version,
+                m.system_identifier,
+                m.timeline,
+                m.start_lsn,
+                m.stop_lsn,
+                m.start_time.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+                m.stop_time.format("%H:%M:%S%.3f UTC"),
+            );
+        }
     }
     println!("{} snapshot(s)", list.len());
     Ok(())

@@ -7,6 +7,7 @@ mod backup_cmd;
 mod inspect;
 mod keys;
 pub mod password;
+pub mod pg_cmd;
 mod progress;
 mod restore_cmd;
 
@@ -98,6 +99,10 @@ enum Verb {
     Stats,
     /// Check the repository's structure (and data with --read-data).
     Check(inspect::CheckArgs),
+    /// Archive a PostgreSQL WAL file (archive_command = 'backupd wal-push %p').
+    WalPush(pg_cmd::WalPushArgs),
+    /// Fetch an archived WAL file (restore_command = 'backupd wal-fetch %f %p').
+    WalFetch(pg_cmd::WalFetchArgs),
 }
 
 /// Arguments of `init`.
@@ -240,6 +245,8 @@ fn run(cli: Cli) -> Result<i32> {
         Verb::Key(a) => keys::run(g, a).map(|_| EXIT_OK),
         Verb::Stats => inspect::stats(g).map(|_| EXIT_OK),
         Verb::Check(a) => inspect::check(g, a),
+        Verb::WalPush(a) => pg_cmd::wal_push(g, a),
+        Verb::WalFetch(a) => pg_cmd::wal_fetch(g, a),
     }
 }
 
@@ -288,10 +295,14 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             let code = exit_code(&e);
-            if !e.chain().any(|c| c.is::<crate::error::ExitWith>()) {
-                eprintln!("backupd: error: {}", error_chain(&e));
-            } else {
-                eprintln!("backupd: {}", error_chain(&e));
+            match e
+                .chain()
+                .find_map(|c| c.downcast_ref::<crate::error::ExitWith>())
+            {
+                None => eprintln!("backupd: error: {}", error_chain(&e)),
+                // Said already, or nothing to say (wal-fetch of a file not archived).
+                Some(w) if w.message.is_empty() => {}
+                Some(_) => eprintln!("backupd: {}", error_chain(&e)),
             }
             code
         }

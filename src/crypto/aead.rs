@@ -37,6 +37,8 @@ pub enum ObjectKind {
     Index = 6,
     /// A snapshot.
     Snapshot = 7,
+    /// A PostgreSQL WAL file (the associated data binds its archive name).
+    Wal = 8,
 }
 
 /// Why an object could not be opened.

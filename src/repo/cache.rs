@@ -97,7 +97,7 @@ impl Cache {
             ObjectType::Snapshot => "snapshots",
             ObjectType::Index => "index",
             ObjectType::Pack => "data",
-            ObjectType::Config | ObjectType::Key => return None,
+            ObjectType::Config | ObjectType::Key | ObjectType::Wal => return None,
         };
         Some(self.dir.join(sub))
     }

@@ -25,7 +25,7 @@ use crate::pipeline::{blob, BlobId, BlobKind, ChunkerParams};
 pub use cache::Cache;
 pub use config::Config;
 pub use index::Index;
-pub use snapshot::{BackupSummary, Snapshot};
+pub use snapshot::{BackupSummary, PgTablespace, PostgresMeta, Snapshot};
 pub use tree::{Node, NodeKind, Tree};
 
 /// Why a repository operation failed.

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::pipeline::BlobId;
+use crate::postgres::walname::Lsn;
 
 /// What a backup reports when it ends (also stored in the snapshot).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -67,6 +68,76 @@ pub struct Snapshot {
     /// The backup's summary.
     #[serde(default)]
     pub summary: BackupSummary,
+    /// For PostgreSQL base backups: the cluster and the WAL range that makes them
+    /// consistent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresMeta>,
     /// backupd version that wrote it.
     pub program_version: String,
+}
+
+/// What a PostgreSQL base backup snapshot records about its cluster. The snapshot's tree
+/// is the data directory's contents; each tablespace has its own tree.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresMeta {
+    /// `pg_control_system().system_identifier` (a string: it does not fit a JSON double).
+    #[serde(with = "u64_string")]
+    pub system_identifier: u64,
+    /// Timeline the backup was taken on.
+    pub timeline: u32,
+    /// Start LSN (redo point of the backup's checkpoint).
+    pub start_lsn: Lsn,
+    /// Stop LSN: the cluster is consistent once recovery replays to here.
+    pub stop_lsn: Lsn,
+    /// Server time at `pg_backup_start()`.
+    pub start_time: DateTime<Utc>,
+    /// Server time at `pg_backup_stop()`.
+    pub stop_time: DateTime<Utc>,
+    /// `server_version`.
+    pub server_version: String,
+    /// `server_version_num`.
+    pub server_version_num: u32,
+    /// `wal_segment_size` in bytes.
+    pub wal_segment_size: u64,
+    /// The label given to `pg_backup_start()`.
+    pub label: String,
+    /// The data directory backed up.
+    pub data_directory: String,
+    /// `backup_label` as `pg_backup_stop()` returned it (written back at restore).
+    pub backup_label: String,
+    /// `tablespace_map` as `pg_backup_stop()` returned it (empty without tablespaces).
+    #[serde(default)]
+    pub tablespace_map: String,
+    /// User tablespaces.
+    #[serde(default)]
+    pub tablespaces: Vec<PgTablespace>,
+}
+
+/// One user tablespace in a base backup.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgTablespace {
+    /// Its oid (the name of its `pg_tblspc` link).
+    pub oid: u32,
+    /// Its name.
+    pub name: String,
+    /// Where it was.
+    pub location: String,
+    /// Tree of the location's contents (the `PG_<version>_<catalog>` directory).
+    pub tree: BlobId,
+}
+
+mod u64_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }

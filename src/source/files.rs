@@ -155,6 +155,42 @@ pub struct FilesOutcome {
     pub skipped_special: Vec<String>,
 }
 
+/// What to do with one directory entry (see [`WalkPolicy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryRule {
+    /// Back it up.
+    Keep,
+    /// Leave it out.
+    Skip,
+    /// Keep the directory itself (name, mode, owner) but none of its contents.
+    EmptyDir,
+}
+
+/// Source-specific rules for a walk (PostgreSQL's data directory: what a base backup
+/// leaves out, which files are read in fixed-size blocks).
+pub trait WalkPolicy: Send + Sync {
+    /// The rule for each of `names` (same order) inside `rel_dir`, a directory relative
+    /// to the walk's root (`""` for the root).
+    fn rules(&self, rel_dir: &Path, names: &[OsString]) -> Vec<EntryRule>;
+
+    /// For a file (relative to the root), a fixed chunk size instead of content-defined
+    /// chunks: files changed in place by pages dedup best on page-aligned blocks.
+    fn fixed_chunk_size(&self, rel: &Path) -> Option<usize>;
+
+    /// True when a file that disappears between listing and reading is simply left out
+    /// (a database dropping a table during its backup), not reported as unreadable.
+    fn vanished_ok(&self) -> bool;
+}
+
+/// How the source paths become the snapshot's root tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Absolute paths under the root (`/etc/app` as `etc` -> `app`).
+    Absolute,
+    /// The root tree is the contents of the one source directory.
+    Contents,
+}
+
 /// Inputs of a files backup.
 pub struct FilesJob<'a> {
     /// The open repository.
@@ -173,6 +209,14 @@ pub struct FilesJob<'a> {
     pub cancel: CancelToken,
     /// Counters.
     pub stats: Arc<FilesStats>,
+    /// When the parent snapshot was taken (ns since the epoch): a file whose recorded
+    /// mtime is within a second of it may have changed again in the same clock tick after
+    /// it was read, so it is read again rather than trusted.
+    pub parent_time_ns: Option<i64>,
+    /// Root layout.
+    pub layout: Layout,
+    /// Source-specific rules.
+    pub policy: Option<Arc<dyn WalkPolicy>>,
 }
 
 #[derive(Default)]
@@ -228,11 +272,13 @@ struct FileContent {
 
 enum ReadFailure {
     Unreadable(String),
+    Vanished,
     Stopped,
 }
 
 struct FileJobMsg {
     path: PathBuf,
+    fixed_chunk: Option<usize>,
     reply: Sender<Result<FileContent, ReadFailure>>,
 }
 
@@ -252,6 +298,9 @@ struct Walker<'a> {
     stats: Arc<FilesStats>,
     unreadable: Vec<(String, String)>,
     skipped: Vec<String>,
+    root: PathBuf,
+    policy: Option<Arc<dyn WalkPolicy>>,
+    racy_after_ns: Option<i64>,
 }
 
 /// Runs the walk and returns the root tree; the caller owns the saver and commits.
@@ -275,7 +324,10 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
                 .name(format!("read-{i}"))
                 .spawn(move || {
                     for m in rx {
-                        let r = read_file(&m.path, &saver, &cutter, min_size, &cancel, &stats);
+                        let r = match m.fixed_chunk {
+                            Some(n) => read_fixed(&m.path, n, &saver, &cancel, &stats),
+                            None => read_file(&m.path, &saver, &cutter, min_size, &cancel, &stats),
+                        };
                         let _ = m.reply.send(r);
                     }
                 })
@@ -303,6 +355,12 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
         stats: job.stats.clone(),
         unreadable: missing.clone(),
         skipped: vec![],
+        root: match job.layout {
+            Layout::Contents => job.paths.first().cloned().unwrap_or_default(),
+            Layout::Absolute => PathBuf::from("/"),
+        },
+        policy: job.policy.clone(),
+        racy_after_ns: job.parent_time_ns.map(|t| t.saturating_sub(1_000_000_000)),
     };
     let result = if present.is_empty() {
         Err(FilesError::NoPaths(
@@ -313,11 +371,19 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
                 .join("; "),
         ))
     } else {
-        let vroot = build_virtual(&present);
         let parent = job
             .parent_tree
             .and_then(|id| walker.repo.load_tree(&walker.index, &id).ok());
-        walker.walk_virtual(&vroot, Path::new("/"), parent)
+        match job.layout {
+            Layout::Absolute => {
+                let vroot = build_virtual(&present);
+                walker.walk_virtual(&vroot, Path::new("/"), parent)
+            }
+            Layout::Contents => {
+                let root = walker.root.clone();
+                walker.walk_dir(&root, parent, false)
+            }
+        }
     };
     let Walker {
         jobs,
@@ -398,7 +464,15 @@ impl Walker<'_> {
         self.finish_dir(pending)
     }
 
-    fn walk_dir(&mut self, path: &Path, parent: Option<Tree>) -> Result<BlobId, FilesError> {
+    fn walk_dir(
+        &mut self,
+        path: &Path,
+        parent: Option<Tree>,
+        empty: bool,
+    ) -> Result<BlobId, FilesError> {
+        if empty {
+            return self.finish_dir(vec![]);
+        }
         let mut parents = parent_children(parent);
         let mut names: Vec<OsString> = vec![];
         match fs::read_dir(path) {
@@ -420,15 +494,19 @@ impl Walker<'_> {
             }
         }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let rules = match &self.policy {
+            Some(p) => p.rules(path.strip_prefix(&self.root).unwrap_or(path), &names),
+            None => vec![EntryRule::Keep; names.len()],
+        };
         let mut pending = vec![];
-        for name in names {
+        for (name, rule) in names.into_iter().zip(rules) {
             self.check()?;
             let abs = path.join(&name);
-            if self.excludes.is_excluded(&abs, &name) {
+            if rule == EntryRule::Skip || self.excludes.is_excluded(&abs, &name) {
                 continue;
             }
             let pnode = parents.remove(name.as_bytes());
-            self.entry(&abs, &name, pnode.as_ref(), &mut pending)?;
+            self.entry_with(&abs, &name, pnode.as_ref(), &mut pending, rule)?;
         }
         self.finish_dir(pending)
     }
@@ -440,8 +518,26 @@ impl Walker<'_> {
         parent: Option<&Node>,
         pending: &mut Vec<Pending>,
     ) -> Result<(), FilesError> {
+        self.entry_with(abs, name, parent, pending, EntryRule::Keep)
+    }
+
+    fn vanished_ok(&self) -> bool {
+        self.policy.as_ref().is_some_and(|p| p.vanished_ok())
+    }
+
+    fn entry_with(
+        &mut self,
+        abs: &Path,
+        name: &OsStr,
+        parent: Option<&Node>,
+        pending: &mut Vec<Pending>,
+        rule: EntryRule,
+    ) -> Result<(), FilesError> {
         let md = match fs::symlink_metadata(abs) {
             Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.vanished_ok() => {
+                return Ok(());
+            }
             Err(e) => {
                 self.unreadable
                     .push((abs.display().to_string(), e.to_string()));
@@ -450,8 +546,9 @@ impl Walker<'_> {
         };
         let ft = md.file_type();
         if ft.is_dir() {
-            let ptree = self.subtree_of(parent);
-            let id = self.walk_dir(abs, ptree)?;
+            let empty = rule == EntryRule::EmptyDir;
+            let ptree = if empty { None } else { self.subtree_of(parent) };
+            let id = self.walk_dir(abs, ptree, empty)?;
             let mut node = node_from_metadata(name, NodeKind::Dir, &md, &mut self.names);
             node.subtree = Some(id);
             self.stats.dirs.fetch_add(1, Ordering::Relaxed);
@@ -488,9 +585,14 @@ impl Walker<'_> {
                 self.stats.files_new.fetch_add(1, Ordering::Relaxed);
             }
             let (tx, rx) = bounded(1);
+            let fixed_chunk = self
+                .policy
+                .as_ref()
+                .and_then(|p| p.fixed_chunk_size(abs.strip_prefix(&self.root).unwrap_or(abs)));
             self.jobs
                 .send(FileJobMsg {
                     path: abs.to_path_buf(),
+                    fixed_chunk,
                     reply: tx,
                 })
                 .map_err(|_| FilesError::Save(SaveError::Stopped))?;
@@ -518,6 +620,7 @@ impl Walker<'_> {
             && parent.mtime_ns == now.mtime_ns
             && parent.ctime_ns == now.ctime_ns
             && parent.inode == now.inode
+            && self.racy_after_ns.is_none_or(|t| parent.mtime_ns < t)
             && parent
                 .content
                 .iter()
@@ -540,6 +643,14 @@ impl Walker<'_> {
                     }
                     Ok(Err(ReadFailure::Unreadable(why))) => {
                         self.unreadable.push((path.display().to_string(), why));
+                    }
+                    Ok(Err(ReadFailure::Vanished)) => {
+                        if !self.vanished_ok() {
+                            self.unreadable.push((
+                                path.display().to_string(),
+                                "vanished during the backup".into(),
+                            ));
+                        }
                     }
                     Ok(Err(ReadFailure::Stopped)) | Err(_) => {
                         self.check()?;
@@ -633,6 +744,55 @@ fn open_noatime(path: &Path) -> io::Result<File> {
         .or_else(|_| File::open(path))
 }
 
+/// Reads a file in blocks of `block` bytes (the last one shorter), one blob each.
+fn read_fixed(
+    path: &Path,
+    block: usize,
+    saver: &BlobSaver,
+    cancel: &CancelToken,
+    stats: &FilesStats,
+) -> Result<FileContent, ReadFailure> {
+    let mut file = match open_noatime(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadFailure::Vanished),
+        Err(e) => return Err(ReadFailure::Unreadable(e.to_string())),
+    };
+    let mut sink = ContentSink {
+        saver,
+        ids: vec![],
+        lists: vec![],
+    };
+    let mut size = 0u64;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(ReadFailure::Stopped);
+        }
+        let mut buf = Vec::with_capacity(block);
+        let n = (&mut file)
+            .take(block as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| ReadFailure::Unreadable(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        let (id, _) = saver
+            .save(BlobKind::Data, buf)
+            .map_err(|_| ReadFailure::Stopped)?;
+        sink.push(id).map_err(|_| ReadFailure::Stopped)?;
+        if n < block {
+            break;
+        }
+    }
+    let (content, lists) = sink.finish().map_err(|_| ReadFailure::Stopped)?;
+    Ok(FileContent {
+        content,
+        lists,
+        size,
+    })
+}
+
 fn read_file(
     path: &Path,
     saver: &BlobSaver,
@@ -642,7 +802,11 @@ fn read_file(
     stats: &FilesStats,
 ) -> Result<FileContent, ReadFailure> {
     let unreadable = |e: io::Error| ReadFailure::Unreadable(e.to_string());
-    let file = open_noatime(path).map_err(unreadable)?;
+    let file = match open_noatime(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadFailure::Vanished),
+        Err(e) => return Err(unreadable(e)),
+    };
     let md = file.metadata().map_err(unreadable)?;
     if !md.is_file() {
         return Err(ReadFailure::Unreadable("no longer a regular file".into()));

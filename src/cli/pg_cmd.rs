@@ -1,0 +1,290 @@
+//! PostgreSQL verbs: `wal-push` (archive_command) and `wal-fetch` (restore_command), and
+//! the connection flags `backup --postgres` shares with them.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::GlobalArgs;
+use crate::error::{ExitWith, EXIT_OK};
+use crate::postgres::archive::{Pushed, WalArchive};
+use crate::postgres::conn::ConnSettings;
+use crate::postgres::walname::{is_archivable_name, is_segment_name, Segment};
+use crate::postgres::walscan::segment_header;
+
+/// libpq-style connection flags (each overrides its PG* variable).
+#[derive(Args, Debug, Clone, Default)]
+pub struct PgArgs {
+    /// Server host or socket directory [PGHOST].
+    #[arg(long = "pg-host", value_name = "HOST")]
+    pub pg_host: Option<String>,
+    /// Server port [PGPORT].
+    #[arg(long = "pg-port", value_name = "PORT")]
+    pub pg_port: Option<u16>,
+    /// User name (a superuser, or one with backup rights) [PGUSER].
+    #[arg(long = "pg-user", value_name = "USER")]
+    pub pg_user: Option<String>,
+    /// Database to connect to [PGDATABASE, default postgres].
+    #[arg(long = "pg-database", value_name = "DB")]
+    pub pg_database: Option<String>,
+}
+
+impl PgArgs {
+    /// As connection settings.
+    pub fn settings(&self) -> ConnSettings {
+        ConnSettings {
+            host: self.pg_host.clone(),
+            port: self.pg_port,
+            user: self.pg_user.clone(),
+            database: self.pg_database.clone(),
+        }
+    }
+}
+
+/// Arguments of `wal-push`.
+#[derive(Args, Debug)]
+pub struct WalPushArgs {
+    /// The file to archive (`%p`: relative to the data directory, where PostgreSQL runs
+    /// archive_command).
+    path: PathBuf,
+    /// The cluster's data directory, for its system identifier (default: PGDATA, else the
+    /// current directory).
+    #[arg(long = "pg-data", env = "PGDATA", value_name = "DIR")]
+    pg_data: Option<PathBuf>,
+}
+
+/// Arguments of `wal-fetch`.
+#[derive(Args, Debug)]
+pub struct WalFetchArgs {
+    /// The file PostgreSQL asks for (`%f`).
+    name: String,
+    /// Where to write it (`%p`).
+    dest: PathBuf,
+    /// The cluster's data directory (default: PGDATA, else the current directory).
+    #[arg(long = "pg-data", env = "PGDATA", value_name = "DIR")]
+    pg_data: Option<PathBuf>,
+    /// Segments to fetch ahead, in parallel, into pg_wal/backupd-prefetch (0: none).
+    #[arg(long, default_value_t = 8, env = "BACKUPD_WAL_PREFETCH")]
+    prefetch: usize,
+}
+
+/// The system identifier in `global/pg_control`.
+///
+/// # Errors
+/// The file cannot be read.
+pub fn control_system_id(pg_data: &Path) -> Result<u64> {
+    let p = pg_data.join("global/pg_control");
+    let mut b = [0u8; 8];
+    let mut f = fs::File::open(&p).with_context(|| {
+        format!(
+            "reading {} for the cluster's system identifier (run from the data directory, or give --pg-data)",
+            p.display()
+        )
+    })?;
+    std::io::Read::read_exact(&mut f, &mut b)
+        .with_context(|| format!("reading {}", p.display()))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn data_dir(given: &Option<PathBuf>) -> PathBuf {
+    given.clone().unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs `wal-push`: exits 0 only once the file is durable in the repository.
+///
+/// # Errors
+/// A bad name, a conflict, an unreadable file, or a repository failure.
+pub fn wal_push(g: &GlobalArgs, a: WalPushArgs) -> Result<i32> {
+    let name = a
+        .path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .unwrap_or_default();
+    if !is_archivable_name(&name) {
+        bail!(
+            "{}: not a WAL segment, history, backup history or partial file name",
+            a.path.display()
+        );
+    }
+    let bytes = fs::read(&a.path).with_context(|| format!("reading {}", a.path.display()))?;
+    let control = control_system_id(&data_dir(&a.pg_data));
+    let system_id = if is_segment_name(&name) {
+        let h = segment_header(&bytes).with_context(|| {
+            format!(
+                "{}: not a WAL segment (no long page header)",
+                a.path.display()
+            )
+        })?;
+        if let Ok(c) = &control {
+            if *c != h.system_identifier {
+                bail!(
+                    "{name} belongs to system {}, but this data directory is system {c}",
+                    h.system_identifier
+                );
+            }
+        }
+        h.system_identifier
+    } else {
+        control?
+    };
+    let repo = g.open()?;
+    let archive = WalArchive::new(&repo, system_id);
+    let started = std::time::Instant::now();
+    let pushed = archive.push(&name, &bytes)?;
+    tracing::info!(
+        "{name}: {} in {:.0} ms",
+        match pushed {
+            Pushed::Stored => "archived",
+            Pushed::AlreadyThere => "already archived with the same bytes",
+        },
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(EXIT_OK)
+}
+
+const PREFETCH_DIR: &str = "pg_wal/backupd-prefetch";
+
+/// Writes `bytes` to `dest` through a temporary name in the same directory.
+fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = dest.with_file_name(format!(
+        ".{}.backupd-tmp",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
+    ));
+    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, dest).with_context(|| format!("renaming to {}", dest.display()))?;
+    Ok(())
+}
+
+/// Runs `wal-fetch`: writes the file and exits 0, or exits 1 without a word when the
+/// archive does not have it (recovery then ends, or tries the next timeline).
+///
+/// # Errors
+/// A repository failure or a damaged object (recovery stops rather than ending early).
+pub fn wal_fetch(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
+    if !is_archivable_name(&a.name) {
+        bail!("{:?} is not a WAL file name", a.name);
+    }
+    let pg_data = data_dir(&a.pg_data);
+    let spool = pg_data.join(PREFETCH_DIR);
+    let spooled = spool.join(&a.name);
+    if spooled.is_file() {
+        // Fetched ahead, checked and opened then; hand it over.
+        fs::rename(&spooled, &a.dest)
+            .or_else(|_| fs::copy(&spooled, &a.dest).map(|_| ()))
+            .with_context(|| format!("moving {} to {}", spooled.display(), a.dest.display()))?;
+        prune_spool(&spool, &a.name);
+        return Ok(EXIT_OK);
+    }
+    let _ = fs::remove_dir_all(&spool);
+    let system_id = control_system_id(&pg_data)?;
+    let repo = g.open()?;
+    let archive = WalArchive::new(&repo, system_id);
+    // The segments after this one, fetched in parallel while this one is fetched.
+    let ahead: Vec<String> = if a.prefetch > 0 && is_segment_name(&a.name) {
+        let seg_size = segment_size_hint(&pg_data);
+        Segment::parse(&a.name, seg_size)
+            .map(|s| {
+                std::iter::successors(Some(s.next()), |s| Some(s.next()))
+                    .take(a.prefetch)
+                    .map(|s| s.name(seg_size))
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        vec![]
+    };
+    let result = std::thread::scope(|sc| {
+        let helper = (!ahead.is_empty()).then(|| {
+            sc.spawn(|| {
+                let _ = fs::create_dir_all(&spool);
+                prefetch(&archive, &ahead, &spool);
+            })
+        });
+        let r = archive.fetch(&a.name);
+        if let Some(h) = helper {
+            let _ = h.join();
+        }
+        r
+    });
+    match result? {
+        Some(bytes) => {
+            write_atomically(&a.dest, &bytes)?;
+            Ok(EXIT_OK)
+        }
+        None => Err(ExitWith {
+            code: 1,
+            message: String::new(),
+        }
+        .into()),
+    }
+}
+
+/// The segment size: from the newest spooled or restored segment's header would be
+/// circular, so from pg_control's neighbour, `pg_wal` files, else the default 16 MiB.
+fn segment_size_hint(pg_data: &Path) -> u64 {
+    fs::read_dir(pg_data.join("pg_wal"))
+        .ok()
+        .and_then(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_str().is_some_and(is_segment_name))
+                .find_map(|e| {
+                    let mut b = vec![0u8; 40];
+                    let mut f = fs::File::open(e.path()).ok()?;
+                    std::io::Read::read_exact(&mut f, &mut b).ok()?;
+                    segment_header(&b).map(|h| h.segment_size as u64)
+                })
+        })
+        .unwrap_or(16 * 1024 * 1024)
+}
+
+/// Fetches `names` in order, several at a time, into the spool; stops at the first one
+/// the archive does not have.
+fn prefetch(archive: &WalArchive<'_>, names: &[String], spool: &Path) {
+    let workers = archive_parallelism(archive).min(names.len()).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        for _ in 0..workers {
+            sc.spawn(|| loop {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(name) = names.get(i) else { return };
+                match archive.fetch(name) {
+                    Ok(Some(bytes)) => {
+                        let _ = write_atomically(&spool.join(name), &bytes);
+                    }
+                    _ => stop.store(true, std::sync::atomic::Ordering::Relaxed),
+                }
+            });
+        }
+    });
+}
+
+fn archive_parallelism(_archive: &WalArchive<'_>) -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 4)
+}
+
+/// Removes spooled segments recovery has passed.
+fn prune_spool(spool: &Path, handed_over: &str) {
+    if let Ok(rd) = fs::read_dir(spool) {
+        for e in rd.flatten() {
+            if let Some(n) = e.file_name().to_str() {
+                if n < handed_over || n.starts_with('.') {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
