@@ -8,6 +8,10 @@ need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v mkfifo >/dev/null || need_apt+=(coreutils)
+# PostgreSQL 15 for the PostgreSQL tests (throwaway clusters run as the package's
+# `postgres` user; docs: ../shared/design/recipes.md section 1).
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15 postgresql-client-15)
+command -v runuser >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi

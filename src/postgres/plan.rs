@@ -192,7 +192,7 @@ pub fn plan(
                 return Err(PlanError::OutOfRange {
                     target: fmt_time(t),
                     why: "it is before the end of the oldest base backup".into(),
-                    range: format!("{} .. (see below)", fmt_time(earliest)),
+                    range: String::new(),
                 })
                 .map_err(|e| with_reach(e, &archive, &path, oldest, seg_size, &groups));
             }
@@ -210,7 +210,7 @@ pub fn plan(
         gap: walk.gap.clone(),
         earliest,
     };
-    let range = format!("{} .. {}", fmt_time(earliest), fmt_time(reach));
+    let range = format!("from {} to before {}", fmt_time(earliest), fmt_time(reach));
     if walk.segments.is_empty() || walk.needed_missing.is_some() {
         return Err(PlanError::OutOfRange {
             target: target_text(target),
@@ -225,15 +225,17 @@ pub fn plan(
         });
     }
     match target {
-        RecoveryTarget::Time(t) if t > reach => Err(PlanError::OutOfRange {
+        // Recovery stops before the first commit later than the target: one must exist
+        // in the WAL it can read, so the target must be earlier than the last commit.
+        RecoveryTarget::Time(t) if t >= reach => Err(PlanError::OutOfRange {
             target: fmt_time(t),
             why: match &walk.gap {
                 Some(g) => format!(
-                    "WAL segment {g} is missing from the archive, and the WAL before it ends with a transaction at {}",
+                    "WAL segment {g} is missing from the archive, and the WAL before it ends with a transaction at {} (recovery to a time needs a later transaction to stop at)",
                     fmt_time(reach)
                 ),
                 None => format!(
-                    "it is past the newest archived WAL (last transaction at {})",
+                    "it is not before the last archived transaction ({}); use --at latest to replay everything",
                     fmt_time(reach)
                 ),
             },
@@ -279,7 +281,11 @@ fn with_reach(
     PlanError::OutOfRange {
         target,
         why,
-        range: format!("{} .. {}", fmt_time(meta.stop_time), fmt_time(reach)),
+        range: format!(
+            "from {} to before {}",
+            fmt_time(meta.stop_time),
+            fmt_time(reach)
+        ),
     }
 }
 

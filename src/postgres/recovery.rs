@@ -227,8 +227,9 @@ pub fn start_and_wait(dir: &Path, meta: &PostgresMeta) -> Result<Reached, PgErro
         .arg(dir)
         .arg("-l")
         .arg(&log)
-        .arg("-W")
-        .arg("start")
+        // Wait until it accepts connections (hot standby, or done): by then the startup
+        // process has replaced the backup's "in production" state in pg_control.
+        .args(["-w", "-t", "86400", "start"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     let started = Instant::now();
@@ -244,24 +245,20 @@ pub fn start_and_wait(dir: &Path, meta: &PostgresMeta) -> Result<Reached, PgErro
         )));
     }
     let pid_file = dir.join("postmaster.pid");
-    let signal = dir.join("recovery.signal");
-    // The postmaster writes its pid file at once; give it a moment to appear.
-    let appear = Instant::now();
-    while !pid_file.exists() && appear.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let control = dir.join("global/pg_control");
+    // Promoted once pg_control says "in production" again, as `pg_ctl promote -w`
+    // decides (postmaster.pid says "ready" already in hot standby, and recovery.signal
+    // goes before the end-of-recovery checkpoint).
     loop {
-        let pid = fs::read_to_string(&pid_file).ok();
-        let Some(pid) = pid else {
+        if control_state(&control) == Some(DB_IN_PRODUCTION) {
+            break;
+        }
+        if !pid_file.exists() {
             return Err(PgError::Server(format!(
                 "the server stopped during recovery; server log {}:\n{}",
                 log.display(),
                 log_tail(&log)
             )));
-        };
-        let status = pid.lines().nth(7).unwrap_or("").trim().to_string();
-        if !signal.exists() && status == "ready" {
-            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -288,6 +285,15 @@ pub fn start_and_wait(dir: &Path, meta: &PostgresMeta) -> Result<Reached, PgErro
         }
     }
     Ok(r)
+}
+
+/// `DBState::DB_IN_PRODUCTION` in pg_control.
+const DB_IN_PRODUCTION: u32 = 6;
+
+/// The cluster state in pg_control (after the system identifier and two versions).
+fn control_state(control: &Path) -> Option<u32> {
+    let b = fs::read(control).ok()?;
+    Some(u32::from_le_bytes(b.get(16..20)?.try_into().ok()?))
 }
 
 fn log_tail(log: &Path) -> String {

@@ -8,6 +8,8 @@ mod dedup;
 mod disk_full;
 mod interrupt;
 mod keys;
+mod pg;
+pub mod pgserver;
 mod roundtrip;
 mod s3;
 mod stream;
