@@ -31,11 +31,11 @@
 #          backupd restore --at T --start --pg-port P --archive-mode off (one command) vs
 #          pgbackrest --type=time --target=T --target-action=promote --archive-mode=off
 #          restore, then pg_ctl start and wait until promoted (timed as one command by
-#          $RUN/pgbackrest-pitr.sh, which waits as `backupd restore --start` does: until
-#          postmaster.pid says ready and recovery.signal is gone, polled every 50 ms). That
-#          point comes just before the end-of-recovery checkpoint, so after either command
-#          the script polls `select pg_is_in_recovery()` every 10 ms until it is f, and the
-#          PITR time is the command's wall time plus that wait (the same measure for both).
+#          $RUN/pgbackrest-pitr.sh, which waits as `backupd restore --start` does:
+#          `pg_ctl -w start`, then until global/pg_control says "in production", polled every
+#          50 ms). After either command the script polls `select pg_is_in_recovery()` every
+#          10 ms until it is f, and the PITR time is the command's wall time plus that wait
+#          (the same end point for both, whatever each command waits for).
 #          Each restored server is then checked (count(*) of pgbench_history = the count at
 #          T) and stopped.
 # "other CPU s" is CPU used on the machine during a step besides the tool itself (from
@@ -215,10 +215,12 @@ kv() { printf '%s\t%s\n' "$1" "$2" >> "$KV"; }
 
 BACKUPD=$RUN/bin/backupd
 cp "$BACKUPD_SRC" "$BACKUPD"; chmod 755 "$BACKUPD"
-BACKUPD_VERSION=$("$BACKUPD" --version)
+BACKUPD_VERSION="$("$BACKUPD" --version), built $(date -u -r "$BACKUPD_SRC" +%FT%TZ), sha256 $(sha256sum "$BACKUPD" | cut -c1-12)"
 mkfifo "$RUN/.sleep"; exec {SLEEP_FD}<>"$RUN/.sleep"   # `read -t` on it = sleep without a fork
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+busy_procs=$(ps -eo comm= | grep -cxE 'rustc|cargo|cc1|cc1plus|ld' || true)
+[ "${busy_procs:-0}" = 0 ] || log "WARNING: $busy_procs compiler processes (rustc/cargo/cc) are running: the figures will be noisy"
 log "run dir $RUN; copying the seed cluster"
 cp -a "$SEED/data" "$DATA"
 PORT=$(freeport)
@@ -418,13 +420,12 @@ t0=$(now)
 runuser -u postgres -- pgbackrest --config="$conf" --stanza=bench --type=time --target="$target" \
   --target-action=promote --archive-mode=off --pg1-path="$dir" --recovery-option=port="$port" restore
 t1=$(now)
-runuser -u postgres -- "$pgbin/pg_ctl" -D "$dir" -l "$dir/pitr-server.log" -W start >/dev/null
+runuser -u postgres -- "$pgbin/pg_ctl" -D "$dir" -l "$dir/pitr-server.log" -w -t 86400 start >/dev/null \
+  || { tail -15 "$dir/pitr-server.log" >&2; echo "pg_ctl start failed" >&2; exit 1; }
+# promoted once pg_control's state (u32 at offset 16) is DB_IN_PRODUCTION (6), as pg_ctl promote -w decides
 exec {z}<> <(:)
-for _ in $(seq 20); do [ -e "$dir/postmaster.pid" ] && break; read -rt 0.05 -u "$z" || true; done
-while :; do
+while [ "$(od -An -j16 -N4 -tu4 "$dir/global/pg_control" | tr -d ' ')" != 6 ]; do
   [ -e "$dir/postmaster.pid" ] || { tail -15 "$dir/pitr-server.log" >&2; echo "server stopped during recovery" >&2; exit 1; }
-  mapfile -t pidf < "$dir/postmaster.pid" || true
-  if [ ! -e "$dir/recovery.signal" ] && [ "${pidf[7]// /}" = ready ]; then break; fi
   read -rt 0.05 -u "$z" || true
 done
 t2=$(now)

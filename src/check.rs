@@ -71,6 +71,11 @@ pub fn check(repo: &Repository, read_data: bool) -> CheckReport {
                         r.snapshots += 1;
                         let mut seen = HashSet::new();
                         check_tree(repo, &index, &s.tree, &name, "", &mut seen, &mut r.errors);
+                        // A PostgreSQL base backup's tablespaces have trees of their own.
+                        for t in s.postgres.iter().flat_map(|m| &m.tablespaces) {
+                            let at = format!("tablespace {}", t.name);
+                            check_tree(repo, &index, &t.tree, &name, &at, &mut seen, &mut r.errors);
+                        }
                     }
                     Err(e) => r.errors.push(e.to_string()),
                 }

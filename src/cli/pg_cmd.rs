@@ -54,6 +54,11 @@ pub struct WalPushArgs {
     /// current directory).
     #[arg(long = "pg-data", env = "PGDATA", value_name = "DIR")]
     pg_data: Option<PathBuf>,
+    /// Also push up to this many other segments PostgreSQL has marked ready
+    /// (pg_wal/archive_status/*.ready), two at a time; its later calls for them then
+    /// return at once. 0: only the one asked for.
+    #[arg(long, default_value_t = 8, env = "BACKUPD_WAL_PUSH_AHEAD")]
+    push_ahead: usize,
 }
 
 /// Arguments of `wal-fetch`.
@@ -111,7 +116,24 @@ pub fn wal_push(g: &GlobalArgs, a: WalPushArgs) -> Result<i32> {
         );
     }
     let bytes = fs::read(&a.path).with_context(|| format!("reading {}", a.path.display()))?;
-    let control = control_system_id(&data_dir(&a.pg_data));
+    let pg_data = data_dir(&a.pg_data);
+    let pushed_dir = pg_data.join(PUSHED_DIR);
+    // Pushed ahead by an earlier call: done, once the archive still has it and the bytes
+    // are the ones pushed (no password needed for that).
+    if let Some(marker) = read_marker(&pushed_dir, &name) {
+        let backend = g.backend()?;
+        let sysid = marker.0;
+        let object = format!("{sysid}/{}", archive_object_suffix(&name));
+        if marker.1 == sha256_hex(&bytes)
+            && backend.exists(crate::backend::ObjectType::Wal, &object)?
+        {
+            let _ = fs::remove_file(pushed_dir.join(&name));
+            tracing::info!("{name}: archived already (pushed ahead)");
+            return Ok(EXIT_OK);
+        }
+        let _ = fs::remove_file(pushed_dir.join(&name));
+    }
+    let control = control_system_id(&pg_data);
     let system_id = if is_segment_name(&name) {
         let h = segment_header(&bytes).with_context(|| {
             format!(
@@ -135,6 +157,10 @@ pub fn wal_push(g: &GlobalArgs, a: WalPushArgs) -> Result<i32> {
     let archive = WalArchive::new(&repo, system_id);
     let started = std::time::Instant::now();
     let pushed = archive.push(&name, &bytes)?;
+    drop(bytes);
+    if a.push_ahead > 0 && is_segment_name(&name) {
+        push_ahead(&archive, &pg_data, &name, a.push_ahead);
+    }
     tracing::info!(
         "{name}: {} in {:.0} ms",
         match pushed {
@@ -147,6 +173,72 @@ pub fn wal_push(g: &GlobalArgs, a: WalPushArgs) -> Result<i32> {
 }
 
 const PREFETCH_DIR: &str = "pg_wal/backupd-prefetch";
+/// Markers of segments pushed ahead: `<system id> <sha256 of the bytes>`.
+const PUSHED_DIR: &str = "pg_wal/backupd-pushed";
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// The object name under `wal/<system id>/` (as the archive names it).
+fn archive_object_suffix(name: &str) -> String {
+    match crate::postgres::walname::group_of(name) {
+        Some(g) => format!("{g}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+fn read_marker(dir: &Path, name: &str) -> Option<(u64, String)> {
+    let text = fs::read_to_string(dir.join(name)).ok()?;
+    let (sysid, sum) = text.trim().split_once(' ')?;
+    Some((sysid.parse().ok()?, sum.to_string()))
+}
+
+/// Pushes other ready segments (oldest first, at most `max`), two at a time, and leaves a
+/// marker for each so PostgreSQL's own call for it returns at once. Failures are left for
+/// that call to report.
+fn push_ahead(archive: &WalArchive<'_>, pg_data: &Path, current: &str, max: usize) {
+    let Ok(rd) = fs::read_dir(pg_data.join("pg_wal/archive_status")) else {
+        return;
+    };
+    let pushed_dir = pg_data.join(PUSHED_DIR);
+    let mut ready: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".ready"))
+                .filter(|n| is_segment_name(n) && *n != current)
+                .map(str::to_string)
+        })
+        .filter(|n| !pushed_dir.join(n).exists())
+        .collect();
+    ready.sort();
+    ready.truncate(max);
+    if ready.is_empty() || fs::create_dir_all(&pushed_dir).is_err() {
+        return;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..2 {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(name) = ready.get(i) else { return };
+                let Ok(bytes) = fs::read(pg_data.join("pg_wal").join(name)) else {
+                    continue;
+                };
+                if segment_header(&bytes).map(|h| h.system_identifier) != Some(archive.system_id()) {
+                    continue;
+                }
+                if archive.push(name, &bytes).is_ok() {
+                    let marker = format!("{} {}\n", archive.system_id(), sha256_hex(&bytes));
+                    let _ = write_atomically(&pushed_dir.join(name), marker.as_bytes());
+                }
+            });
+        }
+    });
+}
 
 /// Writes `bytes` to `dest` through a temporary name in the same directory.
 fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {

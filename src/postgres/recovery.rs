@@ -262,6 +262,8 @@ pub fn start_and_wait(dir: &Path, meta: &PostgresMeta) -> Result<Reached, PgErro
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Segments fetched ahead that recovery did not need.
+    let _ = fs::remove_dir_all(dir.join("pg_wal/backupd-prefetch"));
     let text = fs::read_to_string(&log).unwrap_or_default();
     let mut r = Reached {
         seconds: started.elapsed().as_secs_f64(),
