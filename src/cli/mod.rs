@@ -252,7 +252,7 @@ fn run(cli: Cli) -> Result<i32> {
 
 /// An error with its causes, each said once (several of our errors already include their
 /// cause in their own message).
-fn error_chain(e: &anyhow::Error) -> String {
+pub(crate) fn error_chain(e: &anyhow::Error) -> String {
     let mut msg = String::new();
     for cause in e.chain() {
         let s = cause.to_string();

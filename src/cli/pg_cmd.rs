@@ -228,7 +228,8 @@ fn push_ahead(archive: &WalArchive<'_>, pg_data: &Path, current: &str, max: usiz
                 let Ok(bytes) = fs::read(pg_data.join("pg_wal").join(name)) else {
                     continue;
                 };
-                if segment_header(&bytes).map(|h| h.system_identifier) != Some(archive.system_id()) {
+                if segment_header(&bytes).map(|h| h.system_identifier) != Some(archive.system_id())
+                {
                     continue;
                 }
                 if archive.push(name, &bytes).is_ok() {
@@ -254,12 +255,32 @@ fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Exit code of `wal-fetch` for anything but a missing file. PostgreSQL takes any exit code
+/// up to 125 for "not in the archive" and ends recovery there, promoting at a point the user
+/// did not ask for; above 125 it stops recovery instead (FATAL), which is what a repository
+/// that cannot be read or a damaged segment must do.
+pub const WAL_FETCH_FAILED: i32 = 255;
+
 /// Runs `wal-fetch`: writes the file and exits 0, or exits 1 without a word when the
-/// archive does not have it (recovery then ends, or tries the next timeline).
+/// archive does not have it (recovery then ends, or tries the next timeline). Any other
+/// failure exits [`WAL_FETCH_FAILED`] with the error on stderr.
 ///
 /// # Errors
-/// A repository failure or a damaged object (recovery stops rather than ending early).
+/// A missing file (exit 1), or any failure (exit 255).
 pub fn wal_fetch(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
+    wal_fetch_or_miss(g, a).map_err(|e| {
+        if e.chain().any(|c| c.is::<ExitWith>()) {
+            return e;
+        }
+        ExitWith {
+            code: WAL_FETCH_FAILED,
+            message: format!("error: {}", super::error_chain(&e)),
+        }
+        .into()
+    })
+}
+
+fn wal_fetch_or_miss(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
     if !is_archivable_name(&a.name) {
         bail!("{:?} is not a WAL file name", a.name);
     }
@@ -276,6 +297,19 @@ pub fn wal_fetch(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
     }
     let _ = fs::remove_dir_all(&spool);
     let system_id = control_system_id(&pg_data)?;
+    // Recovery asks for many files that do not exist (the next timeline's history, the
+    // segment after the last): answer those without the password (no key derivation),
+    // once the repository itself is known to be there.
+    let backend = g.backend()?;
+    let object = format!("{system_id}/{}", archive_object_suffix(&a.name));
+    if !backend.exists(crate::backend::ObjectType::Wal, &object)? {
+        crate::repo::Repository::read_config(&backend)?;
+        return Err(ExitWith {
+            code: 1,
+            message: String::new(),
+        }
+        .into());
+    }
     let repo = g.open()?;
     let archive = WalArchive::new(&repo, system_id);
     // The segments after this one, fetched in parallel while this one is fetched.

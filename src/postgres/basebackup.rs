@@ -28,10 +28,10 @@ use super::PgError;
 use crate::repo::Repository;
 use crate::source::files::{EntryRule, WalkPolicy};
 
-/// Relation files are chunked in blocks of this many bytes (16 pages of 8 KiB): a page
+/// Relation files are chunked in blocks of this many bytes (4 pages of 8 KiB): a page
 /// changed in place re-stores one block, not a whole content-defined chunk
 /// (docs/decisions/0007-postgres-base-backups.md has the measurements).
-pub const RELATION_BLOCK: usize = 128 * 1024;
+pub const RELATION_BLOCK: usize = 32 * 1024;
 
 /// What the server says about itself.
 #[derive(Clone, Debug)]

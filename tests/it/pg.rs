@@ -293,7 +293,8 @@ fn wal_push_twice_is_idempotent_different_bytes_fail_and_fetch_misses_quietly() 
         .run()
         .expect(1);
     assert_eq!(missing.all_text().trim(), "", "{}", missing.describe());
-    // A damaged object fails loudly instead.
+    // A damaged object fails loudly instead, with an exit code above 125, which makes
+    // PostgreSQL stop recovery rather than end it early.
     let obj = wal_object(&env, &c, &seg);
     let mut bytes = fs::read(&obj).unwrap();
     let mid = bytes.len() / 2;
@@ -303,8 +304,23 @@ fn wal_push_twice_is_idempotent_different_bytes_fail_and_fetch_misses_quietly() 
         .args(["wal-fetch", "--pg-data", &data, "--prefetch", "0", &seg])
         .arg(copy_dir.join("y"))
         .run()
-        .expect(1)
+        .expect(255)
         .stderr_has("corrupt or tampered");
+    // So does a repository that is not there (a miss would end recovery silently).
+    super::common::backupd()
+        .env("BACKUPD_PASSWORD_FILE", &env.password_file)
+        .args([
+            "--repo",
+            "/nonexistent/repo",
+            "wal-fetch",
+            "--pg-data",
+            &data,
+            &seg,
+        ])
+        .arg(copy_dir.join("z"))
+        .run()
+        .expect(255)
+        .stderr_has("no backupd repository");
 }
 
 #[test]
@@ -359,6 +375,8 @@ fn tablespaces_are_restored_remapped_or_refused_by_name() {
         r.sql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'ts1'"),
         moved.display().to_string()
     );
+    // check reads the tablespace's tree too.
+    env.cmd().args(["check", "--read-data"]).run().ok();
 }
 
 #[test]
