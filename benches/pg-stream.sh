@@ -21,7 +21,7 @@ trap 'runuser -u postgres -- $PGBIN/pg_ctl -D $W/data -m immediate stop >/dev/nu
 cp -a "$SEED/data" "$W/data"
 PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$W/data" -l "$W/data/log" -w start \
-  -o "-c wal_level=replica -c listen_addresses=127.0.0.1 -c port=$PORT -c unix_socket_directories=$W/data -c max_wal_size=4GB" >/dev/null
+  -o "-c wal_level=replica -c listen_addresses=127.0.0.1 -c port=$PORT -c unix_socket_directories=$W/data -c max_wal_size=4GB -c max_wal_senders=4" >/dev/null
 echo pw > "$W/pw"; chmod 600 "$W/pw"
 export BACKUPD_PASSWORD_FILE=$W/pw
 "$B" -r "$W/repo" init -q >/dev/null

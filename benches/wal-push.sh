@@ -25,7 +25,7 @@ BENCH_DIR=${BENCH_DIR:-/var/tmp/backupd-bench}
 mkdir -p "$BENCH_DIR"
 W=$(mktemp -d "$BENCH_DIR/walpush.XXXXXX")
 chmod 755 "$W"
-trap 'runuser -u postgres -- $PGBIN/pg_ctl -D $W/data -m immediate stop >/dev/null 2>&1 || true; rm -rf "$W"' EXIT
+trap 'runuser -u postgres -- $PGBIN/pg_ctl -D $W/data -m immediate stop >/dev/null 2>&1 || true; cp "$W/data/log" "$BENCH_DIR/wal-push-server.log" 2>/dev/null; rm -rf "$W"' EXIT
 # the data dir is the cluster's; postgres must reach the repository and password in $W
 PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 mkdir -p "$W/data" "$W/segs" "$W/pgdata/global"
@@ -47,6 +47,7 @@ mapfile -t REAL < <(find "$W/data/pg_wal" -maxdepth 1 -name '0000000100000000000
 echo "real WAL segments: ${#REAL[@]} ($(du -sch "${REAL[@]}" | tail -1 | cut -f1))"
 echo pw > "$W/pw"; chmod 600 "$W/pw"; chown postgres: "$W/pw"
 export BACKUPD_PASSWORD_FILE=$W/pw
+mkdir "$W/repo"; chown postgres: "$W/repo"
 runuser -u postgres -- env BACKUPD_PASSWORD_FILE=$W/pw "$B" -r "$W/repo" init -q >/dev/null
 chown -R postgres: "$W/repo"
 
@@ -60,6 +61,7 @@ for i in $(seq 0 $((N - 1))); do
 done
 
 # (b) PostgreSQL's archiver draining a backlog of N segments through archive_command.
+chown -R postgres: "$W/repo"
 rm -rf "$W/data/pg_wal/archive_status"/* 2>/dev/null || true
 cat >> "$W/data/postgresql.conf" <<C
 archive_mode = on
@@ -74,12 +76,13 @@ while [ "$(ls "$W/data/pg_wal/archive_status" | grep -c '\.ready$')" -lt "$N" ];
 done
 READY=$(ls "$W/data/pg_wal/archive_status" | grep -c '\.ready$')
 LAST=$(ls "$W/data/pg_wal/archive_status" | grep '\.ready$' | sort | tail -1 | cut -c1-24)
+FAILED0=$($P -c 'select failed_count from pg_stat_archiver')
 $P -c "alter system set archive_command = 'BACKUPD_PASSWORD_FILE=$W/pw $B -r $W/repo wal-push %p'" -c 'select pg_reload_conf()' >/dev/null
 t0=$(date +%s.%N)
 until [ "$($P -c 'select coalesce(last_archived_wal, $$$$) from pg_stat_archiver')" \> "$LAST" ] || \
       [ "$($P -c 'select coalesce(last_archived_wal, $$$$) from pg_stat_archiver')" = "$LAST" ]; do sleep 0.1; done
 t1=$(date +%s.%N)
-FAILED=$($P -c 'select failed_count from pg_stat_archiver')
+FAILED=$(( $($P -c 'select failed_count from pg_stat_archiver') - FAILED0 ))
 python3 - "$W/times" "$N" "$READY" "$t0" "$t1" "$FAILED" <<'P'
 import sys
 rows=[l.split() for l in open(sys.argv[1]) if l.strip() and l[0].isdigit()]
@@ -87,7 +90,7 @@ t=sorted(float(r[0]) for r in rows); rss=max(int(r[1]) for r in rows)
 n=int(sys.argv[2]); ready=int(sys.argv[3]); wall=float(sys.argv[5])-float(sys.argv[4])
 print(f"(a) single pushes: {n} in {sum(t):.1f} s = {n/sum(t)*60:.0f} segments/min; median {t[len(t)//2]*1000:.0f} ms, worst {t[-1]*1000:.0f} ms; peak RSS {rss/1024:.1f} MiB")
 rate=ready/wall*60
-print(f"(b) archiver backlog: {ready} ready segments archived in {wall:.1f} s = {rate:.0f} segments/min ({sys.argv[6]} failed calls)")
+print(f"(b) archiver backlog: {ready} ready segments archived in {wall:.1f} s = {rate:.0f} segments/min ({sys.argv[6]} failed backupd calls)")
 print(f"target >= 200 segments/min: single {'PASS' if n/sum(t)*60 >= 200 else 'FAIL'}, archiver {'PASS' if rate >= 200 else 'FAIL'}")
 P
 echo "repository: $(du -sh "$W/repo" | cut -f1)"

@@ -215,7 +215,8 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                 readers: req.readers,
                 cancel: req.cancel.clone(),
                 stats: stats.clone(),
-                parent_time_ns,
+                // Files sources trust (size, mtime, ctime, inode) as restic does.
+                parent_time_ns: None,
                 layout: Layout::Absolute,
                 policy: None,
             };

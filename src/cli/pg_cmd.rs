@@ -103,6 +103,11 @@ fn data_dir(given: &Option<PathBuf>) -> PathBuf {
 /// # Errors
 /// A bad name, a conflict, an unreadable file, or a repository failure.
 pub fn wal_push(g: &GlobalArgs, a: WalPushArgs) -> Result<i32> {
+    // WAL objects are never cached; neither is anything else this verb reads.
+    let g = &GlobalArgs {
+        no_cache: true,
+        ..g.clone()
+    };
     let name = a
         .path
         .file_name()
@@ -281,6 +286,10 @@ pub fn wal_fetch(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
 }
 
 fn wal_fetch_or_miss(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
+    let g = &GlobalArgs {
+        no_cache: true,
+        ..g.clone()
+    };
     if !is_archivable_name(&a.name) {
         bail!("{:?} is not a WAL file name", a.name);
     }

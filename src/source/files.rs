@@ -209,9 +209,11 @@ pub struct FilesJob<'a> {
     pub cancel: CancelToken,
     /// Counters.
     pub stats: Arc<FilesStats>,
-    /// When the parent snapshot was taken (ns since the epoch): a file whose recorded
-    /// mtime is within a second of it may have changed again in the same clock tick after
-    /// it was read, so it is read again rather than trusted.
+    /// When the parent snapshot was taken (ns since the epoch), to guard against racy
+    /// mtimes: a file whose recorded mtime is within a second of it may have changed again
+    /// in the same clock tick after it was read, with the same size, so it is read again
+    /// rather than trusted. Set for PostgreSQL, whose relation files are rewritten in place
+    /// at constant size all the time.
     pub parent_time_ns: Option<i64>,
     /// Root layout.
     pub layout: Layout,

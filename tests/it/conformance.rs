@@ -154,6 +154,45 @@ fn conformance(b: &dyn Backend, big: usize) {
         &large[big - 7..]
     );
     b.delete(ObjectType::Pack, &big_id).unwrap();
+
+    // WAL objects: names with folders, listed one folder at a time, never by content.
+    let wal = |f: &str| format!("7001/{}/{f}", &f[..16]);
+    let segs = [
+        "000000010000000000000001",
+        "000000010000000000000002",
+        "000000020000000000000002",
+    ];
+    for s in segs {
+        b.put(ObjectType::Wal, &wal(s), Bytes::from(s.as_bytes().to_vec()))
+            .unwrap();
+    }
+    b.put(
+        ObjectType::Wal,
+        "7001/00000002.history",
+        Bytes::from_static(b"1\t0/2000000\tx\n"),
+    )
+    .unwrap();
+    assert!(b.exists(ObjectType::Wal, &wal(segs[2])).unwrap());
+    assert_eq!(
+        b.get(ObjectType::Wal, &wal(segs[1])).unwrap(),
+        segs[1].as_bytes()
+    );
+    let top = b.list_dir(ObjectType::Wal, "7001").unwrap();
+    assert_eq!(top.files, vec![("00000002.history".to_string(), 14)]);
+    assert_eq!(top.dirs, vec!["0000000100000000", "0000000200000000"]);
+    let g1 = b
+        .list_dir(ObjectType::Wal, "7001/0000000100000000")
+        .unwrap();
+    assert_eq!(
+        g1.files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        &segs[..2]
+    );
+    assert!(g1.dirs.is_empty());
+    assert_eq!(b.list_dir(ObjectType::Wal, "").unwrap().dirs, vec!["7001"]);
+    assert_eq!(
+        b.list_dir(ObjectType::Wal, "9999").unwrap(),
+        Default::default()
+    );
 }
 
 const BIG: usize = 200 * 1024 * 1024;

@@ -481,3 +481,24 @@ fn backups_that_could_not_restore_are_refused_and_leave_no_snapshot() {
         .stderr_has("no PostgreSQL base backups");
     assert!(!Path::new(&env.path("x")).exists());
 }
+
+#[test]
+fn the_whole_cycle_works_on_an_s3_repository() {
+    let env = PgEnv::new_s3();
+    let c = env.cluster("src");
+    c.sql("create table t(batch int, i int)");
+    insert_batch(&c, 1, 500);
+    backup(&env, &c, &[]);
+    insert_batch(&c, 2, 100);
+    insert_batch(&c, 3, 100);
+    let seg = c.switch_and_wait_archived();
+    assert!(
+        wal_object(&env, &c, &seg).is_file(),
+        "segments are objects on the server"
+    );
+    let target = between(&c, 2, 3);
+    // The restored server fetches WAL from S3 with the credentials of our environment.
+    let (r, out) = restore_at(&env, &target, "r", &["--archive-mode", "off"]);
+    assert!(out.contains("server promoted"), "{out}");
+    assert_eq!(batches(&r), "1:500 2:100");
+}

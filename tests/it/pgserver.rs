@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::common::{backupd, free_port, Run, BIN};
+use super::common::{backupd, free_port, Run, S3Server, BIN, S3_ACCESS_KEY, S3_SECRET_KEY};
 
 /// PostgreSQL's binaries.
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -35,27 +35,49 @@ fn chown_postgres(p: &Path) {
 /// A repository and the clusters archiving into it.
 pub struct PgEnv {
     dir: TempDir,
-    /// The repository.
+    /// The repository (for an S3 one: its files on the server's disk).
     pub repo: PathBuf,
+    /// What `--repo` gets.
+    pub location: String,
     /// Its password file (0600, owned by postgres).
     pub password_file: PathBuf,
+    /// The S3 server, for a repository on S3.
+    pub s3: Option<S3Server>,
 }
 
 impl PgEnv {
     /// A fresh repository, readable and writable by the `postgres` user.
     pub fn new() -> PgEnv {
+        Self::with_server(None)
+    }
+
+    /// A fresh repository on an S3 server of its own.
+    pub fn new_s3() -> PgEnv {
+        Self::with_server(Some(S3Server::start()))
+    }
+
+    fn with_server(s3: Option<S3Server>) -> PgEnv {
         let dir = tempfile::Builder::new()
             .prefix("backupd-pg-")
             .tempdir()
             .expect("tempdir");
-        let repo = dir.path().join("repo");
+        let (repo, location) = match &s3 {
+            Some(s) => (s.bucket_dir("bk1").join("repo"), s.location("bk1/repo")),
+            None => {
+                let r = dir.path().join("repo");
+                let l = r.display().to_string();
+                (r, l)
+            }
+        };
         let password_file = dir.path().join("password");
         fs::write(&password_file, "pg test password\n").unwrap();
         fs::set_permissions(&password_file, fs::Permissions::from_mode(0o600)).unwrap();
         let env = PgEnv {
             dir,
             repo,
+            location,
             password_file,
+            s3,
         };
         env.cmd().arg("init").run().ok();
         chown_postgres(env.dir.path());
@@ -65,10 +87,16 @@ impl PgEnv {
 
     /// `backupd --repo REPO` with the password file.
     pub fn cmd(&self) -> Run {
-        backupd()
+        let run = backupd()
             .arg("--repo")
-            .arg(&self.repo)
-            .env("BACKUPD_PASSWORD_FILE", &self.password_file)
+            .arg(&self.location)
+            .env("BACKUPD_PASSWORD_FILE", &self.password_file);
+        match &self.s3 {
+            Some(s) => s
+                .credentials(run)
+                .env("BACKUPD_CACHE_DIR", self.dir.path().join("cache")),
+            None => run,
+        }
     }
 
     /// A path in the environment's directory.
@@ -78,10 +106,15 @@ impl PgEnv {
 
     /// The archive_command that pushes into this repository.
     pub fn archive_command(&self) -> String {
+        let creds = if self.s3.is_some() {
+            format!("AWS_ACCESS_KEY_ID={S3_ACCESS_KEY} AWS_SECRET_ACCESS_KEY={S3_SECRET_KEY} ")
+        } else {
+            String::new()
+        };
         format!(
-            "BACKUPD_PASSWORD_FILE={} {BIN} --repo {} wal-push %p",
+            "{creds}BACKUPD_PASSWORD_FILE={} {BIN} --repo {} wal-push %p",
             self.password_file.display(),
-            self.repo.display()
+            self.location
         )
     }
 
