@@ -361,8 +361,9 @@ fn wal_fetch_or_miss(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
     }
 }
 
-/// The segment size: from the newest spooled or restored segment's header would be
-/// circular, so from pg_control's neighbour, `pg_wal` files, else the default 16 MiB.
+/// The cluster's WAL segment size, from the long header of any segment in `pg_wal` (a
+/// restored data directory holds none, then the default 16 MiB; the size only decides
+/// which names to fetch ahead).
 fn segment_size_hint(pg_data: &Path) -> u64 {
     fs::read_dir(pg_data.join("pg_wal"))
         .ok()
@@ -382,7 +383,8 @@ fn segment_size_hint(pg_data: &Path) -> u64 {
 /// Fetches `names` in order, several at a time, into the spool; stops at the first one
 /// the archive does not have.
 fn prefetch(archive: &WalArchive<'_>, names: &[String], spool: &Path) {
-    let workers = archive_parallelism(archive).min(names.len()).max(1);
+    // Fetching is decrypt + decompress bound locally, request bound on S3: a few at once.
+    let workers = names.len().clamp(1, 4);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| {
@@ -402,13 +404,6 @@ fn prefetch(archive: &WalArchive<'_>, names: &[String], spool: &Path) {
             });
         }
     });
-}
-
-fn archive_parallelism(_archive: &WalArchive<'_>) -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(2, 4)
 }
 
 /// Removes spooled segments recovery has passed.
