@@ -24,6 +24,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, StorageClass};
 use aws_sdk_s3::Client;
@@ -422,6 +423,35 @@ impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
 }
 
 impl Ctx {
+    /// Every page of a listing under `prefix` (with `/` as delimiter when `folders`), each
+    /// page one request holding one permit.
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        folders: bool,
+        mut each: impl FnMut(&ListObjectsV2Output),
+    ) -> Result<(), BackendError> {
+        let mut token: Option<String> = None;
+        loop {
+            let _p = self.permit().await;
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_delimiter(folders.then(|| "/".to_string()))
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.map_err(prefix, e))?;
+            each(&page);
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
     async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
         // The semaphore is never closed.
         self.permits
@@ -831,18 +861,7 @@ impl Backend for S3Backend {
         let ctx = self.ctx();
         self.run(async move {
             let mut out = Vec::new();
-            let mut token: Option<String> = None;
-            loop {
-                let _p = ctx.permit().await;
-                let page = ctx
-                    .client
-                    .list_objects_v2()
-                    .bucket(&ctx.bucket)
-                    .prefix(&prefix)
-                    .set_continuation_token(token.take())
-                    .send()
-                    .await
-                    .map_err(|e| ctx.map_err(&prefix, e))?;
+            ctx.list_pages(&prefix, false, |page| {
                 for o in page.contents() {
                     let Some(key) = o.key() else { continue };
                     let name = key.rsplit('/').next().unwrap_or(key);
@@ -851,11 +870,8 @@ impl Backend for S3Backend {
                     }
                     out.push((name.to_string(), o.size().unwrap_or(0).max(0) as u64));
                 }
-                match page.next_continuation_token() {
-                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                    _ => break,
-                }
-            }
+            })
+            .await?;
             Ok(out)
         })
     }
@@ -869,19 +885,7 @@ impl Backend for S3Backend {
         let ctx = self.ctx();
         self.run(async move {
             let mut out = DirListing::default();
-            let mut token: Option<String> = None;
-            loop {
-                let _p = ctx.permit().await;
-                let page = ctx
-                    .client
-                    .list_objects_v2()
-                    .bucket(&ctx.bucket)
-                    .prefix(&prefix)
-                    .delimiter("/")
-                    .set_continuation_token(token.take())
-                    .send()
-                    .await
-                    .map_err(|e| ctx.map_err(&prefix, e))?;
+            ctx.list_pages(&prefix, true, |page| {
                 for o in page.contents() {
                     let Some(name) = o.key().and_then(|k| k.strip_prefix(prefix.as_str())) else {
                         continue;
@@ -902,11 +906,8 @@ impl Backend for S3Backend {
                         out.dirs.push(d.to_string());
                     }
                 }
-                match page.next_continuation_token() {
-                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                    _ => break,
-                }
-            }
+            })
+            .await?;
             out.files.sort();
             out.dirs.sort();
             Ok(out)
