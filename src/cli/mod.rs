@@ -169,7 +169,11 @@ impl GlobalArgs {
     }
 
     fn open(&self) -> Result<Repository> {
-        let backend = self.backend()?;
+        self.open_on(self.backend()?)
+    }
+
+    /// Opens the repository on a backend built by [`GlobalArgs::backend`].
+    fn open_on(&self, backend: Arc<dyn Backend>) -> Result<Repository> {
         // Check for the repository before asking for a password.
         let sealed_config = Repository::read_config(&backend)?;
         let remote = backend.connections().is_some();

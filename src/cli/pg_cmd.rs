@@ -14,6 +14,7 @@ use crate::postgres::archive::{Pushed, WalArchive};
 use crate::postgres::conn::ConnSettings;
 use crate::postgres::walname::{is_archivable_name, is_segment_name, Segment};
 use crate::postgres::walscan::segment_header;
+use crate::repo::sha256_hex;
 
 /// libpq-style connection flags (each overrides its PG* variable).
 #[derive(Args, Debug, Clone, Default)]
@@ -127,8 +128,7 @@ pub fn wal_push(g: &GlobalArgs, a: WalPushArgs) -> Result<i32> {
     // are the ones pushed (no password needed for that).
     if let Some(marker) = read_marker(&pushed_dir, &name) {
         let backend = g.backend()?;
-        let sysid = marker.0;
-        let object = format!("{sysid}/{}", archive_object_suffix(&name));
+        let object = WalArchive::object_name_of(marker.0, &name);
         if marker.1 == sha256_hex(&bytes)
             && backend.exists(crate::backend::ObjectType::Wal, &object)?
         {
@@ -180,19 +180,6 @@ pub fn wal_push(g: &GlobalArgs, a: WalPushArgs) -> Result<i32> {
 const PREFETCH_DIR: &str = "pg_wal/backupd-prefetch";
 /// Markers of segments pushed ahead: `<system id> <sha256 of the bytes>`.
 const PUSHED_DIR: &str = "pg_wal/backupd-pushed";
-
-fn sha256_hex(b: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(b))
-}
-
-/// The object name under `wal/<system id>/` (as the archive names it).
-fn archive_object_suffix(name: &str) -> String {
-    match crate::postgres::walname::group_of(name) {
-        Some(g) => format!("{g}/{name}"),
-        None => name.to_string(),
-    }
-}
 
 fn read_marker(dir: &Path, name: &str) -> Option<(u64, String)> {
     let text = fs::read_to_string(dir.join(name)).ok()?;
@@ -310,7 +297,7 @@ fn wal_fetch_or_miss(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
     // segment after the last): answer those without the password (no key derivation),
     // once the repository itself is known to be there.
     let backend = g.backend()?;
-    let object = format!("{system_id}/{}", archive_object_suffix(&a.name));
+    let object = WalArchive::object_name_of(system_id, &a.name);
     if !backend.exists(crate::backend::ObjectType::Wal, &object)? {
         crate::repo::Repository::read_config(&backend)?;
         return Err(ExitWith {
@@ -319,7 +306,7 @@ fn wal_fetch_or_miss(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
         }
         .into());
     }
-    let repo = g.open()?;
+    let repo = g.open_on(backend)?;
     let archive = WalArchive::new(&repo, system_id);
     // The segments after this one, fetched in parallel while this one is fetched.
     let ahead: Vec<String> = if a.prefetch > 0 && is_segment_name(&a.name) {

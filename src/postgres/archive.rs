@@ -73,12 +73,17 @@ impl<'a> WalArchive<'a> {
         self.system_id
     }
 
-    /// Object name (under `wal/`) of an archived file.
-    fn object_name(&self, file: &str) -> String {
+    /// Object name (under `wal/`) of an archived file of cluster `system_id`; readable
+    /// without any key, so existence checks need no password.
+    pub fn object_name_of(system_id: u64, file: &str) -> String {
         match group_of(file) {
-            Some(g) => format!("{}/{g}/{file}", self.system_id),
-            None => format!("{}/{file}", self.system_id),
+            Some(g) => format!("{system_id}/{g}/{file}"),
+            None => format!("{system_id}/{file}"),
         }
+    }
+
+    fn object_name(&self, file: &str) -> String {
+        Self::object_name_of(self.system_id, file)
     }
 
     fn binding(&self, file: &str) -> [u8; 32] {

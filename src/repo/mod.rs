@@ -110,7 +110,8 @@ impl std::fmt::Debug for Repository {
     }
 }
 
-fn sha256_hex(b: &[u8]) -> String {
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 

@@ -122,18 +122,20 @@ fn restore_inside_a_pgbench_run_matches_the_commits_before_the_target() {
     let env = PgEnv::new();
     let c = env.cluster("src");
     c.pgbench_ok(&["-i", "-s", "2", "-q"]);
-    let load = c.pgbench(&["-c", "2", "-T", "8", "-n"]);
+    // Long enough to outlast a slow backup on a busy machine; stopped once past the target.
+    let mut load = c.pgbench(&["-c", "2", "-T", "120", "-n"]);
     std::thread::sleep(Duration::from_secs(2));
     // The base backup is taken under load.
     backup(&env, &c, &[]);
     std::thread::sleep(Duration::from_millis(1500));
     let target = c.sql("select clock_timestamp()");
-    let out = load.wait_with_output().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        load.try_wait().unwrap().is_none(),
+        "pgbench ended before the target: the target would not be inside the load"
     );
+    load.kill().unwrap();
+    let _ = load.wait();
     c.switch_and_wait_archived();
     let expected = c.count(&format!(
         "select count(*) from pgbench_history where pg_xact_commit_timestamp(xmin) <= '{target}'"
