@@ -12,6 +12,8 @@ command -v mkfifo >/dev/null || need_apt+=(coreutils)
 # `postgres` user; docs: ../shared/design/recipes.md section 1).
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15 postgresql-client-15)
 command -v runuser >/dev/null || need_apt+=(util-linux)
+# The shipped FinChat example policy's pre hook copies an SQLite database.
+command -v sqlite3 >/dev/null || need_apt+=(sqlite3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi

@@ -95,6 +95,8 @@ pub struct BackupRequest {
     pub readers: usize,
     /// Live counters (progress).
     pub stats: Arc<FilesStats>,
+    /// The snapshot's time instead of now (`--time`, for importing old backups).
+    pub time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The result of a successful backup.
@@ -129,7 +131,7 @@ fn paths_key(paths: &[String]) -> Vec<String> {
 /// Any source, pipeline or repository failure, or an interrupt; none leaves a snapshot.
 pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
-    let time = chrono::Utc::now();
+    let time = req.time.unwrap_or_else(chrono::Utc::now);
     let index = Arc::new(repo.load_index()?);
     let (paths, source_kind, command) = match &req.source {
         BackupSource::Files { paths, .. } => (

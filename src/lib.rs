@@ -11,6 +11,7 @@ pub mod cli;
 pub mod crypto;
 pub mod error;
 pub mod pipeline;
+pub mod policy;
 pub mod postgres;
 pub mod repo;
 pub mod restore;

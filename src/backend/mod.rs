@@ -11,7 +11,7 @@ use std::fmt;
 
 pub use bytes::Bytes;
 pub use local::LocalBackend;
-pub use s3::{S3Backend, S3Location, S3Options};
+pub use s3::{S3Backend, S3Credentials, S3Location, S3Options};
 
 /// The folders of a repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

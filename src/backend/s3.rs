@@ -153,6 +153,26 @@ pub struct S3Options {
     pub storage_class: Option<String>,
     /// Region override (`BACKUPD_S3_REGION`); otherwise the AWS chain, else `us-east-1`.
     pub region: Option<String>,
+    /// Where credentials come from (a policy can name a file or a command).
+    pub credentials: S3Credentials,
+}
+
+/// Where S3 credentials come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum S3Credentials {
+    /// The standard AWS chain (AWS_* variables, shared profile, web identity, instance
+    /// metadata).
+    #[default]
+    Chain,
+    /// An AWS shared-credentials file and a profile in it.
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The profile.
+        profile: String,
+    },
+    /// A `credential_process` command printing the AWS JSON credential document.
+    Command(String),
 }
 
 impl Default for S3Options {
@@ -165,6 +185,7 @@ impl Default for S3Options {
             path_style: None,
             storage_class: None,
             region: None,
+            credentials: S3Credentials::Chain,
         }
     }
 }
@@ -268,10 +289,26 @@ impl S3Backend {
                 .is_some()
                 .then(|| env_region().unwrap_or_else(|| "us-east-1".into()))
         });
+        let credentials = opts.credentials.clone();
         let client = rt.block_on(async move {
             let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
             if let Some(r) = region {
                 loader = loader.region(Region::new(r));
+            }
+            match &credentials {
+                S3Credentials::Chain => {}
+                S3Credentials::File { path, profile } => {
+                    use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
+                    let files = EnvConfigFiles::builder()
+                        .with_file(EnvConfigFileKind::Credentials, path)
+                        .build();
+                    loader = loader.profile_files(files).profile_name(profile);
+                }
+                S3Credentials::Command(cmd) => {
+                    loader = loader.credentials_provider(
+                        aws_config::credential_process::CredentialProcessProvider::new(cmd.clone()),
+                    );
+                }
             }
             let shared = loader.load().await;
             let mut b = aws_sdk_s3::config::Builder::from(&shared)

@@ -70,6 +70,14 @@ pub struct BackupArgs {
     /// Seconds to wait for the backup's WAL to reach the repository.
     #[arg(long = "archive-timeout", value_name = "SECONDS", default_value_t = 60)]
     archive_timeout: u64,
+    /// The snapshot's time instead of now ("2026-01-02 03:04:05", local time unless an
+    /// offset or Z is given), as restic's --time: for importing older backups.
+    #[arg(long, value_name = "TIME", value_parser = crate::cli::restore_cmd::parse_time_arg)]
+    time: Option<chrono::DateTime<chrono::Utc>>,
+    /// Run this policy (from --policies DIR) once: its source, repository, password
+    /// source, tags, limits and hooks.
+    #[arg(long, value_name = "NAME")]
+    policy: Option<String>,
     /// The command for --stdin-from-command.
     #[arg(last = true)]
     command: Vec<String>,
@@ -90,34 +98,55 @@ fn human(bytes: u64) -> String {
     }
 }
 
+/// Connects to PostgreSQL and checks the data directory.
+fn pg_source(
+    settings: crate::postgres::conn::ConnSettings,
+    env: impl Fn(&str) -> Option<String> + Copy,
+    pg_data: Option<&std::path::Path>,
+    label: Option<String>,
+    fast_checkpoint: bool,
+    archive_timeout: std::time::Duration,
+) -> Result<BackupSource> {
+    let resolved = settings.resolve(env);
+    let session = PgSession::connect(resolved.config(env)?, &resolved)?;
+    session.check(pg_data)?;
+    Ok(BackupSource::Postgres(Box::new(PgSource {
+        session,
+        label: label.unwrap_or_else(|| {
+            format!(
+                "backupd {}",
+                chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+            )
+        }),
+        fast_checkpoint,
+        archive_timeout,
+    })))
+}
+
 /// Runs `backup`.
 ///
 /// # Errors
 /// Bad arguments, repository errors, or a failed backup.
 pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
+    if let Some(name) = a.policy.clone() {
+        return run_policy(g, &a, &name);
+    }
     let source = if a.postgres {
         if !a.paths.is_empty() || a.stdin || a.stdin_from_command {
             bail!("--postgres takes no paths, --stdin or --stdin-from-command");
         }
-        let env = |k: &str| std::env::var(k).ok();
-        let resolved = a.pg.settings().resolve(env);
-        let session = PgSession::connect(resolved.config(env)?, &resolved)?;
         let pg_data = a
             .pg_data
             .clone()
             .or_else(|| std::env::var_os("PGDATA").map(PathBuf::from));
-        session.check(pg_data.as_deref())?;
-        BackupSource::Postgres(Box::new(PgSource {
-            session,
-            label: a.pg_label.clone().unwrap_or_else(|| {
-                format!(
-                    "backupd {}",
-                    chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
-                )
-            }),
-            fast_checkpoint: !a.pg_spread_checkpoint,
-            archive_timeout: std::time::Duration::from_secs(a.archive_timeout),
-        }))
+        pg_source(
+            a.pg.settings(),
+            |k: &str| std::env::var(k).ok(),
+            pg_data.as_deref(),
+            a.pg_label.clone(),
+            !a.pg_spread_checkpoint,
+            std::time::Duration::from_secs(a.archive_timeout),
+        )?
     } else if a.stdin_from_command {
         if a.command.is_empty() {
             bail!("--stdin-from-command needs the command after `--`, e.g. `backupd backup --stdin-from-command -- pg_dump -Fc db`");
@@ -170,6 +199,111 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
             bail!("--stdin-filename {n:?} must be a plain file name");
         }
     }
+    let host = a.host.clone().unwrap_or_else(super::hostname);
+    execute(g, &a, source, a.tag.clone(), host, None).map(|(code, _)| code)
+}
+
+/// Runs a policy once: pre hooks, the backup, then post or on_failure hooks.
+fn run_policy(g: &GlobalArgs, a: &BackupArgs, name: &str) -> Result<i32> {
+    if !a.paths.is_empty() || a.stdin || a.stdin_from_command || a.postgres || !a.command.is_empty()
+    {
+        bail!("--policy takes its source from the policy: give no paths, --stdin, --stdin-from-command or --postgres");
+    }
+    let pol = crate::policy::find(&g.policies, name)?;
+    let g = g.for_policy(&pol);
+    let hooks = &pol.hooks;
+    let mut env = vec![("BACKUPD_POLICY", pol.name.clone())];
+    let outcome = (|| -> Result<(i32, Option<crate::pipeline::BlobId>)> {
+        crate::policy::hooks::run_hooks("pre", &hooks.pre, &env, hooks.timeout)?;
+        let source = policy_source(&pol)?;
+        let mut tags = pol.tags.clone();
+        tags.extend(a.tag.iter().cloned());
+        let host = a
+            .host
+            .clone()
+            .or_else(|| pol.host.clone())
+            .unwrap_or_else(super::hostname);
+        execute(&g, a, source, tags, host, Some(pol.name.clone()))
+    })();
+    match outcome {
+        Ok((code, id)) => {
+            env.push(("BACKUPD_RESULT", "success".into()));
+            if let Some(id) = id {
+                env.push(("BACKUPD_SNAPSHOT", id.to_hex()));
+            }
+            crate::policy::hooks::run_hooks("post", &hooks.post, &env, hooks.timeout)
+                .context("the snapshot was saved, but a post hook failed")?;
+            Ok(code)
+        }
+        Err(e) => {
+            env.push(("BACKUPD_RESULT", "failure".into()));
+            env.push(("BACKUPD_ERROR", super::error_chain(&e)));
+            if let Err(h) = crate::policy::hooks::run_hooks(
+                "on_failure",
+                &hooks.on_failure,
+                &env,
+                hooks.timeout,
+            ) {
+                tracing::error!(policy = %pol.name, "{h}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The backup source a policy describes.
+fn policy_source(pol: &crate::policy::Policy) -> Result<BackupSource> {
+    use crate::policy::SourceSpec;
+    Ok(match &pol.source {
+        SourceSpec::Files { paths, exclude } => BackupSource::Files {
+            paths: paths.clone(),
+            excludes: exclude.clone(),
+        },
+        SourceSpec::Command { argv, filename } => BackupSource::Stream {
+            source: StreamSource::Command(argv.clone()),
+            name: filename.clone(),
+        },
+        SourceSpec::Postgres(pg) => {
+            let password = pg
+                .password
+                .as_ref()
+                .map(super::password::read_secret)
+                .transpose()
+                .context("the policy's PostgreSQL password")?;
+            let env = |k: &str| match (k, &password) {
+                ("PGPASSWORD", Some(p)) => Some(p.to_string()),
+                _ => std::env::var(k).ok(),
+            };
+            pg_source(
+                crate::postgres::conn::ConnSettings {
+                    host: pg.host.clone(),
+                    port: pg.port,
+                    user: pg.user.clone(),
+                    database: pg.database.clone(),
+                },
+                env,
+                Some(&pg.data_directory),
+                None,
+                pg.fast_checkpoint,
+                pg.archive_timeout,
+            )?
+        }
+        SourceSpec::Influxdb(_) => bail!(
+            "policy {}: the influxdb source is not supported by this version of backupd",
+            pol.name
+        ),
+    })
+}
+
+/// Backs up `source` and prints the summary; returns the exit code and the snapshot id.
+fn execute(
+    g: &GlobalArgs,
+    a: &BackupArgs,
+    source: BackupSource,
+    tags: Vec<String>,
+    host: String,
+    policy: Option<String>,
+) -> Result<(i32, Option<crate::pipeline::BlobId>)> {
     let repo = g.open()?;
     let cancel = CancelToken::new();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -185,11 +319,12 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
     });
     let req = BackupRequest {
         source,
-        host: a.host.clone().unwrap_or_else(super::hostname),
-        tags: a.tag.clone(),
+        host,
+        tags,
         force: a.force,
         parent: a.parent.clone(),
-        policy: None,
+        policy,
+        time: a.time,
         cancel,
         readers: a.read_concurrency,
         stats,
@@ -268,13 +403,13 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
         );
     }
     if report.unreadable.is_empty() {
-        Ok(EXIT_OK)
+        Ok((EXIT_OK, Some(report.snapshot_id)))
     } else {
         eprintln!(
             "backupd: snapshot {} was saved, but {} path(s) could not be read",
             report.snapshot_id.short(),
             report.unreadable.len()
         );
-        Ok(EXIT_PARTIAL)
+        Ok((EXIT_PARTIAL, Some(report.snapshot_id)))
     }
 }

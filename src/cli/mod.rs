@@ -4,10 +4,12 @@
 
 pub mod allocator;
 mod backup_cmd;
+mod forget_cmd;
 mod inspect;
 mod keys;
 pub mod password;
 pub mod pg_cmd;
+mod policy_cmd;
 mod progress;
 mod restore_cmd;
 
@@ -72,9 +74,32 @@ pub struct GlobalArgs {
     /// Use no local cache.
     #[arg(long, env = "BACKUPD_NO_CACHE", global = true)]
     no_cache: bool,
+    /// The policy directory (`policy check`, `--policy`, `agent`).
+    #[arg(
+        long = "policies",
+        value_name = "DIR",
+        env = "BACKUPD_POLICIES",
+        global = true,
+        default_value = "/etc/backupd/policies"
+    )]
+    policies: PathBuf,
     /// Requests made to the repository by this command (reported in summaries).
     #[arg(skip)]
     requests: Arc<RequestCounters>,
+    /// The repository password's source when a policy names it.
+    #[arg(skip)]
+    secret: Option<crate::policy::SecretSource>,
+    /// S3 settings a policy gives.
+    #[arg(skip)]
+    s3_policy: Option<PolicyS3>,
+}
+
+/// The S3 settings of a policy's repository.
+#[derive(Clone, Debug)]
+struct PolicyS3 {
+    credentials: crate::backend::S3Credentials,
+    region: Option<String>,
+    storage_class: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,6 +128,10 @@ enum Verb {
     WalPush(pg_cmd::WalPushArgs),
     /// Fetch an archived WAL file (restore_command = 'backupd wal-fetch %f %p').
     WalFetch(pg_cmd::WalFetchArgs),
+    /// Check policy files.
+    Policy(policy_cmd::PolicyArgs),
+    /// Remove snapshots by retention rules (restic's keep-* options) or by id.
+    Forget(forget_cmd::ForgetArgs),
 }
 
 /// Arguments of `init`.
@@ -143,12 +172,21 @@ impl GlobalArgs {
         let loc = self.location()?;
         if S3Location::is_s3(&loc) {
             let location = S3Location::parse(&loc)?;
-            let opts = S3Options {
+            let mut opts = S3Options {
                 // At most 256 (the argument's range).
                 connections: self.s3_connections as usize,
                 ..S3Options::default()
             }
             .with_env(|k| std::env::var(k).ok())?;
+            if let Some(p) = &self.s3_policy {
+                opts.credentials = p.credentials.clone();
+                if p.region.is_some() {
+                    opts.region = p.region.clone();
+                }
+                if p.storage_class.is_some() {
+                    opts.storage_class = p.storage_class.clone();
+                }
+            }
             Ok(Box::new(S3Backend::new(location, opts)?))
         } else {
             Ok(Box::new(LocalBackend::new(PathBuf::from(loc))))
@@ -177,7 +215,10 @@ impl GlobalArgs {
         // Check for the repository before asking for a password.
         let sealed_config = Repository::read_config(&backend)?;
         let remote = backend.connections().is_some();
-        let pw = password::read_password(&password::REPO_PASSWORD, false)?;
+        let pw = match &self.secret {
+            Some(src) => password::read_secret(src).context("the policy's repository password")?,
+            None => password::read_password(&password::REPO_PASSWORD, false)?,
+        };
         let repo = Repository::open_with_config(backend, &sealed_config, pw.as_bytes())?;
         // A local repository is its own cache; a remote one is cached unless told not to.
         let base = match (&self.cache_dir, self.no_cache, remote) {
@@ -190,6 +231,29 @@ impl GlobalArgs {
             Some(b) => repo.with_cache(&b),
             None => repo,
         })
+    }
+
+    /// These options with a policy's repository, password source and limits (options
+    /// given on the command line win over the policy's limits).
+    fn for_policy(&self, pol: &crate::policy::Policy) -> GlobalArgs {
+        let mut g = self.clone();
+        let r = &pol.repository;
+        g.repo = Some(r.location.clone());
+        g.secret = Some(r.password.clone());
+        g.limit_upload = self.limit_upload.or(pol.limits.upload_kib);
+        g.limit_download = self.limit_download.or(pol.limits.download_kib);
+        if let Some(n) = pol.limits.s3_connections {
+            g.s3_connections = n;
+        }
+        if r.cache_dir.is_some() && self.cache_dir.is_none() {
+            g.cache_dir = r.cache_dir.clone();
+        }
+        g.s3_policy = Some(PolicyS3 {
+            credentials: r.s3_credentials.clone(),
+            region: r.s3_region.clone(),
+            storage_class: r.s3_storage_class.clone(),
+        });
+        g
     }
 
     fn say(&self, msg: impl AsRef<str>) {
@@ -251,6 +315,8 @@ fn run(cli: Cli) -> Result<i32> {
         Verb::Check(a) => inspect::check(g, a),
         Verb::WalPush(a) => pg_cmd::wal_push(g, a),
         Verb::WalFetch(a) => pg_cmd::wal_fetch(g, a),
+        Verb::Policy(a) => policy_cmd::run(g, a),
+        Verb::Forget(a) => forget_cmd::run(g, a),
     }
 }
 

@@ -40,38 +40,68 @@ fn first_line(s: &str) -> Zeroizing<String> {
     Zeroizing::new(s.lines().next().unwrap_or("").to_string())
 }
 
+/// Reads a secret from a policy's source: a file (not readable by everyone), a shell
+/// command, or an environment variable; its first line, which must not be empty.
+///
+/// # Errors
+/// An unreadable or world-readable file, a failing command, an unset variable, or an empty
+/// secret.
+pub fn read_secret(src: &crate::policy::SecretSource) -> Result<Zeroizing<String>> {
+    use crate::policy::SecretSource;
+    let pw = match src {
+        SecretSource::File(path) => read_secret_file(path, "password file")?,
+        SecretSource::Command(cmd) => run_secret_command(cmd, "password_command")?,
+        SecretSource::Env(var) => Zeroizing::new(
+            std::env::var(var)
+                .with_context(|| format!("environment variable {var} (password_env) is not set"))?,
+        ),
+    };
+    if pw.is_empty() {
+        bail!("empty password");
+    }
+    Ok(pw)
+}
+
+fn read_secret_file(path: &std::path::Path, what: &str) -> Result<Zeroizing<String>> {
+    let md = std::fs::metadata(path).with_context(|| format!("{what} {}", path.display()))?;
+    if md.permissions().mode() & 0o004 != 0 {
+        bail!(
+            "{what} {} is readable by everyone; chmod 600 it",
+            path.display()
+        );
+    }
+    let s = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading {what} {}", path.display()))?,
+    );
+    Ok(first_line(&s))
+}
+
+fn run_secret_command(cmd: &str, what: &str) -> Result<Zeroizing<String>> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({})", out.status);
+    }
+    let s = Zeroizing::new(String::from_utf8_lossy(&out.stdout).into_owned());
+    Ok(first_line(&s))
+}
+
 /// Reads a password; `confirm` asks twice at a prompt.
 ///
 /// # Errors
 /// An unreadable file, a failing command, an empty password, or no source at all.
 pub fn read_password(src: &PasswordSource, confirm: bool) -> Result<Zeroizing<String>> {
     let pw = if let Some(path) = std::env::var_os(src.file_var) {
-        let md = std::fs::metadata(&path)
-            .with_context(|| format!("{} {}", src.file_var, path.to_string_lossy()))?;
-        if md.permissions().mode() & 0o004 != 0 {
-            bail!(
-                "password file {} is readable by everyone; chmod 600 it",
-                path.to_string_lossy()
-            );
-        }
-        let s = Zeroizing::new(
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("reading password file {}", path.to_string_lossy()))?,
-        );
-        first_line(&s)
+        read_secret_file(std::path::Path::new(&path), "password file")
+            .with_context(|| src.file_var.to_string())?
     } else if let Ok(cmd) = std::env::var(src.command_var) {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {}", src.command_var))?;
-        if !out.status.success() {
-            bail!("{} failed ({})", src.command_var, out.status);
-        }
-        let s = Zeroizing::new(String::from_utf8_lossy(&out.stdout).into_owned());
-        first_line(&s)
+        run_secret_command(&cmd, src.command_var)?
     } else if let Ok(v) = std::env::var(src.value_var) {
         Zeroizing::new(v)
     } else if std::io::stdin().is_terminal() {

@@ -298,6 +298,22 @@ pub fn dump(g: &GlobalArgs, a: DumpArgs) -> Result<()> {
     Ok(())
 }
 
+/// Parses a time argument (`backup --time`): RFC 3339 or `YYYY-MM-DD HH:MM[:SS]` with an
+/// optional offset (this host's zone without one).
+///
+/// # Errors
+/// A message saying what is expected.
+pub(crate) fn parse_time_arg(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if s.trim().eq_ignore_ascii_case("latest") {
+        return Err("expected a time, not `latest`".into());
+    }
+    match parse_at(s) {
+        Ok(RecoveryTarget::Time(t)) => Ok(t),
+        Ok(RecoveryTarget::Latest) => Err("expected a time".into()),
+        Err(e) => Err(e.to_string().replace("--at ", "")),
+    }
+}
+
 /// Parses `--at`: `latest`, RFC 3339, or `YYYY-MM-DD HH:MM[:SS[.frac]][+HH[:MM]]`; without
 /// an offset, this host's time zone.
 fn parse_at(s: &str) -> Result<RecoveryTarget> {

@@ -449,6 +449,19 @@ impl Repository {
         self.save_object(ObjectType::Snapshot, ObjectKind::Snapshot, &plain)
     }
 
+    /// Removes a snapshot object (and its cached copy).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn remove_snapshot(&self, id: &BlobId) -> Result<(), RepoError> {
+        let name = id.to_hex();
+        self.backend.delete(ObjectType::Snapshot, &name)?;
+        if let Some(cache) = &self.cache {
+            cache.remove(ObjectType::Snapshot, &name);
+        }
+        Ok(())
+    }
+
     /// Loads one snapshot by full id.
     ///
     /// # Errors

@@ -55,6 +55,12 @@ pub fn backupd() -> Run {
 }
 
 impl Run {
+    /// Runs in this directory.
+    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.cmd.current_dir(dir);
+        self
+    }
+
     /// Adds one argument.
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
         self.args.push(a.as_ref().to_string_lossy().into_owned());

@@ -10,6 +10,7 @@ mod interrupt;
 mod keys;
 mod pg;
 pub mod pgserver;
+mod policy;
 mod roundtrip;
 mod s3;
 mod stream;
