@@ -41,6 +41,12 @@ pub enum BackupError {
     /// Files of a database that could not be read: the backup would not restore.
     #[error("cannot read {0}; no snapshot was written")]
     PgUnreadable(String),
+    /// The repository lock could not be taken.
+    #[error(transparent)]
+    Lock(#[from] crate::repo::lock::LockError),
+    /// The lock was not refreshed for so long that a prune may have taken it for dead.
+    #[error("the repository lock was not refreshed for too long (was the process stopped?); no snapshot was written")]
+    LockStale,
 }
 
 /// A PostgreSQL base backup to take.
@@ -132,7 +138,16 @@ fn paths_key(paths: &[String]) -> Vec<String> {
 pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
     let time = req.time.unwrap_or_else(chrono::Utc::now);
-    let index = Arc::new(repo.load_index()?);
+    // The lock first, then the marks: a prune deletes a marked pack only when no backup
+    // that started before the mark is running, and this one sees every mark made before it.
+    let lock = crate::repo::lock::RepoLock::acquire(
+        repo.backend().clone(),
+        repo.keys().clone(),
+        crate::repo::lock::LockKind::Backup,
+        &crate::cli::hostname(),
+    )?;
+    let (marked, _) = crate::repo::prune::load_marks(repo)?;
+    let index = Arc::new(repo.load_index_excluding(&marked.keys().copied().collect())?);
     let (paths, source_kind, command) = match &req.source {
         BackupSource::Files { paths, .. } => (
             paths.iter().map(|p| p.display().to_string()).collect(),
@@ -376,7 +391,11 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         postgres,
         program_version: env!("CARGO_PKG_VERSION").into(),
     };
+    if !lock.is_fresh() {
+        return Err(BackupError::LockStale);
+    }
     let snapshot_id = repo.save_snapshot(&snapshot)?;
+    drop(lock);
     Ok(BackupReport {
         snapshot_id,
         snapshot,

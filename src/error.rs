@@ -61,6 +61,11 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
                 return c;
             }
         }
+        if let Some(crate::repo::lock::LockError::Locked { .. }) =
+            cause.downcast_ref::<crate::repo::lock::LockError>()
+        {
+            return EXIT_LOCKED;
+        }
         if let Some(e) = cause.downcast_ref::<BackupError>() {
             match e {
                 BackupError::Interrupted => return EXIT_INTERRUPTED,

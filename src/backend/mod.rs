@@ -29,6 +29,10 @@ pub enum ObjectType {
     /// `wal/<system id>/...`: PostgreSQL WAL segments and history files, named by
     /// PostgreSQL's own file names (not by content), listed one folder at a time.
     Wal,
+    /// `locks/<id>`: who is backing up or pruning (see `repo::lock`).
+    Lock,
+    /// `marks/<id>`: packs prune found unused, with when (see `repo::prune`).
+    Mark,
 }
 
 /// What one folder of a kind holds (see [`Backend::list_dir`]).
@@ -50,6 +54,8 @@ impl ObjectType {
             ObjectType::Index => "index",
             ObjectType::Snapshot => "snapshots",
             ObjectType::Wal => "wal",
+            ObjectType::Lock => "locks",
+            ObjectType::Mark => "marks",
         }
     }
 

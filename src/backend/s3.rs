@@ -149,7 +149,8 @@ pub struct S3Options {
     /// Path-style addressing (`BACKUPD_S3_PATH_STYLE`); by default on for custom endpoints
     /// and off for AWS.
     pub path_style: Option<bool>,
-    /// Storage class of new objects (`BACKUPD_S3_STORAGE_CLASS`).
+    /// Storage class of new packs and WAL objects (`BACKUPD_S3_STORAGE_CLASS`); other
+    /// objects stay in the bucket's default class.
     pub storage_class: Option<String>,
     /// Region override (`BACKUPD_S3_REGION`); otherwise the AWS chain, else `us-east-1`.
     pub region: Option<String>,
@@ -839,7 +840,11 @@ impl Backend for S3Backend {
     fn put(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
         let key = self.key(kind, name);
         let ctx = self.ctx();
-        let sc = self.opts.storage_class.as_deref().map(StorageClass::from);
+        // Only bulk data takes the storage class: metadata is small and read often, and
+        // locks and marks live minutes (infrequent-access classes bill 30 days minimum).
+        let sc = matches!(kind, ObjectType::Pack | ObjectType::Wal)
+            .then(|| self.opts.storage_class.as_deref().map(StorageClass::from))
+            .flatten();
         let part_size = self.opts.part_size;
         if data.len() > self.opts.multipart_threshold {
             self.run(async move { ctx.put_multipart(key, data, part_size, sc).await })

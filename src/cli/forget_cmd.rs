@@ -64,6 +64,11 @@ pub struct ForgetArgs {
     /// Print what would be kept (with the rules that keep it) and removed; remove nothing.
     #[arg(long, short = 'n')]
     dry_run: bool,
+    /// Prune after forgetting (also the default for a policy whose retention says so).
+    #[arg(long)]
+    prune: bool,
+    #[command(flatten)]
+    prune_args: super::prune_cmd::PruneArgs,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -201,6 +206,7 @@ pub fn run(g: &GlobalArgs, a: ForgetArgs) -> Result<i32> {
         within,
         tags: a.keep_tag.clone(),
     };
+    let mut do_prune = a.prune;
     let (g, group_by, tz, policy_name) = match &a.policy {
         Some(name) => {
             let pol = policy::find(&g.policies, name)?;
@@ -213,6 +219,7 @@ pub fn run(g: &GlobalArgs, a: ForgetArgs) -> Result<i32> {
                     ),
                 }
             }
+            do_prune |= pol.retention.as_ref().is_some_and(|r| r.prune);
             let tz = pol
                 .schedule
                 .as_ref()
@@ -322,6 +329,9 @@ pub fn run(g: &GlobalArgs, a: ForgetArgs) -> Result<i32> {
         if !g.json {
             g.say(format!("removed {} snapshot(s)", to_remove.len()));
         }
+    }
+    if do_prune {
+        super::prune_cmd::run_prune(&g, &repo, &a.prune_args, a.dry_run)?;
     }
     Ok(EXIT_OK)
 }

@@ -11,6 +11,7 @@ pub mod password;
 pub mod pg_cmd;
 mod policy_cmd;
 mod progress;
+mod prune_cmd;
 mod restore_cmd;
 
 use std::path::PathBuf;
@@ -132,6 +133,8 @@ enum Verb {
     Policy(policy_cmd::PolicyArgs),
     /// Remove snapshots by retention rules (restic's keep-* options) or by id.
     Forget(forget_cmd::ForgetArgs),
+    /// Delete data no snapshot needs (two-phase; safe while other hosts back up).
+    Prune(prune_cmd::PruneCmdArgs),
 }
 
 /// Arguments of `init`.
@@ -317,6 +320,7 @@ fn run(cli: Cli) -> Result<i32> {
         Verb::WalFetch(a) => pg_cmd::wal_fetch(g, a),
         Verb::Policy(a) => policy_cmd::run(g, a),
         Verb::Forget(a) => forget_cmd::run(g, a),
+        Verb::Prune(a) => prune_cmd::run(g, a),
     }
 }
 

@@ -39,6 +39,10 @@ pub enum ObjectKind {
     Snapshot = 7,
     /// A PostgreSQL WAL file (the associated data binds its archive name).
     Wal = 8,
+    /// A repository lock.
+    Lock = 9,
+    /// Prune's marks of unused packs.
+    Marks = 10,
 }
 
 /// Why an object could not be opened.

@@ -135,8 +135,7 @@ impl CronSchedule {
             let last = why
                 .lines()
                 .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .last()
+                .rfind(|l| !l.is_empty())
                 .unwrap_or("");
             format!("{e:?} (does not parse: {last})")
         })?;

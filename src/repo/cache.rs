@@ -97,7 +97,11 @@ impl Cache {
             ObjectType::Snapshot => "snapshots",
             ObjectType::Index => "index",
             ObjectType::Pack => "data",
-            ObjectType::Config | ObjectType::Key | ObjectType::Wal => return None,
+            ObjectType::Config
+            | ObjectType::Key
+            | ObjectType::Wal
+            | ObjectType::Lock
+            | ObjectType::Mark => return None,
         };
         Some(self.dir.join(sub))
     }

@@ -4,7 +4,9 @@
 pub mod cache;
 pub mod config;
 pub mod index;
+pub mod lock;
 pub mod pack;
+pub mod prune;
 pub mod snapshot;
 pub mod tree;
 
@@ -401,6 +403,15 @@ impl Repository {
     /// # Errors
     /// A damaged index file (named), or backend failures.
     pub fn load_index(&self) -> Result<Index, RepoError> {
+        self.load_index_excluding(&HashSet::new())
+    }
+
+    /// Loads every index file, leaving out the packs in `excluded` (packs prune marked:
+    /// a backup must not deduplicate against them).
+    ///
+    /// # Errors
+    /// A damaged index file (named), or backend failures.
+    pub fn load_index_excluding(&self, excluded: &HashSet<BlobId>) -> Result<Index, RepoError> {
         let mut all = vec![];
         let listed = self.backend.list(ObjectType::Index)?;
         for (name, _) in &listed {
@@ -417,6 +428,7 @@ impl Repository {
                 &packs.iter().map(String::as_str).collect::<HashSet<_>>(),
             );
         }
+        all.retain(|p: &index::IndexedPack| !excluded.contains(&p.pack));
         Ok(Index::from_packs(all))
     }
 

@@ -135,12 +135,12 @@ fn unchanged_files_are_not_read_again() {
     );
     // Only directory trees can be new (e.g. /tmp's own mtime moves), never file data.
     assert!(u(&second, "bytes_added") < 64 * 1024, "{second}");
-    // Requests by kind are reported; a no-change backup writes its snapshot and at most one
-    // tree pack with its index, never a data pack.
+    // Requests by kind are reported; a no-change backup writes its lock, its snapshot and
+    // at most one tree pack with its index, never a data pack.
     let puts = second["requests"]["put"]
         .as_u64()
         .expect("requests.put in the summary");
-    assert!((1..=3).contains(&puts), "{second}");
+    assert!((2..=4).contains(&puts), "{second}");
     assert!(
         second["requests"]["bytes_up"].as_u64().unwrap() < 64 * 1024,
         "{second}"

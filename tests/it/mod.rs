@@ -11,6 +11,7 @@ mod keys;
 mod pg;
 pub mod pgserver;
 mod policy;
+mod prune;
 mod roundtrip;
 mod s3;
 mod stream;

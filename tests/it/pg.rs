@@ -504,3 +504,64 @@ fn the_whole_cycle_works_on_an_s3_repository() {
     assert!(out.contains("server promoted"), "{out}");
     assert_eq!(batches(&r), "1:500 2:100");
 }
+
+#[test]
+fn prune_removes_wal_older_than_the_oldest_kept_base_backup_and_it_still_restores() {
+    let env = PgEnv::new();
+    let c = env.cluster("src");
+    c.sql("create table t(batch int, i int)");
+    insert_batch(&c, 1, 1000);
+    let first = backup(&env, &c, &[]);
+    insert_batch(&c, 2, 50);
+    let early = c.switch_and_wait_archived();
+    insert_batch(&c, 2, 50);
+    c.switch_and_wait_archived();
+    let second = backup(&env, &c, &[]);
+    insert_batch(&c, 3, 100);
+    c.switch_and_wait_archived();
+    assert!(wal_object(&env, &c, &early).exists());
+    let start = env
+        .cmd()
+        .args(["snapshots", "--json"])
+        .run()
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == second["snapshot_id"])
+        .unwrap()["postgres"]["start_lsn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Both kept: only what precedes the first backup goes.
+    env.cmd()
+        .args(["prune", "--json", "--grace", "0s"])
+        .run()
+        .ok();
+    assert!(
+        wal_object(&env, &c, &early).exists(),
+        "the first backup needs it"
+    );
+    env.cmd()
+        .args(["forget", first["snapshot_id"].as_str().unwrap()])
+        .run()
+        .ok();
+    let p = env
+        .cmd()
+        .args(["prune", "--json", "--grace", "0s"])
+        .run()
+        .ok()
+        .json();
+    assert!(p["wal_deleted"].as_u64().unwrap() >= 2, "{p}");
+    assert!(
+        !wal_object(&env, &c, &early).exists(),
+        "WAL before the kept backup is gone"
+    );
+    // What the kept backup needs, from its start segment on, is all there.
+    let start_seg = c.sql(&format!("select pg_walfile_name('{start}')"));
+    assert!(wal_object(&env, &c, &start_seg).exists(), "{start_seg}");
+    let (r, _) = restore_at(&env, "latest", "r", &["--archive-mode", "off"]);
+    assert_eq!(batches(&r), "1:1000 2:100 3:100");
+}

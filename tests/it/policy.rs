@@ -421,7 +421,6 @@ fn runnable_example_files_policy_really_runs_into_s3_with_its_hooks() {
     // finchat-sec-qa-files: files + an SQLite copy made by its pre hook, into S3 with a
     // credentials file, exactly as shipped except for where things are.
     let repo = Repo::new_s3();
-    let s3 = repo.s3.as_ref().unwrap();
     let d = PolicyDir::examples();
     let root = repo.scratch("root");
     for dir in [
@@ -467,6 +466,11 @@ fn runnable_example_files_policy_really_runs_into_s3_with_its_hooks() {
     .unwrap();
     d.edit("finchat-sec-qa-files.toml", |doc| {
         doc["repository"]["location"] = toml_edit::value(repo.location.clone());
+        // The test server knows no storage classes.
+        doc["repository"]
+            .as_table_mut()
+            .unwrap()
+            .remove("s3_storage_class");
     });
     backupd()
         .args(["policy", "check"])

@@ -200,19 +200,21 @@ fn a_backup_reports_requests_by_kind_and_a_no_change_backup_is_cheap() {
     // The parent's trees come from one whole tree pack, fetched once into the cache.
     let second = cheap.expect("two backups in a row saw no change in 10 tries");
     let req = &second["requests"];
-    // One put: the snapshot. No listing of data/, no per-directory reads.
-    assert_eq!(req["put"], 1, "{second}");
+    // Two puts: the lock and the snapshot (and one delete: the lock). No listing of
+    // data/, no per-directory reads.
+    assert_eq!(req["put"], 2, "{second}");
+    assert_eq!(req["delete"], 1, "{second}");
     assert_eq!(req["get_range"], 0, "{second}");
     assert!(
         total(req) <= 10,
         "a no-change backup made {} requests: {req}",
         total(req)
     );
-    // With everything cached: config, key list and key, snapshot and index lists, and the
-    // new snapshot.
+    // With everything cached: config, key list and key, snapshot, index and marks lists,
+    // the lock (put and delete) and the new snapshot.
     let (summary, described) = cached.expect("a cached backup");
     let req = &summary["requests"];
-    assert_eq!(total(req), 6, "{described}");
+    assert_eq!(total(req), 9, "{described}");
     // Without the cache every directory is a ranged read.
     let uncached = repo
         .cmd()

@@ -1,0 +1,246 @@
+//! Repository locks: small sealed objects under `locks/` that say "a backup (or a prune)
+//! is running here since ...". Backups take shared locks and never wait for anything;
+//! prune takes the one exclusive lock (two prunes never run at once) and reads the backup
+//! locks to know which marked packs a running backup might still be deduplicating against
+//! (docs/decisions/0009-prune.md). A holder refreshes its lock every few minutes; a lock
+//! not refreshed for [`STALE_AFTER`] belongs to a dead process and is ignored.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::backend::{Backend, BackendError, ObjectType};
+use crate::crypto::{self, MasterKeys, ObjectKind};
+
+/// A lock not refreshed for this long is stale.
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+/// How often a holder refreshes its lock.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+
+/// What holds a lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockKind {
+    /// A backup (shared).
+    Backup,
+    /// A prune (exclusive among prunes).
+    Prune,
+}
+
+/// The content of a lock object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    /// Backup or prune.
+    pub kind: LockKind,
+    /// Host name.
+    pub host: String,
+    /// Process id on that host.
+    pub pid: u32,
+    /// When the holder started.
+    pub started: DateTime<Utc>,
+    /// When the lock was last written.
+    pub refreshed: DateTime<Utc>,
+}
+
+impl LockRecord {
+    /// Whether the holder has stopped refreshing it.
+    pub fn is_stale(&self, now: DateTime<Utc>) -> bool {
+        now.signed_duration_since(self.refreshed)
+            .to_std()
+            .unwrap_or_default()
+            > STALE_AFTER
+    }
+}
+
+/// Lock errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another prune holds the exclusive lock.
+    #[error("the repository is locked by a prune on {host} (pid {pid}) running since {since}; try again later")]
+    Locked {
+        /// Its host.
+        host: String,
+        /// Its pid.
+        pid: u32,
+        /// Since when.
+        since: DateTime<Utc>,
+    },
+    /// The store failed.
+    #[error("lock: {0}")]
+    Backend(#[from] BackendError),
+}
+
+fn write_record(
+    backend: &Arc<dyn Backend>,
+    keys: &MasterKeys,
+    rec: &LockRecord,
+) -> Result<String, BackendError> {
+    let plain = serde_json::to_vec(rec).expect("a lock record serializes");
+    let sealed = crypto::seal(keys, ObjectKind::Lock, None, &plain);
+    let name = hex::encode(Sha256::digest(&sealed));
+    backend.put(ObjectType::Lock, &name, Bytes::from(sealed))?;
+    Ok(name)
+}
+
+/// Every readable lock with its object name (unreadable ones are skipped with a warning:
+/// a lock is advice, and a damaged one must not stop backups).
+///
+/// # Errors
+/// The store failing to list.
+pub fn list_locks(
+    backend: &Arc<dyn Backend>,
+    keys: &MasterKeys,
+) -> Result<Vec<(String, LockRecord)>, BackendError> {
+    let mut out = vec![];
+    for (name, _) in backend.list(ObjectType::Lock)? {
+        let bytes = match backend.get(ObjectType::Lock, &name) {
+            Ok(b) => b,
+            // Removed between list and get: its holder finished.
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        let rec = (hex::encode(Sha256::digest(&bytes)) == name)
+            .then(|| crypto::open(keys, ObjectKind::Lock, None, &bytes).ok())
+            .flatten()
+            .and_then(|plain| serde_json::from_slice::<LockRecord>(&plain).ok());
+        match rec {
+            Some(r) => out.push((name, r)),
+            None => tracing::warn!("locks/{name}: unreadable lock ignored"),
+        }
+    }
+    Ok(out)
+}
+
+struct Shared {
+    name: Mutex<String>,
+    last_refresh: Mutex<Instant>,
+    stop: AtomicBool,
+}
+
+/// A held lock; refreshed in the background, removed on drop.
+pub struct RepoLock {
+    backend: Arc<dyn Backend>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    record: LockRecord,
+}
+
+impl RepoLock {
+    /// Takes a lock. A prune lock fails with `Locked` when another live prune lock exists
+    /// (both writers then back off: neither proceeds).
+    ///
+    /// # Errors
+    /// `Locked`, or the store failing.
+    pub fn acquire(
+        backend: Arc<dyn Backend>,
+        keys: Arc<MasterKeys>,
+        kind: LockKind,
+        host: &str,
+    ) -> Result<RepoLock, LockError> {
+        let now = Utc::now();
+        let record = LockRecord {
+            kind,
+            host: host.to_string(),
+            pid: std::process::id(),
+            started: now,
+            refreshed: now,
+        };
+        let name = write_record(&backend, &keys, &record)?;
+        if kind == LockKind::Prune {
+            let others = list_locks(&backend, &keys)?;
+            if let Some((_, other)) = others
+                .iter()
+                .find(|(n, r)| *n != name && r.kind == LockKind::Prune && !r.is_stale(Utc::now()))
+            {
+                let _ = backend.delete(ObjectType::Lock, &name);
+                return Err(LockError::Locked {
+                    host: other.host.clone(),
+                    pid: other.pid,
+                    since: other.started,
+                });
+            }
+        }
+        let shared = Arc::new(Shared {
+            name: Mutex::new(name),
+            last_refresh: Mutex::new(Instant::now()),
+            stop: AtomicBool::new(false),
+        });
+        let thread = {
+            let (backend, shared, mut rec) = (backend.clone(), shared.clone(), record.clone());
+            std::thread::Builder::new()
+                .name("lock-refresh".into())
+                .spawn(move || {
+                    let mut next = Instant::now() + REFRESH_EVERY;
+                    while !shared.stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(200));
+                        if Instant::now() < next {
+                            continue;
+                        }
+                        next = Instant::now() + REFRESH_EVERY;
+                        rec.refreshed = Utc::now();
+                        match write_record(&backend, &keys, &rec) {
+                            Ok(new_name) => {
+                                let old = std::mem::replace(
+                                    &mut *shared.name.lock().unwrap_or_else(|e| e.into_inner()),
+                                    new_name,
+                                );
+                                *shared
+                                    .last_refresh
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                                let _ = backend.delete(ObjectType::Lock, &old);
+                            }
+                            Err(e) => tracing::warn!("refreshing the repository lock: {e}"),
+                        }
+                    }
+                })
+                .ok()
+        };
+        Ok(RepoLock {
+            backend,
+            shared,
+            thread,
+            record,
+        })
+    }
+
+    /// Whether the lock is certainly still seen as live by others (refreshed well within
+    /// [`STALE_AFTER`]). A holder that was paused or cut off longer must not commit.
+    pub fn is_fresh(&self) -> bool {
+        let last = *self
+            .shared
+            .last_refresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        last.elapsed() < STALE_AFTER - REFRESH_EVERY
+    }
+
+    /// What this lock says.
+    pub fn record(&self) -> &LockRecord {
+        &self.record
+    }
+}
+
+impl Drop for RepoLock {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let name = self
+            .shared
+            .name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Err(e) = self.backend.delete(ObjectType::Lock, &name) {
+            tracing::warn!("removing lock locks/{name}: {e}");
+        }
+    }
+}
