@@ -4,6 +4,7 @@
 //! else lives here: [`crypto`], [`pipeline`], [`backend`], [`repo`], [`source`],
 //! [`backup`], [`restore`], [`check`] and the verb handlers in [`cli`].
 
+pub mod agent;
 pub mod backend;
 pub mod backup;
 pub mod check;

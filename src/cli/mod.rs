@@ -2,6 +2,7 @@
 //! `anyhow` and return errors; [`main`] prints them with their causes and maps them to
 //! exit codes.
 
+mod agent_cmd;
 pub mod allocator;
 mod backup_cmd;
 mod forget_cmd;
@@ -135,6 +136,8 @@ enum Verb {
     Forget(forget_cmd::ForgetArgs),
     /// Delete data no snapshot needs (two-phase; safe while other hosts back up).
     Prune(prune_cmd::PruneCmdArgs),
+    /// Run the policies on their schedules (the resident agent).
+    Agent(agent_cmd::AgentArgs),
 }
 
 /// Arguments of `init`.
@@ -321,6 +324,7 @@ fn run(cli: Cli) -> Result<i32> {
         Verb::Policy(a) => policy_cmd::run(g, a),
         Verb::Forget(a) => forget_cmd::run(g, a),
         Verb::Prune(a) => prune_cmd::run(g, a),
+        Verb::Agent(a) => agent_cmd::run(g, a),
     }
 }
 
@@ -353,18 +357,46 @@ pub fn main() -> i32 {
         _ if remote => allocator::Profile::Write,
         _ => allocator::Profile::Read,
     });
+    let is_agent = matches!(cli.command, Verb::Agent(_));
     let filter = tracing_subscriber::EnvFilter::try_from_env("BACKUPD_LOG").unwrap_or_else(|_| {
         // The AWS SDK logs every step of credential and region discovery as a warning
         // (no instance metadata off EC2, ...); its real failures reach us as errors.
-        tracing_subscriber::EnvFilter::new("warn,aws_config=error,aws_smithy_runtime=error")
+        tracing_subscriber::EnvFilter::new(if is_agent {
+            "info,aws_config=error,aws_smithy_runtime=error,tokio_postgres=warn"
+        } else {
+            "warn,aws_config=error,aws_smithy_runtime=error"
+        })
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .init();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // The agent logs JSON unless on a terminal (journald, ELK); other verbs log text.
+    let json = match std::env::var("BACKUPD_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => is_agent && !tty,
+    };
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_current_span(false)
+            .init();
+    } else if is_agent {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(tty)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(tty)
+            .without_time()
+            .init();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

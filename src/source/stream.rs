@@ -2,6 +2,7 @@
 //! named by `--stdin-filename` at the root of the snapshot.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicU64;
 
@@ -82,6 +83,9 @@ pub fn backup_stream(
             })?;
             let mut child = Command::new(prog)
                 .args(args)
+                // A group of its own: on interrupt the whole pipeline it starts is
+                // stopped, so a blocked read of its output ends.
+                .process_group(0)
                 // Our allocator setting is for us, not for the command.
                 .env_remove(crate::cli::allocator::MMAP_THRESHOLD_VAR)
                 .stdin(Stdio::null())
@@ -92,8 +96,27 @@ pub fn backup_stream(
                     source,
                 })?;
             let out = child.stdout.take().expect("stdout is piped");
-            let r = run(out, saver, &cutter, cancel, read_counter, prog);
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let r = std::thread::scope(|scope| {
+                // A read from the command blocks until it writes: watch for the interrupt
+                // meanwhile and stop the command's process group.
+                scope.spawn(|| {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        if cancel.is_cancelled() {
+                            let _ =
+                                nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+                            return;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                });
+                let r = run(out, saver, &cutter, cancel, read_counter, prog);
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                r
+            });
             if r.is_err() {
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.kill();
             }
             let status = child.wait().map_err(|source| StreamError::Read {

@@ -2,6 +2,7 @@
 
 pub mod common;
 
+mod agent;
 mod cli;
 mod conformance;
 mod dedup;

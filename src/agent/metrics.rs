@@ -1,0 +1,533 @@
+//! The agent's numbers for monitoring, and the loopback HTTP endpoint that serves them:
+//! `/metrics` in the Prometheus text format and `/healthz`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::scheduler::{JobKind, JobOutcome, Observer};
+use super::state::AgentState;
+
+/// WAL archiving of a PostgreSQL policy's server, as last polled.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WalStatus {
+    /// Complete segments not yet archived.
+    pub pending_segments: u64,
+    /// Seconds since the last archived segment when some are pending (the live RPO), else 0.
+    pub lag_seconds: f64,
+    /// When the last segment was archived.
+    pub last_archived: Option<f64>,
+    /// Whether the last archive attempt failed.
+    pub failing: bool,
+}
+
+/// One policy's numbers.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyMetrics {
+    source: String,
+    last_success: Option<DateTime<Utc>>,
+    last_failure: Option<DateTime<Utc>>,
+    last_duration: Option<f64>,
+    bytes_read: u64,
+    bytes_added: u64,
+    dedup_ratio: f64,
+    runs_ok: u64,
+    runs_failed: u64,
+    consecutive_failures: u64,
+    running: bool,
+    next_run: Option<DateTime<Utc>>,
+    requests: BTreeMap<String, u64>,
+    verify_last: Option<DateTime<Utc>>,
+    verify_ok: Option<bool>,
+    verify_duration: Option<f64>,
+    retention_last: Option<DateTime<Utc>>,
+    retention_ok: Option<bool>,
+    wal: Option<WalStatus>,
+}
+
+/// Every policy's numbers; also the scheduler's observer, keeping the state file.
+pub struct Registry {
+    policies: Mutex<BTreeMap<String, PolicyMetrics>>,
+    state: Arc<AgentState>,
+    started: DateTime<Utc>,
+    reloads: Mutex<(u64, u64)>,
+}
+
+fn secs(t: DateTime<Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Registry {
+    /// An empty registry writing through to `state`.
+    pub fn new(state: Arc<AgentState>) -> Self {
+        Registry {
+            policies: Mutex::new(BTreeMap::new()),
+            state,
+            started: Utc::now(),
+            reloads: Mutex::new((0, 0)),
+        }
+    }
+
+    fn with(&self, policy: &str, f: impl FnOnce(&mut PolicyMetrics)) {
+        let mut g = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        f(g.entry(policy.to_string()).or_default());
+    }
+
+    /// Makes the set of policies exactly `names` (with their source kinds), keeping the
+    /// numbers of those that stay.
+    pub fn set_policies(&self, names: &[(String, String)]) {
+        let mut g = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|k, _| names.iter().any(|(n, _)| n == k));
+        for (n, kind) in names {
+            let m = g.entry(n.clone()).or_default();
+            m.source = kind.clone();
+            if m.last_success.is_none() {
+                m.last_success = self.state.get(n).last_success;
+            }
+        }
+    }
+
+    /// Counts a reload.
+    pub fn reloaded(&self, ok: bool) {
+        let mut r = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            r.0 += 1;
+        } else {
+            r.1 += 1;
+        }
+    }
+
+    /// Records a WAL poll.
+    pub fn set_wal(&self, policy: &str, w: Option<WalStatus>) {
+        self.with(policy, |m| m.wal = w);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let g = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                if labels.is_empty() {
+                    let _ = writeln!(o, "{name} {v}");
+                } else {
+                    let _ = writeln!(o, "{name}{{{labels}}} {v}");
+                }
+            }
+        };
+        let per = |f: &dyn Fn(&PolicyMetrics) -> Option<f64>| -> Vec<(String, f64)> {
+            g.iter()
+                .filter_map(|(n, m)| f(m).map(|v| (format!("policy=\"{}\"", esc(n)), v)))
+                .collect()
+        };
+        family(
+            "backupd_policy_info",
+            "gauge",
+            "Policies loaded (value 1), with their source kind.",
+            g.iter()
+                .map(|(n, m)| {
+                    (
+                        format!("policy=\"{}\",source=\"{}\"", esc(n), esc(&m.source)),
+                        1.0,
+                    )
+                })
+                .collect(),
+        );
+        family(
+            "backupd_policy_last_success_timestamp_seconds",
+            "gauge",
+            "End of the last successful backup.",
+            per(&|m| m.last_success.map(secs)),
+        );
+        family(
+            "backupd_policy_last_failure_timestamp_seconds",
+            "gauge",
+            "End of the last failed backup attempt.",
+            per(&|m| m.last_failure.map(secs)),
+        );
+        family(
+            "backupd_policy_last_duration_seconds",
+            "gauge",
+            "Duration of the last backup run.",
+            per(&|m| m.last_duration),
+        );
+        family(
+            "backupd_policy_last_bytes_read",
+            "gauge",
+            "Bytes read from the source by the last successful backup.",
+            per(&|m| m.last_success.map(|_| m.bytes_read as f64)),
+        );
+        family(
+            "backupd_policy_last_bytes_added",
+            "gauge",
+            "New bytes added to the repository by the last successful backup.",
+            per(&|m| m.last_success.map(|_| m.bytes_added as f64)),
+        );
+        family(
+            "backupd_policy_last_dedup_ratio",
+            "gauge",
+            "Share of the last snapshot already in the repository.",
+            per(&|m| m.last_success.map(|_| m.dedup_ratio)),
+        );
+        family(
+            "backupd_policy_runs_total",
+            "counter",
+            "Backup runs by result.",
+            g.iter()
+                .flat_map(|(n, m)| {
+                    [
+                        (
+                            format!("policy=\"{}\",result=\"success\"", esc(n)),
+                            m.runs_ok as f64,
+                        ),
+                        (
+                            format!("policy=\"{}\",result=\"failure\"", esc(n)),
+                            m.runs_failed as f64,
+                        ),
+                    ]
+                })
+                .collect(),
+        );
+        family(
+            "backupd_policy_consecutive_failures",
+            "gauge",
+            "Backup attempts failed in a row.",
+            per(&|m| Some(m.consecutive_failures as f64)),
+        );
+        family(
+            "backupd_policy_running",
+            "gauge",
+            "1 while a job of the policy runs.",
+            per(&|m| Some(if m.running { 1.0 } else { 0.0 })),
+        );
+        family(
+            "backupd_policy_next_run_timestamp_seconds",
+            "gauge",
+            "When the next backup is planned.",
+            per(&|m| m.next_run.map(secs)),
+        );
+        family(
+            "backupd_policy_s3_requests_total",
+            "counter",
+            "Repository requests made by the policy's jobs, by kind.",
+            g.iter()
+                .flat_map(|(n, m)| {
+                    m.requests.iter().map(move |(k, v)| {
+                        (
+                            format!("policy=\"{}\",kind=\"{}\"", esc(n), esc(k)),
+                            *v as f64,
+                        )
+                    })
+                })
+                .collect(),
+        );
+        family(
+            "backupd_policy_last_retention_success",
+            "gauge",
+            "1 if the last forget/prune after a backup worked.",
+            per(&|m| m.retention_ok.map(|ok| if ok { 1.0 } else { 0.0 })),
+        );
+        family(
+            "backupd_policy_last_verify_timestamp_seconds",
+            "gauge",
+            "End of the last verification (restore test).",
+            per(&|m| m.verify_last.map(secs)),
+        );
+        family(
+            "backupd_policy_last_verify_success",
+            "gauge",
+            "1 if the last verification passed.",
+            per(&|m| m.verify_ok.map(|ok| if ok { 1.0 } else { 0.0 })),
+        );
+        family(
+            "backupd_policy_last_verify_duration_seconds",
+            "gauge",
+            "Duration of the last verification.",
+            per(&|m| m.verify_duration),
+        );
+        family(
+            "backupd_wal_archive_pending_segments",
+            "gauge",
+            "Complete WAL segments the server has not archived yet.",
+            per(&|m| m.wal.as_ref().map(|w| w.pending_segments as f64)),
+        );
+        family(
+            "backupd_wal_archive_lag_seconds",
+            "gauge",
+            "Age of the oldest unarchived WAL (0 when none is pending): the live RPO.",
+            per(&|m| m.wal.as_ref().map(|w| w.lag_seconds)),
+        );
+        family(
+            "backupd_wal_last_archived_timestamp_seconds",
+            "gauge",
+            "When the server last archived a WAL file.",
+            per(&|m| m.wal.as_ref().and_then(|w| w.last_archived)),
+        );
+        family(
+            "backupd_wal_archive_failing",
+            "gauge",
+            "1 if the server's last archive attempt failed.",
+            per(&|m| m.wal.as_ref().map(|w| if w.failing { 1.0 } else { 0.0 })),
+        );
+        let r = *self.reloads.lock().unwrap_or_else(|e| e.into_inner());
+        family(
+            "backupd_agent_reloads_total",
+            "counter",
+            "Policy reloads by result.",
+            vec![
+                ("result=\"success\"".into(), r.0 as f64),
+                ("result=\"failure\"".into(), r.1 as f64),
+            ],
+        );
+        family(
+            "backupd_agent_start_timestamp_seconds",
+            "gauge",
+            "When the agent started.",
+            vec![(String::new(), secs(self.started))],
+        );
+        o
+    }
+}
+
+impl Observer for Registry {
+    fn fire_handled(&self, policy: &str, kind: JobKind, fire: DateTime<Utc>) {
+        self.state.update(policy, |s| match kind {
+            JobKind::Verify => s.last_verify_fire = Some(fire),
+            _ => s.last_backup_fire = Some(fire),
+        });
+    }
+
+    fn next_run(&self, policy: &str, kind: JobKind, at: DateTime<Utc>) {
+        if kind == JobKind::Backup {
+            self.with(policy, |m| m.next_run = Some(at));
+        }
+    }
+
+    fn started(&self, policy: &str, kind: JobKind, _at: DateTime<Utc>) {
+        tracing::info!(policy, job = kind.as_str(), "run starts");
+        self.with(policy, |m| m.running = true);
+    }
+
+    fn finished(
+        &self,
+        policy: &str,
+        kind: JobKind,
+        started: DateTime<Utc>,
+        ended: DateTime<Utc>,
+        outcome: &JobOutcome,
+    ) {
+        let duration = (ended - started).num_milliseconds() as f64 / 1000.0;
+        let summary = match outcome {
+            JobOutcome::Success(s) => s.clone(),
+            _ => None,
+        };
+        match outcome {
+            JobOutcome::Success(_) => {
+                tracing::info!(
+                    policy,
+                    job = kind.as_str(),
+                    duration_secs = duration,
+                    "run succeeded"
+                )
+            }
+            JobOutcome::Failed(why) => {
+                tracing::error!(
+                    policy,
+                    job = kind.as_str(),
+                    duration_secs = duration,
+                    "run failed: {why}"
+                )
+            }
+            JobOutcome::Abandoned => {
+                tracing::warn!(
+                    policy,
+                    job = kind.as_str(),
+                    "run stopped: the agent is shutting down"
+                )
+            }
+        }
+        let ok = matches!(outcome, JobOutcome::Success(_));
+        if kind == JobKind::Backup && ok {
+            self.state.update(policy, |s| s.last_success = Some(ended));
+        }
+        self.with(policy, |m| {
+            m.running = false;
+            if let Some(req) = summary
+                .as_ref()
+                .and_then(|s| s.get("requests"))
+                .and_then(|r| r.as_object())
+            {
+                for (k, v) in req {
+                    if let Some(n) = v.as_u64() {
+                        if !k.starts_with("bytes") {
+                            *m.requests.entry(k.clone()).or_default() += n;
+                        }
+                    }
+                }
+            }
+            match kind {
+                JobKind::Backup => {
+                    m.last_duration = Some(duration);
+                    match outcome {
+                        JobOutcome::Success(s) => {
+                            m.last_success = Some(ended);
+                            m.runs_ok += 1;
+                            m.consecutive_failures = 0;
+                            let num = |k: &str| {
+                                s.as_ref()
+                                    .and_then(|s| s.get(k))
+                                    .and_then(|v| v.as_f64())
+                                    .unwrap_or(0.0)
+                            };
+                            m.bytes_read = num("bytes_read") as u64;
+                            m.bytes_added = num("bytes_added") as u64;
+                            m.dedup_ratio = num("dedup_ratio");
+                        }
+                        JobOutcome::Failed(_) => {
+                            m.last_failure = Some(ended);
+                            m.runs_failed += 1;
+                            m.consecutive_failures += 1;
+                        }
+                        JobOutcome::Abandoned => {}
+                    }
+                }
+                JobKind::Retention => {
+                    m.retention_last = Some(ended);
+                    m.retention_ok = Some(ok);
+                }
+                JobKind::Verify => {
+                    if !matches!(outcome, JobOutcome::Abandoned) {
+                        m.verify_last = Some(ended);
+                        m.verify_ok = Some(ok);
+                        m.verify_duration = Some(duration);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = stop.changed() => return,
+        };
+        let Ok((mut sock, _)) = conn else { continue };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read the request head (bounded; a slow client gets 5 s).
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while n < buf.len() {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            n += k;
+                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let path = path.split('?').next().unwrap_or("");
+            let (status, ctype, body) = match (method, path) {
+                ("GET", "/metrics") => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    registry.render(),
+                ),
+                ("GET", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
+                ("GET", _) => (
+                    "404 Not Found",
+                    "text/plain; charset=utf-8",
+                    "not found: try /metrics or /healthz\n".to_string(),
+                ),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain; charset=utf-8",
+                    "GET only\n".to_string(),
+                ),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_help_type_and_labelled_values() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::new(Arc::new(AgentState::open(d.path()).unwrap()));
+        r.set_policies(&[("db \"main\"".into(), "postgres".into())]);
+        let t0 = Utc::now();
+        r.started("db \"main\"", JobKind::Backup, t0);
+        assert!(r
+            .render()
+            .contains("backupd_policy_running{policy=\"db \\\"main\\\"\"} 1"));
+        r.finished(
+            "db \"main\"",
+            JobKind::Backup,
+            t0,
+            t0 + chrono::Duration::seconds(3),
+            &JobOutcome::Success(Some(serde_json::json!({
+                "bytes_read": 100, "bytes_added": 10, "dedup_ratio": 0.9,
+                "requests": {"put": 3, "get": 2, "bytes_up": 99}
+            }))),
+        );
+        let text = r.render();
+        for want in [
+            "# TYPE backupd_policy_runs_total counter",
+            "backupd_policy_runs_total{policy=\"db \\\"main\\\"\",result=\"success\"} 1",
+            "backupd_policy_last_bytes_read{policy=\"db \\\"main\\\"\"} 100",
+            "backupd_policy_last_dedup_ratio{policy=\"db \\\"main\\\"\"} 0.9",
+            "backupd_policy_last_duration_seconds{policy=\"db \\\"main\\\"\"} 3",
+            "backupd_policy_s3_requests_total{policy=\"db \\\"main\\\"\",kind=\"put\"} 3",
+            "backupd_policy_running{policy=\"db \\\"main\\\"\"} 0",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(!text.contains("bytes_up"), "byte counts are not requests");
+        // The state file remembers the success for the next start.
+        assert!(AgentState::open(d.path())
+            .unwrap()
+            .get("db \"main\"")
+            .last_success
+            .is_some());
+    }
+}

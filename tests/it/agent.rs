@@ -1,0 +1,288 @@
+//! The real binary as the resident agent: an every-minute policy runs, /metrics changes
+//! after a run, SIGHUP reloads (an invalid reload keeps the old policies), and SIGTERM
+//! in the middle of a backup leaves no snapshot.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::common::*;
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// The value of one sample line `name{labels} value`, if present.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn policy_text(repo: &Repo, pw: &Path, source: &str, schedule: &str) -> String {
+    format!(
+        "[repository]\nlocation = \"{}\"\npassword_file = \"{}\"\n[source]\n{source}\n[schedule]\n{schedule}\n",
+        repo.location,
+        pw.display()
+    )
+}
+
+fn signal(child: &Child, sig: &str) {
+    let st = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn the_agent_runs_schedules_reloads_on_hup_and_stops_cleanly_on_term() {
+    let repo = Repo::new();
+    let work = repo.scratch("agent");
+    let pol = work.join("policies");
+    fs::create_dir_all(&pol).unwrap();
+    let src = work.join("src");
+    fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("data"), 1 << 20);
+    let pw = work.join("pw");
+    fs::write(&pw, PASSWORD).unwrap();
+    fs::set_permissions(&pw, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(
+        pol.join("quick.toml"),
+        policy_text(
+            &repo,
+            &pw,
+            &format!("type = \"files\"\npaths = [\"{}\"]", src.display()),
+            "cron = \"* * * * *\"",
+        ) + "[retention]\nkeep_last = 5\n",
+    )
+    .unwrap();
+    // A backup that takes long: a command writing for 60 s.
+    fs::write(
+        pol.join("slow.toml"),
+        policy_text(
+            &repo,
+            &pw,
+            "type = \"command\"\ncommand = \"echo start; sleep 60; echo end\"\nfilename = \"slow.out\"",
+            "cron = \"* * * * *\"",
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut agent = Command::new(BIN)
+        .arg("--policies")
+        .arg(&pol)
+        .args([
+            "agent",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--shutdown-timeout",
+            "1s",
+        ])
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .env_remove("BACKUPD_PASSWORD")
+        .env_remove("BACKUPD_REPOSITORY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = agent.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let mut r = stderr;
+        let _ = r.read_to_string(&mut s);
+        s
+    });
+
+    wait_for("/healthz", Duration::from_secs(30), || {
+        http_get(port, "/healthz").is_some_and(|(c, b)| c == 200 && b == "ok\n")
+    });
+    let m = http_get(port, "/metrics").unwrap().1;
+    assert_eq!(
+        sample(&m, "backupd_policy_info{policy=\"quick\",source=\"files\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "backupd_policy_runs_total{policy=\"quick\",result=\"success\"}"
+        ),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "backupd_policy_next_run_timestamp_seconds{policy=\"quick\"}"
+        )
+        .is_some(),
+        "{m}"
+    );
+    assert_eq!(http_get(port, "/nope").unwrap().0, 404);
+
+    // Within the next minute boundary (plus the run), quick succeeds and slow is running.
+    let mut metrics = String::new();
+    wait_for("a scheduled run of quick", Duration::from_secs(100), || {
+        metrics = http_get(port, "/metrics").map(|r| r.1).unwrap_or_default();
+        sample(
+            &metrics,
+            "backupd_policy_runs_total{policy=\"quick\",result=\"success\"}",
+        ) >= Some(1.0)
+    });
+    assert!(
+        sample(&metrics, "backupd_policy_last_bytes_read{policy=\"quick\"}").unwrap()
+            >= (1 << 20) as f64,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "backupd_policy_last_success_timestamp_seconds{policy=\"quick\"}"
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert!(
+        sample(
+            &metrics,
+            "backupd_policy_s3_requests_total{policy=\"quick\",kind=\"put\"}"
+        )
+        .unwrap()
+            >= 1.0,
+        "{metrics}"
+    );
+    let snaps = repo.snapshots();
+    assert!(snaps.iter().any(|s| s["policy"] == "quick"), "{snaps:?}");
+    wait_for("slow to be running", Duration::from_secs(30), || {
+        http_get(port, "/metrics").is_some_and(|(_, m)| {
+            sample(&m, "backupd_policy_running{policy=\"slow\"}") == Some(1.0)
+        })
+    });
+
+    // SIGHUP with a new policy: it appears.
+    fs::write(
+        pol.join("yearly.toml"),
+        policy_text(
+            &repo,
+            &pw,
+            &format!("type = \"files\"\npaths = [\"{}\"]", src.display()),
+            "cron = \"@yearly\"",
+        ),
+    )
+    .unwrap();
+    signal(&agent, "HUP");
+    wait_for("the reloaded policy", Duration::from_secs(20), || {
+        http_get(port, "/metrics").is_some_and(|(_, m)| {
+            sample(
+                &m,
+                "backupd_policy_info{policy=\"yearly\",source=\"files\"}",
+            ) == Some(1.0)
+                && sample(&m, "backupd_agent_reloads_total{result=\"success\"}") == Some(1.0)
+        })
+    });
+    // An invalid reload keeps the old policies.
+    fs::write(pol.join("broken.toml"), "[repository]\nlocation = 5\n").unwrap();
+    signal(&agent, "HUP");
+    wait_for("the refused reload", Duration::from_secs(20), || {
+        http_get(port, "/metrics").is_some_and(|(_, m)| {
+            sample(&m, "backupd_agent_reloads_total{result=\"failure\"}") == Some(1.0)
+        })
+    });
+    let m = http_get(port, "/metrics").unwrap().1;
+    assert_eq!(
+        sample(
+            &m,
+            "backupd_policy_info{policy=\"yearly\",source=\"files\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "backupd_policy_info{policy=\"slow\",source=\"command\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "backupd_policy_running{policy=\"slow\"}"),
+        Some(1.0),
+        "slow still running"
+    );
+
+    // SIGTERM while slow runs: it is stopped after the 1 s shutdown timeout, no snapshot.
+    let t0 = Instant::now();
+    signal(&agent, "TERM");
+    let status = loop {
+        if let Some(s) = agent.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "the agent did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = log.join().unwrap();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "stopped in {:?}",
+        t0.elapsed()
+    );
+    let snaps = repo.snapshots();
+    assert!(
+        !snaps.iter().any(|s| s["policy"] == "slow"),
+        "no partial snapshot: {snaps:?}"
+    );
+    repo.ok(&["check"]);
+
+    // Logs are JSON lines (not a terminal), name policies, and the refused reload says why.
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["fields"]["policy"] == "quick"),
+        "{log}"
+    );
+    assert!(
+        log.contains("reload refused") && log.contains("broken.toml"),
+        "{log}"
+    );
+    assert!(log.contains("no snapshot is written"), "{log}");
+    assert!(
+        !log.contains(PASSWORD),
+        "the password never appears in logs"
+    );
+    // The state file remembers what ran (catch-up after a restart).
+    let state = fs::read_to_string(work.join("state/agent-state.json")).unwrap();
+    assert!(
+        state.contains("\"quick\"") && state.contains("last_success"),
+        "{state}"
+    );
+}
