@@ -14,6 +14,8 @@ command -v mkfifo >/dev/null || need_apt+=(coreutils)
 command -v runuser >/dev/null || need_apt+=(util-linux)
 # The shipped FinChat example policy's pre hook copies an SQLite database.
 command -v sqlite3 >/dev/null || need_apt+=(sqlite3)
+# systemd-analyze checks the shipped units (packaging/systemd).
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi

@@ -21,10 +21,52 @@ pub struct CheckReport {
     pub snapshots: usize,
     /// Packs read with `--read-data`.
     pub packs_read: usize,
+    /// Snapshots and files with data in a damaged pack.
+    pub affected: Vec<String>,
 }
 
-/// Checks the repository.
+/// Which packs to read back: all, or a fraction chosen anew each `seed` (e.g. the
+/// month), so that repeated runs cover different packs.
+#[derive(Clone, Copy, Debug)]
+pub enum ReadData {
+    /// Structure only.
+    None,
+    /// Every pack.
+    All,
+    /// This fraction (0..1] of the packs, chosen by hashing each name with the seed.
+    Subset {
+        /// The fraction.
+        fraction: f64,
+        /// Changes the choice.
+        seed: u64,
+    },
+}
+
+/// Whether a pack is in a subset.
+pub fn in_subset(name: &str, fraction: f64, seed: u64) -> bool {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(name.as_bytes());
+    let d = h.finalize();
+    let v = u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
+    v < fraction
+}
+
+/// Checks the repository (reading every pack with `read_data`).
 pub fn check(repo: &Repository, read_data: bool) -> CheckReport {
+    check_with(
+        repo,
+        if read_data {
+            ReadData::All
+        } else {
+            ReadData::None
+        },
+    )
+}
+
+/// Checks the repository, reading back the packs `read` selects; a damaged pack's
+/// report names the snapshots and files it affects.
+pub fn check_with(repo: &Repository, read: ReadData) -> CheckReport {
     let mut r = CheckReport::default();
     let mut index_files = vec![];
     match repo.backend().list(ObjectType::Index) {
@@ -83,17 +125,90 @@ pub fn check(repo: &Repository, read_data: bool) -> CheckReport {
         }
         Err(e) => r.errors.push(format!("listing snapshots: {e}")),
     }
-    if read_data {
-        let mut names: Vec<&String> = listed.keys().collect();
-        names.sort();
-        for name in names {
-            r.packs_read += 1;
-            if let Err(e) = check_pack(repo, name) {
-                r.errors.push(e);
+    let mut names: Vec<&String> = match read {
+        ReadData::None => vec![],
+        ReadData::All => listed.keys().collect(),
+        ReadData::Subset { fraction, seed } => {
+            let mut v: Vec<&String> = listed
+                .keys()
+                .filter(|n| in_subset(n, fraction, seed))
+                .collect();
+            // Never zero packs of a repository that has some.
+            if v.is_empty() {
+                if let Some(first) = listed.keys().min() {
+                    v.push(first);
+                }
+            }
+            v
+        }
+    };
+    names.sort();
+    let mut damaged = HashSet::new();
+    for name in names {
+        r.packs_read += 1;
+        if let Err(e) = check_pack(repo, name) {
+            r.errors.push(e);
+            if let Some(id) = BlobId::from_hex(name) {
+                damaged.insert(id);
             }
         }
     }
+    if !damaged.is_empty() {
+        r.affected = affected_by(repo, &index, &damaged);
+    }
     r
+}
+
+/// The snapshots and files that have data in the `damaged` packs, as
+/// `snapshot SHORT: /path`.
+pub fn affected_by(repo: &Repository, index: &Index, damaged: &HashSet<BlobId>) -> Vec<String> {
+    let bad = |id: &BlobId| index.get(id).is_some_and(|l| damaged.contains(&l.pack));
+    let mut out = vec![];
+    let Ok(snaps) = repo.snapshots() else {
+        return out;
+    };
+    for (sid, s) in snaps {
+        let mut roots = vec![(s.tree, String::new())];
+        for t in s.postgres.iter().flat_map(|m| &m.tablespaces) {
+            roots.push((t.tree, format!("[tablespace {}]", t.name)));
+        }
+        let mut stack = roots;
+        while let Some((tree, path)) = stack.pop() {
+            if bad(&tree) {
+                out.push(format!(
+                    "snapshot {}: {path}/ (directory listing)",
+                    sid.short()
+                ));
+                continue;
+            }
+            let Ok(t) = repo.load_tree(index, &tree) else {
+                continue;
+            };
+            for n in t.nodes {
+                let p = format!("{path}/{}", n.name);
+                match n.kind {
+                    NodeKind::Dir => {
+                        if let Some(sub) = n.subtree {
+                            stack.push((sub, p));
+                        }
+                    }
+                    NodeKind::File => {
+                        let hit = n.content_lists.iter().any(&bad)
+                            || repo
+                                .file_content(index, &n)
+                                .map(|ids| ids.iter().any(&bad))
+                                .unwrap_or(true);
+                        if hit {
+                            out.push(format!("snapshot {}: {p}", sid.short()));
+                        }
+                    }
+                    NodeKind::Symlink => {}
+                }
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 fn check_tree(

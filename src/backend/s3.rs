@@ -234,6 +234,18 @@ impl S3Options {
         if let Some(v) = env("BACKUPD_S3_REGION").filter(|v| !v.is_empty()) {
             self.region = Some(v);
         }
+        // A policy's credential source, handed on to child processes (a restored server's
+        // restore_command): a shared-credentials file and profile, or a command.
+        if let Some(v) = env("BACKUPD_S3_CREDENTIALS_FILE").filter(|v| !v.is_empty()) {
+            self.credentials = S3Credentials::File {
+                path: v.into(),
+                profile: env("BACKUPD_S3_PROFILE")
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or_else(|| "default".into()),
+            };
+        } else if let Some(v) = env("BACKUPD_S3_CREDENTIALS_COMMAND").filter(|v| !v.is_empty()) {
+            self.credentials = S3Credentials::Command(v);
+        }
         Ok(self)
     }
 }

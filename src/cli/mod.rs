@@ -14,6 +14,7 @@ mod policy_cmd;
 mod progress;
 mod prune_cmd;
 mod restore_cmd;
+mod verify_cmd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -138,6 +139,8 @@ enum Verb {
     Prune(prune_cmd::PruneCmdArgs),
     /// Run the policies on their schedules (the resident agent).
     Agent(agent_cmd::AgentArgs),
+    /// Prove backups restore: structure, packs read back, and restore tests.
+    Verify(verify_cmd::VerifyArgs),
 }
 
 /// Arguments of `init`.
@@ -325,6 +328,7 @@ fn run(cli: Cli) -> Result<i32> {
         Verb::Forget(a) => forget_cmd::run(g, a),
         Verb::Prune(a) => prune_cmd::run(g, a),
         Verb::Agent(a) => agent_cmd::run(g, a),
+        Verb::Verify(a) => verify_cmd::run(g, a),
     }
 }
 

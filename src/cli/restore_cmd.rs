@@ -65,6 +65,33 @@ pub struct RestoreArgs {
     workers: Option<u64>,
 }
 
+impl RestoreArgs {
+    /// A restore test's arguments: the newest snapshot `snapshot` (or, for PostgreSQL, the
+    /// newest base backup replayed to the end of the archive and started on `pg_port`
+    /// with archiving off).
+    pub(crate) fn for_test(
+        snapshot: Option<String>,
+        target: PathBuf,
+        pg: Option<(u16, Option<u64>)>,
+        tablespace_map: Vec<String>,
+    ) -> Self {
+        RestoreArgs {
+            snapshot: if pg.is_some() { None } else { snapshot },
+            target,
+            at: pg.map(|_| "latest".to_string()),
+            start: pg.is_some(),
+            delta: false,
+            tablespace_map,
+            pg_port: pg.map(|(port, _)| port),
+            archive_mode: "off".into(),
+            pg_system_id: pg.and_then(|(_, id)| id),
+            include: vec![],
+            exclude: vec![],
+            workers: None,
+        }
+    }
+}
+
 /// Arguments of `dump`.
 #[derive(Args, Debug)]
 pub struct DumpArgs {
@@ -408,22 +435,63 @@ fn restore_command(g: &GlobalArgs) -> Result<String> {
     } else {
         std::path::absolute(&loc)?.display().to_string()
     };
-    let mut cmd = String::new();
+    let mut vars: Vec<(&str, String)> = vec![];
     for var in [
         "BACKUPD_PASSWORD_FILE",
         "BACKUPD_PASSWORD_COMMAND",
         "BACKUPD_S3_ENDPOINT",
         "BACKUPD_S3_PATH_STYLE",
         "BACKUPD_S3_REGION",
+        "BACKUPD_S3_CREDENTIALS_FILE",
+        "BACKUPD_S3_PROFILE",
+        "BACKUPD_S3_CREDENTIALS_COMMAND",
     ] {
         if let Ok(v) = std::env::var(var) {
-            let v = if var == "BACKUPD_PASSWORD_FILE" {
-                std::path::absolute(&v)?.display().to_string()
-            } else {
-                v
-            };
-            cmd.push_str(&format!("{var}={} ", shell_quote(&v)));
+            vars.push((var, v));
         }
+    }
+    // A policy's sources win over the environment's (never the secret itself).
+    match &g.secret {
+        Some(crate::policy::SecretSource::File(p)) => {
+            vars.retain(|(k, _)| !k.starts_with("BACKUPD_PASSWORD"));
+            vars.push(("BACKUPD_PASSWORD_FILE", p.display().to_string()));
+        }
+        Some(crate::policy::SecretSource::Command(c)) => {
+            vars.retain(|(k, _)| !k.starts_with("BACKUPD_PASSWORD"));
+            vars.push(("BACKUPD_PASSWORD_COMMAND", c.clone()));
+        }
+        Some(crate::policy::SecretSource::Env(v)) => bail!(
+            "the restored server fetches WAL with the repository password, which the policy takes from the environment variable {v}: use password_file or password_command for a PostgreSQL policy"
+        ),
+        None => {}
+    }
+    if let Some(p) = &g.s3_policy {
+        vars.retain(|(k, _)| {
+            !k.starts_with("BACKUPD_S3_CREDENTIALS") && *k != "BACKUPD_S3_PROFILE"
+        });
+        match &p.credentials {
+            crate::backend::S3Credentials::Chain => {}
+            crate::backend::S3Credentials::File { path, profile } => {
+                vars.push(("BACKUPD_S3_CREDENTIALS_FILE", path.display().to_string()));
+                vars.push(("BACKUPD_S3_PROFILE", profile.clone()));
+            }
+            crate::backend::S3Credentials::Command(c) => {
+                vars.push(("BACKUPD_S3_CREDENTIALS_COMMAND", c.clone()));
+            }
+        }
+        if let Some(r) = &p.region {
+            vars.retain(|(k, _)| *k != "BACKUPD_S3_REGION");
+            vars.push(("BACKUPD_S3_REGION", r.clone()));
+        }
+    }
+    let mut cmd = String::new();
+    for (var, v) in vars {
+        let v = if var == "BACKUPD_PASSWORD_FILE" || var == "BACKUPD_S3_CREDENTIALS_FILE" {
+            std::path::absolute(&v)?.display().to_string()
+        } else {
+            v
+        };
+        cmd.push_str(&format!("{var}={} ", shell_quote(&v)));
     }
     cmd.push_str(&format!(
         "{} --repo {} --no-cache wal-fetch %f %p",

@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod basebackup;
+pub mod checks;
 pub mod conn;
 pub mod history;
 pub mod plan;

@@ -180,9 +180,11 @@ pub struct Reached {
     pub log: PathBuf,
 }
 
-fn find_pg_ctl(meta: &PostgresMeta) -> PathBuf {
+/// A PostgreSQL program of the snapshot's major version (Debian's versioned directory),
+/// else the one on PATH.
+pub fn find_pg_bin(meta: &PostgresMeta, name: &str) -> PathBuf {
     let versioned = PathBuf::from(format!(
-        "/usr/lib/postgresql/{}/bin/pg_ctl",
+        "/usr/lib/postgresql/{}/bin/{name}",
         meta.server_version_num / 10000
     ));
     if versioned.exists() {
@@ -191,10 +193,61 @@ fn find_pg_ctl(meta: &PostgresMeta) -> PathBuf {
     std::env::var_os("PATH")
         .and_then(|paths| {
             std::env::split_paths(&paths)
-                .map(|d| d.join("pg_ctl"))
+                .map(|d| d.join(name))
                 .find(|p| p.is_file())
         })
-        .unwrap_or_else(|| PathBuf::from("pg_ctl"))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// `pg_ctl -D dir`, run as the owner of `dir` when we are root (PostgreSQL refuses root).
+fn pg_ctl(
+    dir: &Path,
+    meta: &PostgresMeta,
+    log: Option<&Path>,
+) -> Result<(Command, PathBuf), PgError> {
+    let pg_ctl = find_pg_bin(meta, "pg_ctl");
+    let mut cmd = if nix::unistd::geteuid().is_root() {
+        use std::os::unix::fs::MetadataExt;
+        let uid = fs::metadata(dir).map_err(io_err(dir))?.uid();
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                PgError::Server(format!("no user with uid {uid} to run the server as"))
+            })?;
+        if let Some(log) = log {
+            let _ = OpenOptions::new().create(true).append(true).open(log);
+            let _ = std::os::unix::fs::chown(log, Some(uid), None);
+        }
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg(user.name).arg("--").arg(&pg_ctl);
+        c
+    } else {
+        Command::new(&pg_ctl)
+    };
+    cmd.arg("-D").arg(dir);
+    Ok((cmd, pg_ctl))
+}
+
+/// Stops a server started by [`start_and_wait`] (fast shutdown) and waits for it.
+///
+/// # Errors
+/// pg_ctl fails.
+pub fn stop(dir: &Path, meta: &PostgresMeta) -> Result<(), PgError> {
+    let (mut cmd, pg_ctl) = pg_ctl(dir, meta, None)?;
+    let status = cmd
+        .args(["-m", "fast", "-w", "-t", "300", "stop"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| PgError::Server(format!("running {}: {e}", pg_ctl.display())))?;
+    if !status.success() {
+        return Err(PgError::Server(format!(
+            "{} stop failed ({status})",
+            pg_ctl.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Starts the server on `dir` (as the owner of the directory when run as root, since
@@ -205,27 +258,8 @@ fn find_pg_ctl(meta: &PostgresMeta) -> PathBuf {
 /// log.
 pub fn start_and_wait(dir: &Path, meta: &PostgresMeta) -> Result<Reached, PgError> {
     let log = dir.join("backupd-recovery.log");
-    let pg_ctl = find_pg_ctl(meta);
-    let mut cmd = if nix::unistd::geteuid().is_root() {
-        use std::os::unix::fs::MetadataExt;
-        let uid = fs::metadata(dir).map_err(io_err(dir))?.uid();
-        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .ok_or_else(|| {
-                PgError::Server(format!("no user with uid {uid} to run the server as"))
-            })?;
-        let _ = OpenOptions::new().create(true).append(true).open(&log);
-        let _ = std::os::unix::fs::chown(&log, Some(uid), None);
-        let mut c = Command::new("runuser");
-        c.arg("-u").arg(user.name).arg("--").arg(&pg_ctl);
-        c
-    } else {
-        Command::new(&pg_ctl)
-    };
-    cmd.arg("-D")
-        .arg(dir)
-        .arg("-l")
+    let (mut cmd, pg_ctl) = pg_ctl(dir, meta, Some(&log))?;
+    cmd.arg("-l")
         .arg(&log)
         // Wait until it accepts connections (hot standby, or done): by then the startup
         // process has replaced the backup's "in production" state in pg_control.

@@ -1,0 +1,466 @@
+//! `backupd verify`: proves that backups restore. The repository's structure, a share of
+//! its packs read back (`--read-data-subset`), and with `--restore-test` a real restore
+//! of the newest snapshot into a scratch directory: for PostgreSQL, the newest base backup
+//! replayed to the end of the WAL archive, started as a throwaway server on a free port,
+//! checked with `pg_amcheck` and the policy's SQL checks, then stopped and removed. Each
+//! phase is timed; the result is a JSON report and an exit code an alert can use.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use serde_json::json;
+
+use super::GlobalArgs;
+use crate::check::{check_with, ReadData};
+use crate::error::{ExitWith, EXIT_FATAL, EXIT_OK};
+use crate::policy::{self, Policy, SourceSpec, VerifySpec};
+use crate::postgres::checks::{run_sql_checks, SqlCheckResult, Target};
+use crate::postgres::plan::{plan, RecoveryTarget};
+use crate::postgres::recovery;
+
+/// Arguments of `verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Verify this policy with its [verify] settings (and its repository).
+    #[arg(long, value_name = "NAME", conflicts_with = "all_policies")]
+    policy: Option<String>,
+    /// Verify every policy of --policies that has a [verify] section.
+    #[arg(long)]
+    all_policies: bool,
+    /// Read back this share of the packs (e.g. 10%), a different share each month.
+    #[arg(long, value_name = "PERCENT")]
+    read_data_subset: Option<String>,
+    /// Read back every pack.
+    #[arg(long, conflicts_with = "read_data_subset")]
+    read_data: bool,
+    /// Restore the newest snapshot (PostgreSQL: start it and run the checks).
+    #[arg(long)]
+    restore_test: bool,
+    /// Where restore tests restore (default: $TMPDIR or /tmp); removed afterwards.
+    #[arg(long, value_name = "DIR", env = "BACKUPD_SCRATCH_DIR")]
+    scratch: Option<PathBuf>,
+}
+
+/// The outcome of one verification.
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    policy: Option<String>,
+    ok: bool,
+    problems: Vec<String>,
+    snapshots: usize,
+    packs_read: usize,
+    affected: Vec<String>,
+    check_secs: f64,
+    restore: Option<RestoreTest>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct RestoreTest {
+    snapshot: String,
+    source: String,
+    files: u64,
+    bytes: u64,
+    restore_secs: f64,
+    /// PostgreSQL: restore, WAL replay and promotion, until it accepts connections.
+    server_secs: Option<f64>,
+    amcheck_ok: Option<bool>,
+    amcheck_secs: Option<f64>,
+    sql_checks: Vec<SqlCheckResult>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn tree_size(p: &Path) -> (u64, u64) {
+    let mut files = 0;
+    let mut bytes = 0;
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                files += 1;
+                bytes += md.len();
+            }
+        }
+    }
+    (files, bytes)
+}
+
+/// A scratch directory others can traverse (the restored PostgreSQL server runs as the
+/// data directory's owner), removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(base: &Path) -> Result<Scratch> {
+        std::fs::create_dir_all(base)
+            .with_context(|| format!("scratch directory {}", base.display()))?;
+        let dir = base.join(format!(
+            "backupd-verify-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+        ));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!("removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+fn restore_test(
+    g: &GlobalArgs,
+    repo: &crate::repo::Repository,
+    pol: Option<&Policy>,
+    spec: Option<&VerifySpec>,
+    scratch: &Path,
+    r: &mut Report,
+) -> Result<()> {
+    let snaps = repo.snapshots()?;
+    let newest = snaps
+        .iter()
+        .rev()
+        .find(|(_, s)| pol.is_none_or(|p| s.policy.as_deref() == Some(&p.name)))
+        .cloned();
+    let Some((id, snap)) = newest else {
+        bail!(
+            "no snapshot to restore{}",
+            pol.map(|p| format!(" for policy {}", p.name))
+                .unwrap_or_default()
+        );
+    };
+    let mut quiet = g.clone();
+    quiet.quiet = true;
+    quiet.json = false;
+    quiet.no_progress = true;
+    let dir = Scratch::new(scratch)?;
+    let target = dir.0.join("restore");
+    let mut t = RestoreTest {
+        source: snap.source.clone(),
+        ..RestoreTest::default()
+    };
+    let started = Instant::now();
+    if let Some(meta) = &snap.postgres {
+        let sysid = meta.system_identifier;
+        let p = plan(repo, RecoveryTarget::Latest, Some(sysid))?;
+        if let Some(gap) = &p.gap {
+            r.problems.push(format!(
+                "the WAL archive of system {sysid} has a gap at {gap}: recovery stops before it"
+            ));
+        }
+        t.snapshot = p.snapshot_id.to_hex();
+        let ts_map: Vec<String> = p
+            .snapshot
+            .postgres
+            .iter()
+            .flat_map(|m| &m.tablespaces)
+            .map(|ts| {
+                format!(
+                    "{}={}",
+                    ts.oid,
+                    dir.0.join(format!("ts-{}", ts.oid)).display()
+                )
+            })
+            .collect();
+        let port = free_port()?;
+        let args = super::restore_cmd::RestoreArgs::for_test(
+            None,
+            target.clone(),
+            Some((port, Some(sysid))),
+            ts_map,
+        );
+        let restored = super::restore_cmd::restore(&quiet, args);
+        t.server_secs = Some(started.elapsed().as_secs_f64());
+        let (files, bytes) = tree_size(&target);
+        t.files = files;
+        t.bytes = bytes;
+        if let Err(e) = restored {
+            r.problems.push(format!(
+                "restoring and starting base backup {}: {}",
+                p.snapshot_id.short(),
+                super::error_chain(&e)
+            ));
+            r.restore = Some(t);
+            return Ok(());
+        }
+        let pg = pol.and_then(|p| match &p.source {
+            SourceSpec::Postgres(pg) => Some(pg),
+            _ => None,
+        });
+        let user = pg
+            .and_then(|p| p.user.clone())
+            .or_else(|| std::env::var("PGUSER").ok())
+            .unwrap_or_else(|| "postgres".into());
+        let database = pg
+            .and_then(|p| p.database.clone())
+            .unwrap_or_else(|| "postgres".into());
+        let password = match pg.and_then(|p| p.password.as_ref()) {
+            Some(src) => Some(super::password::read_secret(src)?),
+            None => None,
+        };
+        // Every relation and index of every database, with the checker the server ships.
+        let a0 = Instant::now();
+        let amcheck = recovery::find_pg_bin(meta, "pg_amcheck");
+        let mut cmd = std::process::Command::new(&amcheck);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            &user,
+            "--all",
+            "--install-missing",
+            "--no-password",
+        ])
+        .stdin(std::process::Stdio::null());
+        if let Some(pw) = &password {
+            cmd.env("PGPASSWORD", pw.as_str());
+        }
+        match cmd.output() {
+            Ok(o) if o.status.success() => t.amcheck_ok = Some(true),
+            Ok(o) => {
+                t.amcheck_ok = Some(false);
+                r.problems.push(format!(
+                    "pg_amcheck found problems: {}{}",
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .take(10)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ));
+            }
+            Err(e) => {
+                t.amcheck_ok = Some(false);
+                r.problems
+                    .push(format!("running {}: {e}", amcheck.display()));
+            }
+        }
+        t.amcheck_secs = Some(a0.elapsed().as_secs_f64());
+        if let Some(v) = spec {
+            t.sql_checks = run_sql_checks(
+                &Target {
+                    host: "127.0.0.1",
+                    port,
+                    user: &user,
+                    password: password.as_ref().map(|p| p.as_str()),
+                    database: &database,
+                },
+                &v.sql_checks,
+            );
+            for c in t.sql_checks.iter().filter(|c| !c.ok) {
+                r.problems.push(format!(
+                    "SQL check failed in {}: {}: {}",
+                    c.database,
+                    c.query,
+                    c.why.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+        if let Err(e) = recovery::stop(
+            &target,
+            &p.snapshot.postgres.clone().unwrap_or_else(|| meta.clone()),
+        ) {
+            r.problems
+                .push(format!("stopping the restored server: {e}"));
+        }
+    } else {
+        t.snapshot = id.to_hex();
+        let args = super::restore_cmd::RestoreArgs::for_test(
+            Some(id.to_hex()),
+            target.clone(),
+            None,
+            vec![],
+        );
+        let restored = super::restore_cmd::restore(&quiet, args);
+        t.restore_secs = started.elapsed().as_secs_f64();
+        let (files, bytes) = tree_size(&target);
+        t.files = files;
+        t.bytes = bytes;
+        match restored {
+            Err(e) => r.problems.push(format!(
+                "restoring snapshot {}: {}",
+                id.short(),
+                super::error_chain(&e)
+            )),
+            Ok(_) if bytes != snap.summary.bytes_total => r.problems.push(format!(
+                "snapshot {} restored {bytes} bytes, but it holds {}",
+                id.short(),
+                snap.summary.bytes_total
+            )),
+            Ok(_) => {}
+        }
+    }
+    if t.restore_secs == 0.0 {
+        t.restore_secs = started.elapsed().as_secs_f64();
+    }
+    r.restore = Some(t);
+    Ok(())
+}
+
+fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>) -> Report {
+    let mut r = Report {
+        policy: pol.map(|p| p.name.clone()),
+        ..Report::default()
+    };
+    let spec = pol.and_then(|p| p.verify.as_ref());
+    let g = match pol {
+        Some(p) => g.for_policy(p),
+        None => g.clone(),
+    };
+    let fraction = match &a.read_data_subset {
+        Some(s) => match policy::units::parse_percent(s) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                r.problems.push(format!("--read-data-subset {s:?}: {e}"));
+                return r;
+            }
+        },
+        None => spec.and_then(|v| v.read_data_subset),
+    };
+    let read = if a.read_data {
+        ReadData::All
+    } else if let Some(f) = fraction {
+        use chrono::Datelike;
+        let now = chrono::Utc::now();
+        ReadData::Subset {
+            fraction: f,
+            seed: (now.year() as u64) * 12 + u64::from(now.month()),
+        }
+    } else {
+        ReadData::None
+    };
+    let repo = match g.open() {
+        Ok(repo) => repo,
+        Err(e) => {
+            r.problems.push(super::error_chain(&e));
+            return r;
+        }
+    };
+    let t0 = Instant::now();
+    let c = check_with(&repo, read);
+    r.check_secs = t0.elapsed().as_secs_f64();
+    r.snapshots = c.snapshots;
+    r.packs_read = c.packs_read;
+    r.affected = c.affected;
+    r.problems.extend(c.errors);
+    if a.restore_test || spec.is_some_and(|v| v.restore_test) {
+        let base = a.scratch.clone().unwrap_or_else(std::env::temp_dir);
+        if let Err(e) = restore_test(&g, &repo, pol, spec, &base, &mut r) {
+            r.problems
+                .push(format!("restore test: {}", super::error_chain(&e)));
+        }
+    }
+    r.ok = r.problems.is_empty();
+    r
+}
+
+/// Runs `verify`.
+///
+/// # Errors
+/// An invalid policy; a failed verification is exit code 1 with the report.
+pub fn run(g: &GlobalArgs, a: VerifyArgs) -> Result<i32> {
+    let reports: Vec<Report> = if a.all_policies {
+        let all = policy::load_dir(&g.policies)?;
+        let with: Vec<&Policy> = all.iter().filter(|p| p.verify.is_some()).collect();
+        if with.is_empty() {
+            bail!(
+                "no policy in {} has a [verify] section",
+                g.policies.display()
+            );
+        }
+        with.into_iter()
+            .map(|p| verify_one(g, &a, Some(p)))
+            .collect()
+    } else if let Some(name) = &a.policy {
+        let p = policy::find(&g.policies, name)?;
+        vec![verify_one(g, &a, Some(&p))]
+    } else {
+        vec![verify_one(g, &a, None)]
+    };
+    let failed = reports.iter().filter(|r| !r.ok).count();
+    if g.json {
+        if reports.len() == 1 {
+            println!("{}", serde_json::to_value(&reports[0])?);
+        } else {
+            println!("{}", json!({ "reports": reports, "failed": failed }));
+        }
+    } else if !g.quiet {
+        for r in &reports {
+            let who = r
+                .policy
+                .as_deref()
+                .map(|p| format!("policy {p}"))
+                .unwrap_or_else(|| "repository".into());
+            println!(
+                "{who}: {} snapshots checked, {} packs read back in {:.2} s",
+                r.snapshots, r.packs_read, r.check_secs
+            );
+            if let Some(t) = &r.restore {
+                println!(
+                    "  restore test of {} ({}): {} files, {} bytes in {:.2} s{}{}",
+                    &t.snapshot[..8.min(t.snapshot.len())],
+                    t.source,
+                    t.files,
+                    t.bytes,
+                    t.restore_secs,
+                    t.amcheck_ok
+                        .map(|ok| format!("; pg_amcheck {}", if ok { "clean" } else { "FAILED" }))
+                        .unwrap_or_default(),
+                    if t.sql_checks.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; SQL checks {}/{} passed",
+                            t.sql_checks.iter().filter(|c| c.ok).count(),
+                            t.sql_checks.len()
+                        )
+                    }
+                );
+            }
+            for p in &r.problems {
+                println!("  problem: {p}");
+            }
+            for f in &r.affected {
+                println!("  affected: {f}");
+            }
+            println!("  {}", if r.ok { "OK" } else { "FAILED" });
+        }
+    }
+    if failed == 0 {
+        Ok(EXIT_OK)
+    } else {
+        Err(ExitWith {
+            code: EXIT_FATAL,
+            message: format!(
+                "verification failed for {failed} of {} target(s)",
+                reports.len()
+            ),
+        }
+        .into())
+    }
+}

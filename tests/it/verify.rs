@@ -1,0 +1,148 @@
+//! `verify`: restore tests of files and of PostgreSQL (with pg_amcheck and the policy's
+//! SQL checks, failing when they fail), packs read back, and damage reported with the
+//! files it affects.
+
+use std::fs;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::common::*;
+use super::pgserver::PgEnv;
+use super::policy::PolicyDir;
+
+fn largest_pack(repo_path: &Path) -> std::path::PathBuf {
+    let mut best: Option<(u64, std::path::PathBuf)> = None;
+    for d in fs::read_dir(repo_path.join("data")).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            let f = f.unwrap();
+            let len = f.metadata().unwrap().len();
+            if best.as_ref().is_none_or(|(l, _)| len > *l) {
+                best = Some((len, f.path()));
+            }
+        }
+    }
+    best.unwrap().1
+}
+
+#[test]
+fn a_files_restore_test_passes_and_a_damaged_pack_names_the_files_it_affects() {
+    let repo = Repo::new();
+    let src = repo.scratch("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("small.txt"), b"hello\n").unwrap();
+    repo.backup(&[src.to_str().unwrap()]);
+    // The big file's data goes into a pack of its own, in the second backup.
+    write_random(&src.join("sub/big.bin"), 3 << 20);
+    repo.backup(&[src.to_str().unwrap()]);
+    let scratch = repo.scratch("scratch");
+    let v = repo
+        .cmd()
+        .args([
+            "verify",
+            "--restore-test",
+            "--read-data-subset",
+            "100%",
+            "--json",
+            "--scratch",
+        ])
+        .arg(&scratch)
+        .run()
+        .ok()
+        .json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["packs_read"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["restore"]["bytes"], (3 << 20) + 6, "{v}");
+    assert_eq!(v["restore"]["files"], 2, "{v}");
+    assert_eq!(
+        fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "the scratch copy is removed"
+    );
+
+    flip_bit(&largest_pack(&repo.path), 100);
+    let out = repo
+        .cmd()
+        .args(["verify", "--read-data", "--json"])
+        .run()
+        .expect(1);
+    let v: Value = out.json();
+    assert_eq!(v["ok"], false);
+    let affected: Vec<&str> = v["affected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        affected.iter().any(|a| a.ends_with("/sub/big.bin")),
+        "{affected:?}"
+    );
+    assert!(
+        !affected.iter().any(|a| a.ends_with("small.txt")),
+        "{affected:?}"
+    );
+    assert!(
+        out.stderr.contains("verification failed"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn a_postgres_restore_test_runs_amcheck_and_the_policy_sql_checks_and_fails_when_they_fail() {
+    let env = PgEnv::new();
+    let cluster = env.cluster("main");
+    cluster.sql("CREATE TABLE users(id int primary key, name text); INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 500) g;");
+    // The example's second check wants the application's database to exist.
+    cluster.sql("CREATE DATABASE finnexus");
+    let d = PolicyDir::examples();
+    let pw = env.password_file.display().to_string();
+    d.edit("finnexusai-postgres.toml", |doc| {
+        doc["repository"]["location"] = toml_edit::value(env.location.clone());
+        doc["repository"]["password_file"] = toml_edit::value(pw.clone());
+        doc["source"]["data_directory"] = toml_edit::value(cluster.data.display().to_string());
+        doc["source"]["host"] = toml_edit::value("127.0.0.1");
+        doc["source"]["port"] = toml_edit::value(cluster.port as i64);
+        doc["source"]["database"] = toml_edit::value("postgres");
+    });
+    let run = |args: &[&str]| {
+        backupd()
+            .arg("--policies")
+            .arg(d.policies())
+            .args(args)
+            .run()
+    };
+    run(&["backup", "--policy", "finnexusai-postgres"]).ok();
+    // Rows after the base backup come from the WAL archive.
+    cluster.sql("INSERT INTO users SELECT g, 'late' FROM generate_series(501, 600) g;");
+    cluster.switch_and_wait_archived();
+
+    let v = run(&["verify", "--policy", "finnexusai-postgres", "--json"])
+        .ok()
+        .json();
+    assert_eq!(v["ok"], true, "{v}");
+    let t = &v["restore"];
+    assert_eq!(t["source"], "postgres", "{v}");
+    assert_eq!(t["amcheck_ok"], true, "{v}");
+    let checks = t["sql_checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 2, "{v}");
+    assert!(checks.iter().all(|c| c["ok"] == true), "{v}");
+    assert_eq!(
+        checks[0]["value"], "600",
+        "replayed to the end of the archive: {v}"
+    );
+    // The live cluster is untouched and the throwaway server is gone.
+    assert_eq!(cluster.count("select count(*) from users"), 600);
+
+    // A check that does not hold fails the verification, saying which and why.
+    d.edit("finnexusai-postgres.toml", |doc| {
+        doc["verify"]["sql_checks"][0]["at_least"] = toml_edit::value(1000);
+    });
+    let out = run(&["verify", "--policy", "finnexusai-postgres"]).expect(1);
+    assert!(
+        out.stdout().contains("SQL check failed in postgres: SELECT count(*) FROM users: expected at least 1000, got 600"),
+        "{}",
+        out.describe()
+    );
+}
