@@ -18,8 +18,9 @@ use super::state::AgentState;
 pub struct WalStatus {
     /// Complete segments not yet archived.
     pub pending_segments: u64,
-    /// Seconds since the last archived segment when some are pending (the live RPO), else 0.
-    pub lag_seconds: f64,
+    /// Seconds since the last archived segment when some are pending (the live RPO), 0
+    /// when none is; unknown when segments are pending and none was ever archived.
+    pub lag_seconds: Option<f64>,
     /// When the last segment was archived.
     pub last_archived: Option<f64>,
     /// Whether the last archive attempt failed.
@@ -268,7 +269,7 @@ impl Registry {
             "backupd_wal_archive_lag_seconds",
             "gauge",
             "Age of the oldest unarchived WAL (0 when none is pending): the live RPO.",
-            per(&|m| m.wal.as_ref().map(|w| w.lag_seconds)),
+            per(&|m| m.wal.as_ref().and_then(|w| w.lag_seconds)),
         );
         family(
             "backupd_wal_last_archived_timestamp_seconds",

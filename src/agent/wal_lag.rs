@@ -37,9 +37,9 @@ pub fn status_from(
     WalStatus {
         pending_segments: pending,
         lag_seconds: match (pending, last_archived_time) {
-            (0, _) => 0.0,
-            (_, Some(t)) => (now - t).max(0.0),
-            (_, None) => 0.0,
+            (0, _) => Some(0.0),
+            (_, Some(t)) => Some((now - t).max(0.0)),
+            (_, None) => None,
         },
         last_archived: last_archived_time,
         failing: match (last_failed_time, last_archived_time) {
@@ -153,7 +153,7 @@ mod tests {
         );
         assert_eq!(
             (s.pending_segments, s.lag_seconds, s.failing),
-            (0, 0.0, false)
+            (0, Some(0.0), false)
         );
         // Writing 9, last archived 4: 5..8 pending since the last archive 400 s ago.
         let s = status_from(
@@ -166,7 +166,7 @@ mod tests {
         );
         assert_eq!(
             (s.pending_segments, s.lag_seconds, s.failing),
-            (4, 400.0, true)
+            (4, Some(400.0), true)
         );
         // A .backup or .history file as the last archived name.
         let s = status_from(

@@ -57,6 +57,9 @@ pub struct CheckArgs {
     /// Also read every pack and verify every blob.
     #[arg(long)]
     read_data: bool,
+    /// Read back this share of the packs (e.g. 10%), a different share each month.
+    #[arg(long, value_name = "PERCENT", conflicts_with = "read_data")]
+    read_data_subset: Option<String>,
 }
 
 fn snapshot_json(id: &BlobId, s: &Snapshot) -> Value {
@@ -302,11 +305,26 @@ pub fn stats(g: &GlobalArgs) -> Result<()> {
 /// Repository errors, or problems found (exit 1).
 pub fn check(g: &GlobalArgs, a: CheckArgs) -> Result<i32> {
     let repo = g.open()?;
-    let r = crate::check::check(&repo, a.read_data);
+    let read = match (&a.read_data_subset, a.read_data) {
+        (Some(s), _) => {
+            use chrono::Datelike;
+            let fraction = crate::policy::units::parse_percent(s)
+                .map_err(|e| anyhow::anyhow!("--read-data-subset {s:?}: {e}"))?;
+            let now = chrono::Utc::now();
+            crate::check::ReadData::Subset {
+                fraction,
+                seed: (now.year() as u64) * 12 + u64::from(now.month()),
+            }
+        }
+        (None, true) => crate::check::ReadData::All,
+        (None, false) => crate::check::ReadData::None,
+    };
+    let r = crate::check::check_with(&repo, read);
     if g.json {
         println!(
             "{}",
-            json!({"errors": r.errors, "notes": r.notes, "snapshots": r.snapshots, "packs_read": r.packs_read})
+            json!({"errors": r.errors, "notes": r.notes, "snapshots": r.snapshots,
+                   "packs_read": r.packs_read, "affected": r.affected})
         );
     } else {
         for n in &r.notes {
@@ -315,13 +333,16 @@ pub fn check(g: &GlobalArgs, a: CheckArgs) -> Result<i32> {
         for e in &r.errors {
             println!("error: {e}");
         }
+        for f in &r.affected {
+            println!("affected: {f}");
+        }
     }
     if r.errors.is_empty() {
         if !g.json {
             g.say(format!(
                 "no errors found ({} snapshots{})",
                 r.snapshots,
-                if a.read_data {
+                if r.packs_read > 0 {
                     format!(", {} packs read", r.packs_read)
                 } else {
                     String::new()

@@ -400,7 +400,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
     if opts.dry_run {
         report.deleted = deletable.len();
         report.deleted_bytes = deletable.iter().map(|p| stored[p]).sum();
-        report.wal_deleted = expire_wal(repo, &snaps, true)?;
+        report.wal_deleted = expire_wal(repo, &snaps, &live_locks, true)?;
         return Ok(report);
     }
 
@@ -443,21 +443,33 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
     for name in mark_objects {
         backend.delete(ObjectType::Mark, &name)?;
     }
-    report.wal_deleted = expire_wal(repo, &snaps, false)?;
+    report.wal_deleted = expire_wal(repo, &snaps, &live_locks, false)?;
     Ok(report)
 }
 
 /// Removes WAL segments (and their `.partial`/`.backup` files) older than the start of
 /// the oldest base backup of each cluster; history files stay. Clusters without a base
-/// backup keep all their WAL. Returns how many objects were (or would be) removed.
+/// backup keep all their WAL, and so do clusters with a backup running on their host now
+/// (it may have started before the oldest kept one ended). Returns how many objects were
+/// (or would be) removed.
 fn expire_wal(
     repo: &Repository,
     snaps: &[(BlobId, Snapshot)],
+    live_backups: &[LockRecord],
     dry_run: bool,
 ) -> Result<usize, PruneError> {
     let mut oldest: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    let busy: HashSet<u64> = snaps
+        .iter()
+        .filter_map(|(_, s)| s.postgres.as_ref().map(|m| (m.system_identifier, &s.host)))
+        .filter(|(_, host)| live_backups.iter().any(|l| &&l.host == host))
+        .map(|(id, _)| id)
+        .collect();
     for (_, s) in snaps {
         if let Some(m) = &s.postgres {
+            if busy.contains(&m.system_identifier) {
+                continue;
+            }
             let seg = Segment::of(m.timeline, m.start_lsn, m.wal_segment_size);
             let e = oldest
                 .entry(m.system_identifier)

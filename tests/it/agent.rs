@@ -286,3 +286,81 @@ fn the_agent_runs_schedules_reloads_on_hup_and_stops_cleanly_on_term() {
         "{state}"
     );
 }
+
+#[test]
+fn a_postgres_policy_reports_its_wal_archive_lag() {
+    use super::pgserver::PgEnv;
+    let env = PgEnv::new();
+    // An archive_command that always fails: segments pile up unarchived.
+    let c = env.cluster_with("main", "false", "");
+    c.sql("create table t(i int)");
+    for _ in 0..3 {
+        c.sql("insert into t select generate_series(1, 1000)");
+        c.sql("select pg_switch_wal()");
+    }
+    wait_for("the archiver to fail", Duration::from_secs(60), || {
+        c.sql("select last_failed_wal is not null from pg_stat_archiver") == "t"
+    });
+    let work = env.path("agent");
+    let pol = work.join("policies");
+    fs::create_dir_all(&pol).unwrap();
+    fs::write(
+        pol.join("db.toml"),
+        format!(
+            "[repository]\nlocation = \"{}\"\npassword_file = \"{}\"\n[source]\ntype = \"postgres\"\ndata_directory = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\n[schedule]\ncron = \"@yearly\"\n",
+            env.location,
+            env.password_file.display(),
+            c.data.display(),
+            c.port
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut agent = Command::new(BIN)
+        .arg("--policies")
+        .arg(&pol)
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut m = String::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        m = http_get(port, "/metrics").map(|r| r.1).unwrap_or_default();
+        if sample(&m, "backupd_wal_archive_failing{policy=\"db\"}").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&agent, "TERM");
+    let _ = agent.wait();
+    assert_eq!(
+        sample(&m, "backupd_wal_archive_failing{policy=\"db\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    // Every complete segment since initdb's first (number 1) is pending.
+    let current = c.sql("select pg_walfile_name(pg_current_wal_lsn())");
+    let number = u64::from_str_radix(&current[16..], 16).unwrap();
+    assert!(number >= 3, "{current}");
+    let pending = sample(&m, "backupd_wal_archive_pending_segments{policy=\"db\"}").unwrap();
+    assert_eq!(pending, (number - 1) as f64, "{current}\n{m}");
+    // Nothing was ever archived: no last-archived time, so no age to report.
+    assert_eq!(
+        sample(
+            &m,
+            "backupd_wal_last_archived_timestamp_seconds{policy=\"db\"}"
+        ),
+        None,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "backupd_wal_archive_lag_seconds{policy=\"db\"}"),
+        None,
+        "{m}"
+    );
+}
