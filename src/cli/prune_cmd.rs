@@ -69,7 +69,7 @@ pub fn run_prune(g: &GlobalArgs, repo: &Repository, a: &PruneArgs, dry_run: bool
             human(r.repacked_bytes)
         );
         println!(
-            "marked:    {} pack(s) newly unused; {} needed again",
+            "marked:    {} pack(s) unused or repacked; {} needed again",
             r.marked, r.unmarked
         );
         println!(
