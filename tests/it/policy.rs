@@ -57,6 +57,24 @@ impl PolicyDir {
         self.dir.path().join("secrets").join(name)
     }
 
+    /// Points the FinNexusAI example at a test cluster and its repository (as shipped
+    /// otherwise).
+    pub fn point_finnexus_at(
+        &self,
+        env: &super::pgserver::PgEnv,
+        cluster: &super::pgserver::PgCluster,
+    ) {
+        let pw = env.password_file.display().to_string();
+        self.edit("finnexusai-postgres.toml", |doc| {
+            doc["repository"]["location"] = toml_edit::value(env.location.clone());
+            doc["repository"]["password_file"] = toml_edit::value(pw);
+            doc["source"]["data_directory"] = toml_edit::value(cluster.data.display().to_string());
+            doc["source"]["host"] = toml_edit::value("127.0.0.1");
+            doc["source"]["port"] = toml_edit::value(cluster.port as i64);
+            doc["source"]["database"] = toml_edit::value("postgres");
+        });
+    }
+
     /// Rewrites one policy file with `edit` (a parsed, editable document).
     pub fn edit(&self, file: &str, edit: impl FnOnce(&mut toml_edit::DocumentMut)) {
         let path = self.policies().join(file);
@@ -525,15 +543,8 @@ fn runnable_example_postgres_and_pg_dump_policies_really_run() {
     let cluster = env.cluster("main");
     cluster.sql("CREATE TABLE users(id int primary key, name text); INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 500) g;");
     let d = PolicyDir::examples();
+    d.point_finnexus_at(&env, &cluster);
     let pw = env.password_file.display().to_string();
-    d.edit("finnexusai-postgres.toml", |doc| {
-        doc["repository"]["location"] = toml_edit::value(env.location.clone());
-        doc["repository"]["password_file"] = toml_edit::value(pw.clone());
-        doc["source"]["data_directory"] = toml_edit::value(cluster.data.display().to_string());
-        doc["source"]["host"] = toml_edit::value("127.0.0.1");
-        doc["source"]["port"] = toml_edit::value(cluster.port as i64);
-        doc["source"]["database"] = toml_edit::value("postgres");
-    });
     d.edit("stock-analysis-pg-dump.toml", |doc| {
         doc["repository"]["location"] = toml_edit::value(env.location.clone());
         doc["repository"]["password_file"] = toml_edit::value(pw.clone());

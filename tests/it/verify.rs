@@ -97,15 +97,7 @@ fn a_postgres_restore_test_runs_amcheck_and_the_policy_sql_checks_and_fails_when
     // The example's second check wants the application's database to exist.
     cluster.sql("CREATE DATABASE finnexus");
     let d = PolicyDir::examples();
-    let pw = env.password_file.display().to_string();
-    d.edit("finnexusai-postgres.toml", |doc| {
-        doc["repository"]["location"] = toml_edit::value(env.location.clone());
-        doc["repository"]["password_file"] = toml_edit::value(pw.clone());
-        doc["source"]["data_directory"] = toml_edit::value(cluster.data.display().to_string());
-        doc["source"]["host"] = toml_edit::value("127.0.0.1");
-        doc["source"]["port"] = toml_edit::value(cluster.port as i64);
-        doc["source"]["database"] = toml_edit::value("postgres");
-    });
+    d.point_finnexus_at(&env, &cluster);
     let run = |args: &[&str]| {
         backupd()
             .arg("--policies")
