@@ -393,13 +393,14 @@ fn execute(
         println!("duration:  {:.2} s", s.duration_secs);
         let r = g.requests.stats();
         println!(
-            "requests:  {} ({} put, {} get, {} ranged get, {} list, {} exists)",
+            "requests:  {} ({} put, {} get, {} ranged get, {} list, {} exists, {} delete)",
             r.total(),
             r.put,
             r.get,
             r.get_range,
             r.list,
-            r.exists
+            r.exists,
+            r.delete
         );
     }
     if report.unreadable.is_empty() {
