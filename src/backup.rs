@@ -145,6 +145,10 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         repo.keys().clone(),
         crate::repo::lock::LockKind::Backup,
         &crate::cli::hostname(),
+        match &req.source {
+            BackupSource::Postgres(pg) => Some(pg.session.info.system_identifier),
+            _ => None,
+        },
     )?;
     let (marked, _) = crate::repo::prune::load_marks(repo)?;
     let index = Arc::new(repo.load_index_excluding(&marked.keys().copied().collect())?);

@@ -140,8 +140,23 @@ impl JobRunner for ProcessRunner {
                     }
                 }
             };
-            let stdout = out_task.await.unwrap_or_default();
-            let last_err = err_task.await.unwrap_or_default();
+            // Something the job started may still hold its pipes open: do not wait long.
+            let mut out_task = out_task;
+            let mut err_task = err_task;
+            let stdout = match tokio::time::timeout(Duration::from_secs(5), &mut out_task).await {
+                Ok(r) => r.unwrap_or_default(),
+                Err(_) => {
+                    out_task.abort();
+                    vec![]
+                }
+            };
+            let last_err = match tokio::time::timeout(Duration::from_secs(5), &mut err_task).await {
+                Ok(r) => r.unwrap_or_default(),
+                Err(_) => {
+                    err_task.abort();
+                    String::new()
+                }
+            };
             let summary = serde_json::from_slice::<serde_json::Value>(&stdout).ok();
             match status {
                 // 3: a snapshot was saved, some files were unreadable (logged above).

@@ -217,11 +217,22 @@ async fn run_with_retries(
             return;
         }
         let outcome = {
-            let _one_at_a_time = run_lock.lock().await;
-            let permit = tokio::select! {
-                p = sh.slots.clone().acquire_owned() => p,
+            let _one_at_a_time = tokio::select! {
+                biased;
                 _ = wait_true(sh.shutdown.clone()) => return,
+                _ = wait_true(stop.clone()) => return,
+                g = run_lock.lock() => g,
             };
+            let permit = tokio::select! {
+                biased;
+                _ = wait_true(sh.shutdown.clone()) => return,
+                _ = wait_true(stop.clone()) => return,
+                p = sh.slots.clone().acquire_owned() => p,
+            };
+            // Stopped (shutdown, or a reload replaced this policy) while waiting: no run.
+            if *sh.shutdown.borrow() || *stop.borrow() {
+                return;
+            }
             let started = sh.clock.now();
             sh.observer.started(&policy.name, kind, started);
             let outcome = sh.runner.run(policy.clone(), kind, timeout).await;

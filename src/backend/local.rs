@@ -211,10 +211,17 @@ impl Backend for LocalBackend {
                     path: dir.display().to_string(),
                     source: e,
                 })?;
-                let md = ent.metadata().map_err(|e| BackendError::Io {
-                    path: ent.path().display().to_string(),
-                    source: e,
-                })?;
+                let md = match ent.metadata() {
+                    Ok(md) => md,
+                    // Deleted since it was read from the directory (a prune): not listed.
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(BackendError::Io {
+                            path: ent.path().display().to_string(),
+                            source: e,
+                        })
+                    }
+                };
                 if md.is_file() {
                     if let Some(n) = ent.file_name().to_str() {
                         out.push((n.to_string(), md.len()));

@@ -200,7 +200,7 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
         }
     }
     let host = a.host.clone().unwrap_or_else(super::hostname);
-    execute(g, &a, source, a.tag.clone(), host, None).map(|(code, _)| code)
+    execute(g, &a, source, a.tag.clone(), host, None, interrupt_token()?).map(|(code, _)| code)
 }
 
 /// Runs a policy once: pre hooks, the backup, then post or on_failure hooks.
@@ -212,9 +212,15 @@ fn run_policy(g: &GlobalArgs, a: &BackupArgs, name: &str) -> Result<i32> {
     let pol = crate::policy::find(&g.policies, name)?;
     let g = g.for_policy(&pol);
     let hooks = &pol.hooks;
+    // Signals are handled from here on: an interrupt during a pre hook stops the hook and
+    // still runs the on_failure hooks.
+    let cancel = interrupt_token()?;
     let mut env = vec![("BACKUPD_POLICY", pol.name.clone())];
     let outcome = (|| -> Result<(i32, Option<crate::pipeline::BlobId>)> {
-        crate::policy::hooks::run_hooks("pre", &hooks.pre, &env, hooks.timeout)?;
+        crate::policy::hooks::run_hooks("pre", &hooks.pre, &env, hooks.timeout, Some(&cancel))?;
+        if cancel.is_cancelled() {
+            return Err(crate::backup::BackupError::Interrupted.into());
+        }
         let source = policy_source(&pol)?;
         let mut tags = pol.tags.clone();
         tags.extend(a.tag.iter().cloned());
@@ -223,7 +229,15 @@ fn run_policy(g: &GlobalArgs, a: &BackupArgs, name: &str) -> Result<i32> {
             .clone()
             .or_else(|| pol.host.clone())
             .unwrap_or_else(super::hostname);
-        execute(&g, a, source, tags, host, Some(pol.name.clone()))
+        execute(
+            &g,
+            a,
+            source,
+            tags,
+            host,
+            Some(pol.name.clone()),
+            cancel.clone(),
+        )
     })();
     match outcome {
         Ok((code, id)) => {
@@ -231,8 +245,14 @@ fn run_policy(g: &GlobalArgs, a: &BackupArgs, name: &str) -> Result<i32> {
             if let Some(id) = id {
                 env.push(("BACKUPD_SNAPSHOT", id.to_hex()));
             }
-            crate::policy::hooks::run_hooks("post", &hooks.post, &env, hooks.timeout)
-                .context("the snapshot was saved, but a post hook failed")?;
+            if let Err(e) =
+                crate::policy::hooks::run_hooks("post", &hooks.post, &env, hooks.timeout, None)
+            {
+                // The snapshot is saved: not a failed backup (the agent must not run it
+                // again), but not a clean run either.
+                eprintln!("backupd: warning: the snapshot was saved, but {e}");
+                return Ok(crate::error::EXIT_PARTIAL);
+            }
             Ok(code)
         }
         Err(e) => {
@@ -243,6 +263,7 @@ fn run_policy(g: &GlobalArgs, a: &BackupArgs, name: &str) -> Result<i32> {
                 &hooks.on_failure,
                 &env,
                 hooks.timeout,
+                None,
             ) {
                 tracing::error!(policy = %pol.name, "{h}");
             }
@@ -296,15 +317,8 @@ fn policy_source(pol: &crate::policy::Policy) -> Result<BackupSource> {
 }
 
 /// Backs up `source` and prints the summary; returns the exit code and the snapshot id.
-fn execute(
-    g: &GlobalArgs,
-    a: &BackupArgs,
-    source: BackupSource,
-    tags: Vec<String>,
-    host: String,
-    policy: Option<String>,
-) -> Result<(i32, Option<crate::pipeline::BlobId>)> {
-    let repo = g.open()?;
+/// A token SIGINT and SIGTERM cancel (a second signal exits at once).
+fn interrupt_token() -> Result<CancelToken> {
     let cancel = CancelToken::new();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while the first is being handled exits at once.
@@ -312,6 +326,19 @@ fn execute(
             .context("installing signal handler")?;
         signal_hook::flag::register(sig, cancel.flag()).context("installing signal handler")?;
     }
+    Ok(cancel)
+}
+
+fn execute(
+    g: &GlobalArgs,
+    a: &BackupArgs,
+    source: BackupSource,
+    tags: Vec<String>,
+    host: String,
+    policy: Option<String>,
+    cancel: CancelToken,
+) -> Result<(i32, Option<crate::pipeline::BlobId>)> {
+    let repo = g.open()?;
     let stats = Arc::new(FilesStats::default());
     let progress = Progress::start(!g.json && !g.quiet && !g.no_progress, "backup", None, {
         let st = stats.clone();

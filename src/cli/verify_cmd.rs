@@ -7,6 +7,8 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -127,6 +129,75 @@ impl Drop for Scratch {
     }
 }
 
+/// Removes what a killed restore test left in `base`: scratch directories of processes
+/// that are gone, stopping a server still running on one first.
+fn clean_stale(base: &Path) {
+    let Ok(rd) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("backupd-verify-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+            continue;
+        }
+        let data = e.path().join("restore");
+        if data.join("postmaster.pid").exists() {
+            if let Err(err) = recovery::stop_dir(&data) {
+                tracing::warn!("stopping the server left on {}: {err}", data.display());
+            }
+        }
+        tracing::warn!(
+            "removing {} left by an interrupted restore test",
+            e.path().display()
+        );
+        let _ = std::fs::remove_dir_all(e.path());
+    }
+}
+
+/// Stops the restored server when the restore test ends, however it ends.
+struct RunningServer<'a> {
+    dir: &'a Path,
+    meta: &'a crate::repo::PostgresMeta,
+    stopped: bool,
+}
+
+impl RunningServer<'_> {
+    /// Stops it now, reporting how that went.
+    fn stop(mut self) -> Result<(), crate::postgres::PgError> {
+        self.stopped = true;
+        recovery::stop(self.dir, self.meta)
+    }
+}
+
+impl Drop for RunningServer<'_> {
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        if let Err(e) = recovery::stop(self.dir, self.meta) {
+            tracing::warn!(
+                "stopping the restored server on {}: {e}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+/// Set by SIGINT/SIGTERM: the restore test stops at its next phase and cleans up.
+fn interrupted(flag: &AtomicBool) -> Result<()> {
+    if flag.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 fn restore_test(
     g: &GlobalArgs,
     repo: &crate::repo::Repository,
@@ -134,6 +205,7 @@ fn restore_test(
     spec: Option<&VerifySpec>,
     scratch: &Path,
     r: &mut Report,
+    stop: &AtomicBool,
 ) -> Result<()> {
     let snaps = repo.snapshots()?;
     let newest = snaps
@@ -152,6 +224,7 @@ fn restore_test(
     quiet.quiet = true;
     quiet.json = false;
     quiet.no_progress = true;
+    clean_stale(scratch);
     let dir = Scratch::new(scratch)?;
     let target = dir.0.join("restore");
     let mut t = RestoreTest {
@@ -181,27 +254,6 @@ fn restore_test(
                 )
             })
             .collect();
-        let port = free_port()?;
-        let args = super::restore_cmd::RestoreArgs::for_test(
-            None,
-            target.clone(),
-            Some((port, Some(sysid))),
-            ts_map,
-        );
-        let restored = super::restore_cmd::restore(&quiet, args);
-        t.server_secs = Some(started.elapsed().as_secs_f64());
-        let (files, bytes) = tree_size(&target);
-        t.files = files;
-        t.bytes = bytes;
-        if let Err(e) = restored {
-            r.problems.push(format!(
-                "restoring and starting base backup {}: {}",
-                p.snapshot_id.short(),
-                super::error_chain(&e)
-            ));
-            r.restore = Some(t);
-            return Ok(());
-        }
         let pg = pol.and_then(|p| match &p.source {
             SourceSpec::Postgres(pg) => Some(pg),
             _ => None,
@@ -217,6 +269,39 @@ fn restore_test(
             Some(src) => Some(super::password::read_secret(src)?),
             None => None,
         };
+        interrupted(stop)?;
+        let port = free_port()?;
+        let args = super::restore_cmd::RestoreArgs::for_test(
+            None,
+            target.clone(),
+            Some((port, Some(sysid))),
+            ts_map,
+        );
+        let restored = super::restore_cmd::restore(&quiet, args);
+        t.server_secs = Some(started.elapsed().as_secs_f64());
+        let (files, bytes) = tree_size(&target);
+        t.files = files;
+        t.bytes = bytes;
+        if let Err(e) = restored {
+            // A server that started but did not finish recovery must not be left running.
+            if target.join("postmaster.pid").exists() {
+                let _ = recovery::stop(&target, meta);
+            }
+            r.problems.push(format!(
+                "restoring and starting base backup {}: {}",
+                p.snapshot_id.short(),
+                super::error_chain(&e)
+            ));
+            r.restore = Some(t);
+            return Ok(());
+        }
+        let server_meta = p.snapshot.postgres.clone().unwrap_or_else(|| meta.clone());
+        let server = RunningServer {
+            dir: &target,
+            meta: &server_meta,
+            stopped: false,
+        };
+        interrupted(stop)?;
         // Every relation and index of every database, with the checker the server ships.
         let a0 = Instant::now();
         let amcheck = recovery::find_pg_bin(meta, "pg_amcheck");
@@ -261,6 +346,7 @@ fn restore_test(
             }
         }
         t.amcheck_secs = Some(a0.elapsed().as_secs_f64());
+        interrupted(stop)?;
         if let Some(v) = spec {
             t.sql_checks = run_sql_checks(
                 &Target {
@@ -281,10 +367,7 @@ fn restore_test(
                 ));
             }
         }
-        if let Err(e) = recovery::stop(
-            &target,
-            &p.snapshot.postgres.clone().unwrap_or_else(|| meta.clone()),
-        ) {
+        if let Err(e) = server.stop() {
             r.problems
                 .push(format!("stopping the restored server: {e}"));
         }
@@ -322,7 +405,7 @@ fn restore_test(
     Ok(())
 }
 
-fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>) -> Report {
+fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>, stop: &AtomicBool) -> Report {
     let mut r = Report {
         policy: pol.map(|p| p.name.clone()),
         ..Report::default()
@@ -370,7 +453,7 @@ fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>) -> Report {
     r.problems.extend(c.errors);
     if a.restore_test || spec.is_some_and(|v| v.restore_test) {
         let base = a.scratch.clone().unwrap_or_else(std::env::temp_dir);
-        if let Err(e) = restore_test(&g, &repo, pol, spec, &base, &mut r) {
+        if let Err(e) = restore_test(&g, &repo, pol, spec, &base, &mut r, stop) {
             r.problems
                 .push(format!("restore test: {}", super::error_chain(&e)));
         }
@@ -384,6 +467,15 @@ fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>) -> Report {
 /// # Errors
 /// An invalid policy; a failed verification is exit code 1 with the report.
 pub fn run(g: &GlobalArgs, a: VerifyArgs) -> Result<i32> {
+    // An interrupt ends the restore test at its next phase, which stops the restored
+    // server and removes the scratch copy (a second one exits at once).
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
+            .context("installing signal handler")?;
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
+    }
+    let stop = &*stop;
     let reports: Vec<Report> = if a.all_policies {
         let all = policy::load_dir(&g.policies)?;
         let with: Vec<&Policy> = all.iter().filter(|p| p.verify.is_some()).collect();
@@ -394,13 +486,13 @@ pub fn run(g: &GlobalArgs, a: VerifyArgs) -> Result<i32> {
             );
         }
         with.into_iter()
-            .map(|p| verify_one(g, &a, Some(p)))
+            .map(|p| verify_one(g, &a, Some(p), stop))
             .collect()
     } else if let Some(name) = &a.policy {
         let p = policy::find(&g.policies, name)?;
-        vec![verify_one(g, &a, Some(&p))]
+        vec![verify_one(g, &a, Some(&p), stop)]
     } else {
-        vec![verify_one(g, &a, None)]
+        vec![verify_one(g, &a, None, stop)]
     };
     let failed = reports.iter().filter(|r| !r.ok).count();
     if g.json {

@@ -1,8 +1,12 @@
 //! Running a policy's hooks: each a shell command (`sh -c`), with the policy's name and the
-//! run's result in its environment, killed when it outlives the hook timeout.
+//! run's result in its environment, in a process group of its own that is stopped as a whole
+//! when the hook outlives its timeout or the run is interrupted.
 
-use std::process::{Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::source::CancelToken;
 
 /// Why a hook failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,14 @@ pub enum HookError {
         /// Its exit status.
         status: std::process::ExitStatus,
     },
+    /// The run was interrupted (SIGINT/SIGTERM) while it ran; it was stopped.
+    #[error("{stage} hook {command:?} stopped: interrupted")]
+    Interrupted {
+        /// pre, post or on_failure.
+        stage: &'static str,
+        /// The command.
+        command: String,
+    },
     /// It ran too long and was killed.
     #[error("{stage} hook {command:?} still running after {secs} s; killed")]
     Timeout {
@@ -40,20 +52,47 @@ pub enum HookError {
     },
 }
 
-/// Runs `commands` one after another; stops at the first failure. The hooks' output goes
-/// to this process's stderr (the agent's log).
+/// SIGTERM to the hook's whole process group, then SIGKILL if it lingers.
+fn stop_group(child: &mut Child) {
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs `commands` one after another; stops at the first failure, or when `cancel` is
+/// cancelled. The hooks' output goes to this process's stderr (the agent's log).
 ///
 /// # Errors
-/// The first hook that could not start, failed, or timed out.
+/// The first hook that could not start, failed, timed out or was interrupted.
 pub fn run_hooks(
     stage: &'static str,
     commands: &[String],
     env: &[(&str, String)],
     timeout: Duration,
+    cancel: Option<&CancelToken>,
 ) -> Result<(), HookError> {
     for cmd in commands {
+        if cancel.is_some_and(CancelToken::is_cancelled) {
+            return Err(HookError::Interrupted {
+                stage,
+                command: cmd.clone(),
+            });
+        }
         let mut c = Command::new("sh");
-        c.arg("-c").arg(cmd).stdin(Stdio::null());
+        c.arg("-c")
+            .arg(cmd)
+            .stdin(Stdio::null())
+            // Its own group: a timeout or an interrupt stops what it started too.
+            .process_group(0);
         // Hook output goes to stderr: stdout may carry a JSON summary.
         if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
             c.stdout(Stdio::from(fd));
@@ -78,9 +117,15 @@ pub fn run_hooks(
                         status,
                     })
                 }
+                Ok(None) if cancel.is_some_and(CancelToken::is_cancelled) => {
+                    stop_group(&mut child);
+                    return Err(HookError::Interrupted {
+                        stage,
+                        command: cmd.clone(),
+                    });
+                }
                 Ok(None) if started.elapsed() >= timeout => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    stop_group(&mut child);
                     return Err(HookError::Timeout {
                         stage,
                         command: cmd.clone(),
@@ -121,6 +166,7 @@ mod tests {
             &cmds,
             &[("BACKUPD_POLICY", "p1".into())],
             Duration::from_secs(10),
+            None,
         )
         .unwrap();
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "one p1 pre\ntwo\n");
@@ -130,13 +176,38 @@ mod tests {
             &["exit 3".into(), format!("echo no >> {}", out.display())],
             &[],
             Duration::from_secs(10),
+            None,
         )
         .unwrap_err();
         assert!(err.to_string().contains("exit status: 3"), "{err}");
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "one p1 pre\ntwo\n");
 
-        let err =
-            run_hooks("post", &["sleep 5".into()], &[], Duration::from_millis(200)).unwrap_err();
+        // A timed-out hook's children go too: the background one would write after 2 s.
+        let late = dir.path().join("late");
+        let t0 = Instant::now();
+        let err = run_hooks(
+            "post",
+            &[format!("(sleep 2; touch {}) & sleep 30", late.display())],
+            &[],
+            Duration::from_millis(300),
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(err, HookError::Timeout { .. }), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(!late.exists(), "the hook's background child was stopped");
+
+        let cancel = CancelToken::new();
+        cancel.cancel();
+        let err = run_hooks(
+            "pre",
+            &["true".into()],
+            &[],
+            Duration::from_secs(10),
+            Some(&cancel),
+        )
+        .unwrap_err();
+        assert!(matches!(err, HookError::Interrupted { .. }), "{err}");
     }
 }

@@ -359,40 +359,71 @@ pub fn load_files(files: &[PathBuf]) -> Result<Vec<Policy>, PolicyError> {
     }
 }
 
-/// The policy called `name` in `dir`. Problems in other files do not stop it; problems
-/// in its own file, or anywhere when no valid file has that name, do.
+/// The policy called `name` in `dir`. Problems in other files do not stop it (a job of
+/// the agent must not fail because someone is editing another policy); problems in a file
+/// that may be it (its file name, or no valid file has the name) do.
 ///
 /// # Errors
-/// `Invalid` or `NotFound`.
+/// `Dir`, `Invalid` or `NotFound`.
 pub fn find(dir: &Path, name: &str) -> Result<Policy, PolicyError> {
-    match load_dir(dir) {
-        Ok(all) => {
-            let known = all
-                .iter()
-                .map(|p| p.name.clone())
-                .collect::<Vec<_>>()
-                .join(", ");
-            all.into_iter()
-                .find(|p| p.name == name)
-                .ok_or_else(|| PolicyError::NotFound {
-                    name: name.to_string(),
-                    dir: dir.to_path_buf(),
-                    known: if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known
-                    },
-                })
+    let mut files = vec![];
+    let rd = std::fs::read_dir(dir).map_err(|source| PolicyError::Dir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "toml") && p.is_file() {
+            files.push(p);
         }
-        Err(PolicyError::Invalid(bad)) => {
-            let wanted = dir.join(format!("{name}.toml"));
-            if !bad.iter().any(|b| b.file == wanted) {
-                if let Ok(p) = parse::read_file(&wanted) {
-                    return Ok(p);
-                }
+    }
+    files.sort();
+    let mut found: Vec<Policy> = vec![];
+    let mut bad = vec![];
+    let mut known = vec![];
+    for f in &files {
+        match parse::read_file(f) {
+            Ok(p) if p.name == name => found.push(p),
+            Ok(p) => known.push(p.name),
+            Err(problems) => bad.push(FileProblems {
+                file: f.clone(),
+                problems,
+            }),
+        }
+    }
+    match found.len() {
+        1 => {
+            let own = dir.join(format!("{name}.toml"));
+            // Its own file broken while another claims the name: refuse, do not guess.
+            if let Some(b) = bad.into_iter().find(|b| b.file == own) {
+                return Err(PolicyError::Invalid(vec![b]));
             }
-            Err(PolicyError::Invalid(bad))
+            Ok(found.remove(0))
         }
-        Err(e) => Err(e),
+        0 if !bad.is_empty() => Err(PolicyError::Invalid(bad)),
+        0 => Err(PolicyError::NotFound {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            known: if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            },
+        }),
+        _ => Err(PolicyError::Invalid(
+            found
+                .iter()
+                .skip(1)
+                .map(|p| FileProblems {
+                    file: p.file.clone(),
+                    problems: vec![Problem {
+                        line: 1,
+                        key: "name".into(),
+                        expected: "a name no other policy has".into(),
+                        found: format!("{name:?}, also the name of {}", found[0].file.display()),
+                    }],
+                })
+                .collect(),
+        )),
     }
 }

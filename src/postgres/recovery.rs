@@ -183,10 +183,12 @@ pub struct Reached {
 /// A PostgreSQL program of the snapshot's major version (Debian's versioned directory),
 /// else the one on PATH.
 pub fn find_pg_bin(meta: &PostgresMeta, name: &str) -> PathBuf {
-    let versioned = PathBuf::from(format!(
-        "/usr/lib/postgresql/{}/bin/{name}",
-        meta.server_version_num / 10000
-    ));
+    find_pg_bin_of(meta.server_version_num / 10000, name)
+}
+
+/// As [`find_pg_bin`], for a major version.
+pub fn find_pg_bin_of(major: u32, name: &str) -> PathBuf {
+    let versioned = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin/{name}"));
     if versioned.exists() {
         return versioned;
     }
@@ -200,12 +202,8 @@ pub fn find_pg_bin(meta: &PostgresMeta, name: &str) -> PathBuf {
 }
 
 /// `pg_ctl -D dir`, run as the owner of `dir` when we are root (PostgreSQL refuses root).
-fn pg_ctl(
-    dir: &Path,
-    meta: &PostgresMeta,
-    log: Option<&Path>,
-) -> Result<(Command, PathBuf), PgError> {
-    let pg_ctl = find_pg_bin(meta, "pg_ctl");
+fn pg_ctl(dir: &Path, major: u32, log: Option<&Path>) -> Result<(Command, PathBuf), PgError> {
+    let pg_ctl = find_pg_bin_of(major, "pg_ctl");
     let mut cmd = if nix::unistd::geteuid().is_root() {
         use std::os::unix::fs::MetadataExt;
         let uid = fs::metadata(dir).map_err(io_err(dir))?.uid();
@@ -234,7 +232,25 @@ fn pg_ctl(
 /// # Errors
 /// pg_ctl fails.
 pub fn stop(dir: &Path, meta: &PostgresMeta) -> Result<(), PgError> {
-    let (mut cmd, pg_ctl) = pg_ctl(dir, meta, None)?;
+    stop_major(dir, meta.server_version_num / 10000)
+}
+
+/// Stops the server running on `dir`, its version read from the directory's PG_VERSION
+/// (for a copy whose snapshot is not at hand, e.g. left by a killed restore test).
+///
+/// # Errors
+/// No PG_VERSION, or pg_ctl fails.
+pub fn stop_dir(dir: &Path) -> Result<(), PgError> {
+    let v = fs::read_to_string(dir.join("PG_VERSION")).map_err(io_err(dir))?;
+    let major = v
+        .trim()
+        .parse()
+        .map_err(|_| PgError::Server(format!("{}: PG_VERSION {v:?}", dir.display())))?;
+    stop_major(dir, major)
+}
+
+fn stop_major(dir: &Path, major: u32) -> Result<(), PgError> {
+    let (mut cmd, pg_ctl) = pg_ctl(dir, major, None)?;
     let status = cmd
         .args(["-m", "fast", "-w", "-t", "300", "stop"])
         .stdin(std::process::Stdio::null())
@@ -258,7 +274,7 @@ pub fn stop(dir: &Path, meta: &PostgresMeta) -> Result<(), PgError> {
 /// log.
 pub fn start_and_wait(dir: &Path, meta: &PostgresMeta) -> Result<Reached, PgError> {
     let log = dir.join("backupd-recovery.log");
-    let (mut cmd, pg_ctl) = pg_ctl(dir, meta, Some(&log))?;
+    let (mut cmd, pg_ctl) = pg_ctl(dir, meta.server_version_num / 10000, Some(&log))?;
     cmd.arg("-l")
         .arg(&log)
         // Wait until it accepts connections (hot standby, or done): by then the startup

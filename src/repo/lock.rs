@@ -46,6 +46,10 @@ pub struct LockRecord {
     pub started: DateTime<Utc>,
     /// When the lock was last written.
     pub refreshed: DateTime<Utc>,
+    /// For a PostgreSQL base backup: the cluster's system identifier (prune keeps that
+    /// cluster's WAL while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_system_id: Option<String>,
 }
 
 impl LockRecord {
@@ -97,12 +101,32 @@ pub fn list_locks(
     backend: &Arc<dyn Backend>,
     keys: &MasterKeys,
 ) -> Result<Vec<(String, LockRecord)>, BackendError> {
+    // A lock gone between list and get was either released or replaced by a refresh
+    // (written before the old one is deleted): a new listing shows which.
+    let mut attempt = 0;
+    loop {
+        match list_locks_once(backend, keys)? {
+            Some(l) => return Ok(l),
+            None if attempt < 10 => attempt += 1,
+            None => {
+                return Err(BackendError::Io {
+                    path: "locks/".into(),
+                    source: std::io::Error::other("locks keep disappearing while read"),
+                })
+            }
+        }
+    }
+}
+
+fn list_locks_once(
+    backend: &Arc<dyn Backend>,
+    keys: &MasterKeys,
+) -> Result<Option<Vec<(String, LockRecord)>>, BackendError> {
     let mut out = vec![];
     for (name, _) in backend.list(ObjectType::Lock)? {
         let bytes = match backend.get(ObjectType::Lock, &name) {
             Ok(b) => b,
-            // Removed between list and get: its holder finished.
-            Err(e) if e.is_not_found() => continue,
+            Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
         };
         let rec = (hex::encode(Sha256::digest(&bytes)) == name)
@@ -114,13 +138,33 @@ pub fn list_locks(
             None => tracing::warn!("locks/{name}: unreadable lock ignored"),
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 struct Shared {
     name: Mutex<String>,
-    last_refresh: Mutex<Instant>,
+    /// Wall time of the last successful write (what other hosts judge staleness by).
+    last_refresh: Mutex<DateTime<Utc>>,
+    /// Set for good once a gap between refreshes was long enough for others to have
+    /// taken the lock for dead (a pause, a suspend, a network cut).
+    lost: AtomicBool,
     stop: AtomicBool,
+}
+
+/// A holder whose lock went this long without a refresh must not commit.
+const FRESH_FOR: Duration = Duration::from_secs(STALE_AFTER.as_secs() - REFRESH_EVERY.as_secs());
+
+impl Shared {
+    fn check_gap(&self) {
+        let last = *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
+        let gap = Utc::now()
+            .signed_duration_since(last)
+            .to_std()
+            .unwrap_or_default();
+        if gap >= FRESH_FOR {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 /// A held lock; refreshed in the background, removed on drop.
@@ -142,6 +186,7 @@ impl RepoLock {
         keys: Arc<MasterKeys>,
         kind: LockKind,
         host: &str,
+        postgres_system_id: Option<u64>,
     ) -> Result<RepoLock, LockError> {
         let now = Utc::now();
         let record = LockRecord {
@@ -150,6 +195,7 @@ impl RepoLock {
             pid: std::process::id(),
             started: now,
             refreshed: now,
+            postgres_system_id: postgres_system_id.map(|id| id.to_string()),
         };
         let name = write_record(&backend, &keys, &record)?;
         if kind == LockKind::Prune {
@@ -168,7 +214,8 @@ impl RepoLock {
         }
         let shared = Arc::new(Shared {
             name: Mutex::new(name),
-            last_refresh: Mutex::new(Instant::now()),
+            last_refresh: Mutex::new(now),
+            lost: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
         let thread = {
@@ -179,6 +226,9 @@ impl RepoLock {
                     let mut next = Instant::now() + REFRESH_EVERY;
                     while !shared.stop.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(200));
+                        // Before any refresh: a long gap means others may have judged the
+                        // lock stale meanwhile, whatever happens next.
+                        shared.check_gap();
                         if Instant::now() < next {
                             continue;
                         }
@@ -190,10 +240,11 @@ impl RepoLock {
                                     &mut *shared.name.lock().unwrap_or_else(|e| e.into_inner()),
                                     new_name,
                                 );
+                                shared.check_gap();
                                 *shared
                                     .last_refresh
                                     .lock()
-                                    .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                                    .unwrap_or_else(|e| e.into_inner()) = rec.refreshed;
                                 let _ = backend.delete(ObjectType::Lock, &old);
                             }
                             Err(e) => tracing::warn!("refreshing the repository lock: {e}"),
@@ -213,12 +264,8 @@ impl RepoLock {
     /// Whether the lock is certainly still seen as live by others (refreshed well within
     /// [`STALE_AFTER`]). A holder that was paused or cut off longer must not commit.
     pub fn is_fresh(&self) -> bool {
-        let last = *self
-            .shared
-            .last_refresh
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        last.elapsed() < STALE_AFTER - REFRESH_EVERY
+        self.shared.check_gap();
+        !self.shared.lost.load(Ordering::SeqCst)
     }
 
     /// What this lock says.
@@ -242,5 +289,47 @@ impl Drop for RepoLock {
         if let Err(e) = self.backend.delete(ObjectType::Lock, &name) {
             tracing::warn!("removing lock locks/{name}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_gap_between_refreshes_is_never_forgotten() {
+        let s = Shared {
+            name: Mutex::new(String::new()),
+            last_refresh: Mutex::new(Utc::now() - chrono::Duration::minutes(10)),
+            lost: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        };
+        s.check_gap();
+        assert!(
+            !s.lost.load(Ordering::SeqCst),
+            "10 minutes is within the limit"
+        );
+        *s.last_refresh.lock().unwrap() = Utc::now() - chrono::Duration::minutes(26);
+        s.check_gap();
+        assert!(s.lost.load(Ordering::SeqCst));
+        // A later successful refresh does not make the holder safe to commit again.
+        *s.last_refresh.lock().unwrap() = Utc::now();
+        s.check_gap();
+        assert!(s.lost.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn staleness_is_judged_by_the_refresh_time() {
+        let now = Utc::now();
+        let rec = |mins: i64| LockRecord {
+            kind: LockKind::Backup,
+            host: "h".into(),
+            pid: 1,
+            started: now - chrono::Duration::hours(5),
+            refreshed: now - chrono::Duration::minutes(mins),
+            postgres_system_id: None,
+        };
+        assert!(!rec(29).is_stale(now));
+        assert!(rec(31).is_stale(now));
     }
 }

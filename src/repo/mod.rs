@@ -412,11 +412,28 @@ impl Repository {
     /// # Errors
     /// A damaged index file (named), or backend failures.
     pub fn load_index_excluding(&self, excluded: &HashSet<BlobId>) -> Result<Index, RepoError> {
-        let mut all = vec![];
-        let listed = self.backend.list(ObjectType::Index)?;
-        for (name, _) in &listed {
-            all.extend(self.load_index_file(name)?);
-        }
+        // A prune replaces index files (the new one first, then the old ones go): when one
+        // listed is gone before it is read, list again.
+        let mut attempt = 0;
+        let (mut all, listed) = loop {
+            let mut all = vec![];
+            let listed = self.backend.list(ObjectType::Index)?;
+            let mut gone = false;
+            for (name, _) in &listed {
+                match self.load_index_file(name) {
+                    Ok(p) => all.extend(p),
+                    Err(RepoError::Backend(e)) if e.is_not_found() && attempt < 10 => {
+                        gone = true;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !gone {
+                break (all, listed);
+            }
+            attempt += 1;
+        };
         if let Some(cache) = &self.cache {
             cache.retain(
                 ObjectType::Index,

@@ -121,12 +121,32 @@ pub type Marks = HashMap<BlobId, DateTime<Utc>>;
 /// # Errors
 /// A damaged marks object, or the store failing.
 pub fn load_marks(repo: &Repository) -> Result<(Marks, Vec<String>), RepoError> {
+    // A prune writes its new marks object before deleting the old ones: when one listed
+    // is gone, list again and the replacement is there.
+    let mut attempt = 0;
+    loop {
+        match load_marks_once(repo) {
+            Ok(Some(m)) => return Ok(m),
+            Ok(None) if attempt < 10 => attempt += 1,
+            Ok(None) => {
+                return Err(RepoError::CorruptOrTampered {
+                    object: "marks/".into(),
+                    why: "marks objects keep disappearing while read".into(),
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One pass; `None` when an object listed was gone before it was read.
+fn load_marks_once(repo: &Repository) -> Result<Option<(Marks, Vec<String>)>, RepoError> {
     let mut out: Marks = HashMap::new();
     let mut names = vec![];
     for (name, _) in repo.backend().list(ObjectType::Mark)? {
         let plain = match repo.load_object(ObjectType::Mark, ObjectKind::Marks, &name) {
             Ok(p) => p,
-            Err(RepoError::Backend(e)) if e.is_not_found() => continue,
+            Err(RepoError::Backend(e)) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
         };
         let rec: MarksRecord =
@@ -142,7 +162,7 @@ pub fn load_marks(repo: &Repository) -> Result<(Marks, Vec<String>), RepoError> 
         }
         names.push(name);
     }
-    Ok((out, names))
+    Ok(Some((out, names)))
 }
 
 /// Every blob the snapshots need: trees, content lists and data.
@@ -210,6 +230,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
             keys.clone(),
             LockKind::Prune,
             &opts.host,
+            None,
         )?)
     };
     // The backups running now, read before the snapshots: one that finishes later was
@@ -353,6 +374,9 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
         }
     }
     let mut marks: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+    // Marked in this run: stamped when the marks object is written, not now, since a
+    // backup starting before it is visible cannot see them (decisions/0009-prune.md).
+    let mut new_marks: Vec<String> = vec![];
     let mut deletable: Vec<BlobId> = vec![];
     let live_locks: Vec<LockRecord> = {
         let mut l = locks_at_start;
@@ -379,7 +403,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
         match old_marks.get(p) {
             None => {
                 report.marked += 1;
-                marks.insert(p.to_hex(), now);
+                new_marks.push(p.to_hex());
             }
             Some(&t) => {
                 let old_enough =
@@ -432,9 +456,13 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
         }
     }
     // 3. The marks that remain, then the old marks objects.
+    let stamp = Utc::now();
+    for p in new_marks {
+        marks.insert(p, stamp);
+    }
     if !marks.is_empty() {
         let rec = MarksRecord {
-            written: Utc::now(),
+            written: stamp,
             packs: marks,
         };
         let plain = serde_json::to_vec(&rec).expect("marks serialize");
@@ -449,8 +477,8 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
 
 /// Removes WAL segments (and their `.partial`/`.backup` files) older than the start of
 /// the oldest base backup of each cluster; history files stay. Clusters without a base
-/// backup keep all their WAL, and so do clusters with a backup running on their host now
-/// (it may have started before the oldest kept one ended). Returns how many objects were
+/// backup keep all their WAL, and so do clusters with a base backup running now (its lock
+/// names the cluster: it may have started before the oldest kept one). Returns how many objects were
 /// (or would be) removed.
 fn expire_wal(
     repo: &Repository,
@@ -459,11 +487,10 @@ fn expire_wal(
     dry_run: bool,
 ) -> Result<usize, PruneError> {
     let mut oldest: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-    let busy: HashSet<u64> = snaps
+    let busy: HashSet<u64> = live_backups
         .iter()
-        .filter_map(|(_, s)| s.postgres.as_ref().map(|m| (m.system_identifier, &s.host)))
-        .filter(|(_, host)| live_backups.iter().any(|l| &&l.host == host))
-        .map(|(id, _)| id)
+        .filter_map(|l| l.postgres_system_id.as_deref())
+        .filter_map(|id| id.parse().ok())
         .collect();
     for (_, s) in snaps {
         if let Some(m) = &s.postgres {
