@@ -265,6 +265,8 @@ pub fn run(g: &GlobalArgs, a: ForgetArgs) -> Result<i32> {
     }
     to_remove.sort();
     to_remove.dedup();
+    // With --json: one object, printed at the end (with the prune report, if any).
+    let mut json_out = None;
     if g.json {
         let groups: Vec<_> = plans
             .iter()
@@ -280,11 +282,8 @@ pub fn run(g: &GlobalArgs, a: ForgetArgs) -> Result<i32> {
                 })
             })
             .collect();
-        println!(
-            "{}",
-            json!({"dry_run": a.dry_run, "groups": groups,
-                   "removed": to_remove.iter().map(BlobId::to_hex).collect::<Vec<_>>()})
-        );
+        json_out = Some(json!({"dry_run": a.dry_run, "groups": groups,
+               "removed": to_remove.iter().map(BlobId::to_hex).collect::<Vec<_>>()}));
     } else if !g.quiet {
         for p in &plans {
             println!("snapshots of {}:", describe_key(&p.key));
@@ -331,7 +330,16 @@ pub fn run(g: &GlobalArgs, a: ForgetArgs) -> Result<i32> {
         }
     }
     if do_prune {
-        super::prune_cmd::run_prune(&g, &repo, &a.prune_args, a.dry_run)?;
+        let r = super::prune_cmd::prune_with(&repo, &a.prune_args, a.dry_run)?;
+        match json_out.as_mut().and_then(|v| v.as_object_mut()) {
+            Some(o) => {
+                o.insert("prune".into(), serde_json::to_value(&r)?);
+            }
+            None => super::prune_cmd::print_report(&g, &r, a.dry_run),
+        }
+    }
+    if let Some(v) = json_out {
+        println!("{v}");
     }
     Ok(EXIT_OK)
 }

@@ -43,11 +43,11 @@ fn human(b: u64) -> String {
     format!("{v:.1} TiB")
 }
 
-/// Prunes `repo` and prints the report.
+/// Prunes `repo` with these arguments.
 ///
 /// # Errors
 /// A bad duration, another prune running, a damaged repository, or store failures.
-pub fn run_prune(g: &GlobalArgs, repo: &Repository, a: &PruneArgs, dry_run: bool) -> Result<()> {
+pub fn prune_with(repo: &Repository, a: &PruneArgs, dry_run: bool) -> Result<PruneReport> {
     let grace = crate::policy::units::parse_duration(&a.grace)
         .map_err(|e| anyhow::anyhow!("--grace {:?}: {e}", a.grace))?;
     let opts = PruneOptions {
@@ -56,10 +56,12 @@ pub fn run_prune(g: &GlobalArgs, repo: &Repository, a: &PruneArgs, dry_run: bool
         dry_run,
         ..PruneOptions::default()
     };
-    let r: PruneReport = prune(repo, &opts).context("prune")?;
-    if g.json {
-        println!("{}", serde_json::to_value(&r)?);
-    } else if !g.quiet {
+    prune(repo, &opts).context("prune")
+}
+
+/// Prints a prune report as text (unless --quiet).
+pub fn print_report(g: &GlobalArgs, r: &PruneReport, dry_run: bool) {
+    if !g.quiet {
         let verb = if dry_run { "would be" } else { "were" };
         println!("packs:     {} ({})", r.packs, human(r.pack_bytes));
         println!(
@@ -89,15 +91,19 @@ pub fn run_prune(g: &GlobalArgs, repo: &Repository, a: &PruneArgs, dry_run: bool
         );
         println!("wal:       {} WAL object(s) {verb} removed", r.wal_deleted);
     }
-    Ok(())
 }
 
 /// Runs `prune`.
 ///
 /// # Errors
-/// As [`run_prune`], or the repository failing to open.
+/// As [`prune_with`], or the repository failing to open.
 pub fn run(g: &GlobalArgs, a: PruneCmdArgs) -> Result<i32> {
     let repo = g.open()?;
-    run_prune(g, &repo, &a.prune, a.dry_run)?;
+    let r = prune_with(&repo, &a.prune, a.dry_run)?;
+    if g.json {
+        println!("{}", serde_json::to_value(&r)?);
+    } else {
+        print_report(g, &r, a.dry_run);
+    }
     Ok(EXIT_OK)
 }

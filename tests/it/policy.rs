@@ -421,6 +421,23 @@ fn forget_applies_keep_rules_per_group_and_twice_is_once() {
     // By id.
     repo.ok(&["forget", &made[5].1[..8]]);
     assert_eq!(repo.snapshots().len(), 2);
+    // With --prune and --json: one JSON object, the prune report inside.
+    let v = repo
+        .cmd()
+        .args([
+            "forget",
+            "--keep-last",
+            "1",
+            "--prune",
+            "--grace",
+            "0s",
+            "--json",
+        ])
+        .run()
+        .ok()
+        .json();
+    assert!(v["prune"]["packs"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["removed"], serde_json::json!([]), "{v}");
 }
 
 /// Rewrites every occurrence of the given absolute prefixes in a policy file so that the
