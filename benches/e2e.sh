@@ -72,15 +72,14 @@ done
 
 log() { printf '[e2e %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=benches/lib.sh
+. "$HERE/lib.sh"
 
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
 CORPUS=${CORPUS:-$BENCH_DIR/corpus}
 
 # ---------------------------------------------------------------- prerequisites
-apt_install() {  # apt_install PKG...: install Debian packages (refresh the lists once if needed)
-  apt-get install -y "$@" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$@" >/dev/null; }
-}
 [ -x /usr/bin/time ] || { log "installing GNU time"; apt_install time; }
 if [[ " $TOOLS " == *" restic "* ]] && ! command -v restic >/dev/null; then
   log "installing restic"; apt_install restic
@@ -95,28 +94,9 @@ if [ "$S3" = 1 ]; then
   fi
 fi
 
-[ -x "$SHARED/bench/make-change.sh" ] || [ -f "$SHARED/bench/make-change.sh" ] \
-  || die "make-change.sh not found under $SHARED/bench (set SHARED)"
-SHARED=$(cd "$SHARED" && pwd)
-
-# The corpus is built once and reused; every run works on a copy of it.
-if [ ! -d "$CORPUS" ] || [ -z "$(ls -A "$CORPUS" 2>/dev/null)" ]; then
-  log "corpus $CORPUS missing: building it with make-dataset.sh (several minutes)"
-  PG_FILLER=hex nice bash "$SHARED/bench/make-dataset.sh" "$CORPUS" >&2
-fi
-CORPUS=$(cd "$CORPUS" && pwd)
-
-if [[ " $TOOLS " == *" backupd "* ]]; then
-  if [ -n "${BACKUPD_BIN:-}" ]; then
-    BACKUPD=$BACKUPD_BIN
-  else
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release) >&2
-    BACKUPD=${CARGO_TARGET_DIR:-$ROOT/target}/release/backupd
-  fi
-  [ -x "$BACKUPD" ] || die "backupd binary not found: $BACKUPD"
-  BACKUPD=$(cd "$(dirname "$BACKUPD")" && pwd)/$(basename "$BACKUPD")
-fi
+# Every run works on a copy of the corpus.
+ensure_corpus
+[[ " $TOOLS " == *" backupd "* ]] && backupd_binary
 
 # ---------------------------------------------------------------- run layout
 TS=$(date -u +%Y%m%dT%H%M%SZ)
@@ -139,11 +119,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
-# CPU seconds the whole machine has been busy (all cores, from /proc/stat). A step's busy time
-# minus the tool's own user+sys is "other" load (e.g. a cargo build next door) that skews it.
-HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
-busy_cpu_s() { awk -v hz="$HZ" '$1=="cpu"{printf "%.2f", ($2+$3+$4+$7+$8+$9)/hz; exit}' /proc/stat; }
 
 corpus_bytes=$(du -sb "$CORPUS" | cut -f1)
 need=$(( corpus_bytes * 6 ))

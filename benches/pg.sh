@@ -92,6 +92,8 @@ done
 
 log() { printf '[pg %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=benches/lib.sh
+. "$HERE/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root (PostgreSQL servers run as the postgres user via runuser)"
 [[ "$SCALE" =~ ^[1-9][0-9]*$ ]] || die "SCALE must be a positive integer"
@@ -99,9 +101,6 @@ id postgres >/dev/null 2>&1 || die "no postgres user (install postgresql-15)"
 [ -x "$PGBIN/initdb" ] && [ -x "$PGBIN/pgbench" ] || die "PostgreSQL binaries not found in $PGBIN"
 
 # ---------------------------------------------------------------- prerequisites
-apt_install() {  # apt_install PKG...: refresh the package lists, then install
-  apt-get update >/dev/null && apt-get install -y "$@" >/dev/null
-}
 [ -x /usr/bin/time ] || { log "installing GNU time"; apt_install time; }
 if ! command -v pgbackrest >/dev/null; then
   log "installing pgbackrest"; apt_install pgbackrest
@@ -122,9 +121,6 @@ freeport() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0))
 sql() {  # sql PORT QUERY: one query as root over TCP, unaligned output, '|' between fields
   "$PGBIN/psql" -X -qAt -F'|' -h 127.0.0.1 -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -c "$2"
 }
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
-HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
-busy_cpu_s() { awk -v hz="$HZ" '$1=="cpu"{printf "%.2f", ($2+$3+$4+$7+$8+$9)/hz; exit}' /proc/stat; }
 
 STARTED=()       # data directories of servers this script started
 pg_start() {     # pg_start DATADIR LOGFILE [pg_ctl -o options]

@@ -81,6 +81,8 @@ done
 
 log() { printf '[retention %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=benches/lib.sh
+. "$HERE/lib.sh"
 
 mkdir -p "$BENCH_DIR"
 BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
@@ -98,36 +100,18 @@ if [ -z "$CORPUS" ]; then
 fi
 
 # ---------------------------------------------------------------- prerequisites
-[ -x /usr/bin/time ] || { log "installing GNU time"; apt-get update -qq && apt-get install -y -qq time >/dev/null; }
+[ -x /usr/bin/time ] || { log "installing GNU time"; apt_install time; }
 if [[ " $TOOLS " == *" restic "* ]] && ! command -v restic >/dev/null; then
-  log "installing restic"; apt-get update -qq && apt-get install -y -qq restic >/dev/null
+  log "installing restic"; apt_install restic
 fi
 if [[ " $TOOLS " == *" backupd "* ]] && ! command -v curl >/dev/null; then
-  log "installing curl"; apt-get update -qq && apt-get install -y -qq curl >/dev/null
+  log "installing curl"; apt_install curl
 fi
 
-[ -f "$SHARED/bench/make-change.sh" ] || die "make-change.sh not found under $SHARED/bench (set SHARED)"
-SHARED=$(cd "$SHARED" && pwd)
-
-# The corpus is built once and reused; every tool works on a fresh copy of it.
-if [ ! -d "$CORPUS" ] || [ -z "$(ls -A "$CORPUS" 2>/dev/null)" ]; then
-  log "corpus $CORPUS missing: building it with make-dataset.sh${PGSCALE:+ (pgbench scale $PGSCALE)} (several minutes)"
-  # shellcheck disable=SC2086
-  PG_FILLER=hex nice bash "$SHARED/bench/make-dataset.sh" "$CORPUS" ${PGSCALE:+42 $PGSCALE} >&2
-fi
-CORPUS=$(cd "$CORPUS" && pwd)
-
-if [[ " $TOOLS " == *" backupd "* ]]; then
-  if [ -n "${BACKUPD_BIN:-}" ]; then
-    BACKUPD=$BACKUPD_BIN
-  else
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release) >&2
-    BACKUPD=${CARGO_TARGET_DIR:-$ROOT/target}/release/backupd
-  fi
-  [ -x "$BACKUPD" ] || die "backupd binary not found: $BACKUPD"
-  BACKUPD=$(cd "$(dirname "$BACKUPD")" && pwd)/$(basename "$BACKUPD")
-fi
+# Every tool works on a fresh copy of the corpus.
+# shellcheck disable=SC2086
+ensure_corpus ${PGSCALE:+42 $PGSCALE}
+[[ " $TOOLS " == *" backupd "* ]] && backupd_binary
 
 # ---------------------------------------------------------------- run layout
 TS=$(date -u +%Y%m%dT%H%M%SZ)
@@ -153,9 +137,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
-HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
-busy_cpu_s() { awk -v hz="$HZ" '$1=="cpu"{printf "%.2f", ($2+$3+$4+$7+$8+$9)/hz; exit}' /proc/stat; }
 
 corpus_bytes=$(du -sb "$CORPUS" | cut -f1)
 corpus_files=$(find "$CORPUS" -type f | wc -l)

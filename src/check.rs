@@ -42,6 +42,18 @@ pub enum ReadData {
     },
 }
 
+impl ReadData {
+    /// `fraction` of the packs, a different choice each calendar month.
+    pub fn monthly_subset(fraction: f64) -> Self {
+        use chrono::Datelike;
+        let now = chrono::Utc::now();
+        ReadData::Subset {
+            fraction,
+            seed: (now.year() as u64) * 12 + u64::from(now.month()),
+        }
+    }
+}
+
 /// Whether a pack is in a subset.
 pub fn in_subset(name: &str, fraction: f64, seed: u64) -> bool {
     let mut h = Sha256::new();
@@ -112,11 +124,10 @@ pub fn check_with(repo: &Repository, read: ReadData) -> CheckReport {
                     Ok(s) => {
                         r.snapshots += 1;
                         let mut seen = HashSet::new();
-                        check_tree(repo, &index, &s.tree, &name, "", &mut seen, &mut r.errors);
                         // A PostgreSQL base backup's tablespaces have trees of their own.
-                        for t in s.postgres.iter().flat_map(|m| &m.tablespaces) {
-                            let at = format!("tablespace {}", t.name);
-                            check_tree(repo, &index, &t.tree, &name, &at, &mut seen, &mut r.errors);
+                        for (tree, ts) in s.trees() {
+                            let at = ts.map(|n| format!("tablespace {n}")).unwrap_or_default();
+                            check_tree(repo, &index, &tree, &name, &at, &mut seen, &mut r.errors);
                         }
                     }
                     Err(e) => r.errors.push(e.to_string()),
@@ -168,11 +179,15 @@ pub fn affected_by(repo: &Repository, index: &Index, damaged: &HashSet<BlobId>) 
         return out;
     };
     for (sid, s) in snaps {
-        let mut roots = vec![(s.tree, String::new())];
-        for t in s.postgres.iter().flat_map(|m| &m.tablespaces) {
-            roots.push((t.tree, format!("[tablespace {}]", t.name)));
-        }
-        let mut stack = roots;
+        let mut stack: Vec<(BlobId, String)> = s
+            .trees()
+            .map(|(tree, ts)| {
+                (
+                    tree,
+                    ts.map(|n| format!("[tablespace {n}]")).unwrap_or_default(),
+                )
+            })
+            .collect();
         while let Some((tree, path)) = stack.pop() {
             if bad(&tree) {
                 out.push(format!(

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::metrics::{Registry, WalStatus};
 use crate::policy::{Policy, SourceSpec};
-use crate::postgres::conn::ConnSettings;
+use crate::postgres::conn::env_with_password;
 use crate::postgres::walname::Segment;
 
 /// How often each server is asked.
@@ -54,21 +54,19 @@ async fn poll(policy: &Policy) -> Result<WalStatus, String> {
     let SourceSpec::Postgres(pg) = &policy.source else {
         return Err("not a postgres policy".into());
     };
-    let password = match &pg.password {
-        Some(src) => Some(crate::cli::password::read_secret(src).map_err(|e| format!("{e:#}"))?),
+    // A password command may take its time: not on the scheduler's threads.
+    let password = match pg.password.clone() {
+        Some(src) => Some(
+            tokio::task::spawn_blocking(move || {
+                crate::cli::password::read_secret(&src).map_err(|e| format!("{e:#}"))
+            })
+            .await
+            .map_err(|e| e.to_string())??,
+        ),
         None => None,
     };
-    let env = |k: &str| match (k, &password) {
-        ("PGPASSWORD", Some(p)) => Some(p.to_string()),
-        _ => std::env::var(k).ok(),
-    };
-    let resolved = ConnSettings {
-        host: pg.host.clone(),
-        port: pg.port,
-        user: pg.user.clone(),
-        database: pg.database.clone(),
-    }
-    .resolve(env);
+    let env = env_with_password(password.as_deref().map(|p| p.as_str()));
+    let resolved = pg.conn_settings().resolve(env);
     let config = resolved.config(env).map_err(|e| e.to_string())?;
     let (client, conn) = config
         .connect(tokio_postgres::NoTls)

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::progress::Progress;
 use super::GlobalArgs;
+use super::{human, interrupt_token};
 use crate::backup::{run_backup, BackupRequest, BackupSource, PgSource};
 use crate::error::{EXIT_OK, EXIT_PARTIAL};
 use crate::postgres::basebackup::PgSession;
@@ -81,21 +82,6 @@ pub struct BackupArgs {
     /// The command for --stdin-from-command.
     #[arg(last = true)]
     command: Vec<String>,
-}
-
-fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.2} {}", units[u])
-    }
 }
 
 /// Connects to PostgreSQL and checks the data directory.
@@ -291,18 +277,9 @@ fn policy_source(pol: &crate::policy::Policy) -> Result<BackupSource> {
                 .map(super::password::read_secret)
                 .transpose()
                 .context("the policy's PostgreSQL password")?;
-            let env = |k: &str| match (k, &password) {
-                ("PGPASSWORD", Some(p)) => Some(p.to_string()),
-                _ => std::env::var(k).ok(),
-            };
             pg_source(
-                crate::postgres::conn::ConnSettings {
-                    host: pg.host.clone(),
-                    port: pg.port,
-                    user: pg.user.clone(),
-                    database: pg.database.clone(),
-                },
-                env,
+                pg.conn_settings(),
+                crate::postgres::conn::env_with_password(password.as_deref().map(|p| p.as_str())),
                 Some(&pg.data_directory),
                 None,
                 pg.fast_checkpoint,
@@ -317,18 +294,6 @@ fn policy_source(pol: &crate::policy::Policy) -> Result<BackupSource> {
 }
 
 /// Backs up `source` and prints the summary; returns the exit code and the snapshot id.
-/// A token SIGINT and SIGTERM cancel (a second signal exits at once).
-fn interrupt_token() -> Result<CancelToken> {
-    let cancel = CancelToken::new();
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal while the first is being handled exits at once.
-        signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.flag())
-            .context("installing signal handler")?;
-        signal_hook::flag::register(sig, cancel.flag()).context("installing signal handler")?;
-    }
-    Ok(cancel)
-}
-
 fn execute(
     g: &GlobalArgs,
     a: &BackupArgs,

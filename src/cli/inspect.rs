@@ -306,16 +306,10 @@ pub fn stats(g: &GlobalArgs) -> Result<()> {
 pub fn check(g: &GlobalArgs, a: CheckArgs) -> Result<i32> {
     let repo = g.open()?;
     let read = match (&a.read_data_subset, a.read_data) {
-        (Some(s), _) => {
-            use chrono::Datelike;
-            let fraction = crate::policy::units::parse_percent(s)
-                .map_err(|e| anyhow::anyhow!("--read-data-subset {s:?}: {e}"))?;
-            let now = chrono::Utc::now();
-            crate::check::ReadData::Subset {
-                fraction,
-                seed: (now.year() as u64) * 12 + u64::from(now.month()),
-            }
-        }
+        (Some(s), _) => crate::check::ReadData::monthly_subset(
+            crate::policy::units::parse_percent(s)
+                .map_err(|e| anyhow::anyhow!("--read-data-subset {s:?}: {e}"))?,
+        ),
         (None, true) => crate::check::ReadData::All,
         (None, false) => crate::check::ReadData::None,
     };

@@ -332,6 +332,36 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// Bytes for people: `512 B`, `1.50 MiB`.
+pub(crate) fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+/// A token SIGINT and SIGTERM cancel; a second signal exits at once (130).
+///
+/// # Errors
+/// The handlers cannot be installed.
+pub(crate) fn interrupt_token() -> Result<crate::source::CancelToken> {
+    let cancel = crate::source::CancelToken::new();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.flag())
+            .context("installing signal handler")?;
+        signal_hook::flag::register(sig, cancel.flag()).context("installing signal handler")?;
+    }
+    Ok(cancel)
+}
+
 /// An error with its causes, each said once (several of our errors already include their
 /// cause in their own message).
 pub(crate) fn error_chain(e: &anyhow::Error) -> String {

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::GlobalArgs;
+use super::{human, GlobalArgs};
 use crate::error::EXIT_OK;
 use crate::repo::prune::{prune, PruneOptions, PruneReport};
 use crate::repo::Repository;
@@ -30,17 +30,6 @@ pub struct PruneCmdArgs {
     /// Report what would be marked, repacked and deleted; change nothing.
     #[arg(long, short = 'n')]
     dry_run: bool,
-}
-
-fn human(b: u64) -> String {
-    let mut v = b as f64;
-    for u in ["B", "KiB", "MiB", "GiB"] {
-        if v < 1024.0 {
-            return format!("{v:.1} {u}");
-        }
-        v /= 1024.0;
-    }
-    format!("{v:.1} TiB")
 }
 
 /// Prunes `repo` with these arguments.

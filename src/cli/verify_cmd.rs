@@ -7,8 +7,6 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -23,6 +21,7 @@ use crate::policy::{self, Policy, SourceSpec, VerifySpec};
 use crate::postgres::checks::{run_sql_checks, SqlCheckResult, Target};
 use crate::postgres::plan::{plan, RecoveryTarget};
 use crate::postgres::recovery;
+use crate::source::CancelToken;
 
 /// Arguments of `verify`.
 #[derive(Args, Debug)]
@@ -191,8 +190,8 @@ impl Drop for RunningServer<'_> {
 }
 
 /// Set by SIGINT/SIGTERM: the restore test stops at its next phase and cleans up.
-fn interrupted(flag: &AtomicBool) -> Result<()> {
-    if flag.load(Ordering::SeqCst) {
+fn interrupted(stop: &CancelToken) -> Result<()> {
+    if stop.is_cancelled() {
         bail!("interrupted");
     }
     Ok(())
@@ -205,7 +204,7 @@ fn restore_test(
     spec: Option<&VerifySpec>,
     scratch: &Path,
     r: &mut Report,
-    stop: &AtomicBool,
+    stop: &CancelToken,
 ) -> Result<()> {
     let snaps = repo.snapshots()?;
     let newest = snaps
@@ -405,7 +404,7 @@ fn restore_test(
     Ok(())
 }
 
-fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>, stop: &AtomicBool) -> Report {
+fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>, stop: &CancelToken) -> Report {
     let mut r = Report {
         policy: pol.map(|p| p.name.clone()),
         ..Report::default()
@@ -428,12 +427,7 @@ fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>, stop: &Atomi
     let read = if a.read_data {
         ReadData::All
     } else if let Some(f) = fraction {
-        use chrono::Datelike;
-        let now = chrono::Utc::now();
-        ReadData::Subset {
-            fraction: f,
-            seed: (now.year() as u64) * 12 + u64::from(now.month()),
-        }
+        ReadData::monthly_subset(f)
     } else {
         ReadData::None
     };
@@ -469,13 +463,7 @@ fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>, stop: &Atomi
 pub fn run(g: &GlobalArgs, a: VerifyArgs) -> Result<i32> {
     // An interrupt ends the restore test at its next phase, which stops the restored
     // server and removes the scratch copy (a second one exits at once).
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
-            .context("installing signal handler")?;
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
-    }
-    let stop = &*stop;
+    let stop = &super::interrupt_token()?;
     let reports: Vec<Report> = if a.all_policies {
         let all = policy::load_dir(&g.policies)?;
         let with: Vec<&Policy> = all.iter().filter(|p| p.verify.is_some()).collect();

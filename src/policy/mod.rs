@@ -103,6 +103,18 @@ pub struct PostgresSpec {
     pub archive_timeout: Duration,
 }
 
+impl PostgresSpec {
+    /// Its connection settings (unset ones fall back to PG* variables and defaults).
+    pub fn conn_settings(&self) -> crate::postgres::conn::ConnSettings {
+        crate::postgres::conn::ConnSettings {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            database: self.database.clone(),
+        }
+    }
+}
+
 /// An InfluxDB 1.x source.
 #[derive(Clone, Debug)]
 pub struct InfluxSpec {
@@ -299,23 +311,53 @@ impl fmt::Display for Policy {
 /// # Errors
 /// `Dir` when the directory cannot be read; `Invalid` with every problem of every file.
 pub fn load_dir(dir: &Path) -> Result<Vec<Policy>, PolicyError> {
-    let mut files = vec![];
-    let rd = std::fs::read_dir(dir).map_err(|source| PolicyError::Dir {
+    load_files(&policy_files(dir)?)
+}
+
+/// The `*.toml` files directly in `dir`, in name order.
+fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+    let io = |source| PolicyError::Dir {
         dir: dir.to_path_buf(),
         source,
-    })?;
-    for e in rd {
-        let e = e.map_err(|source| PolicyError::Dir {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
-        let p = e.path();
+    };
+    let mut files = vec![];
+    for e in std::fs::read_dir(dir).map_err(io)? {
+        let p = e.map_err(io)?.path();
         if p.extension().is_some_and(|x| x == "toml") && p.is_file() {
             files.push(p);
         }
     }
     files.sort();
-    load_files(&files)
+    Ok(files)
+}
+
+/// Every file read: the valid policies, and the problems of the others (file order).
+fn read_all(files: &[PathBuf]) -> (Vec<Policy>, Vec<FileProblems>) {
+    let mut policies = vec![];
+    let mut bad = vec![];
+    for f in files {
+        match parse::read_file(f) {
+            Ok(p) => policies.push(p),
+            Err(problems) => bad.push(FileProblems {
+                file: f.clone(),
+                problems,
+            }),
+        }
+    }
+    (policies, bad)
+}
+
+/// The problem of a policy whose name another file already has.
+fn duplicate_name(p: &Policy, other: &Policy) -> FileProblems {
+    FileProblems {
+        file: p.file.clone(),
+        problems: vec![Problem {
+            line: 1,
+            key: "name".into(),
+            expected: "a name no other policy has".into(),
+            found: format!("{:?}, also the name of {}", p.name, other.file.display()),
+        }],
+    }
 }
 
 /// Reads the given policy files; duplicate names are problems too.
@@ -323,38 +365,18 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Policy>, PolicyError> {
 /// # Errors
 /// `Invalid` with every problem of every file.
 pub fn load_files(files: &[PathBuf]) -> Result<Vec<Policy>, PolicyError> {
+    let (all, mut bad) = read_all(files);
     let mut policies: Vec<Policy> = vec![];
-    let mut bad = vec![];
-    for f in files {
-        match parse::read_file(f) {
-            Ok(p) => {
-                if let Some(other) = policies.iter().find(|o| o.name == p.name) {
-                    bad.push(FileProblems {
-                        file: f.clone(),
-                        problems: vec![Problem {
-                            line: 1,
-                            key: "name".into(),
-                            expected: "a name no other policy has".into(),
-                            found: format!(
-                                "{:?}, also the name of {}",
-                                p.name,
-                                other.file.display()
-                            ),
-                        }],
-                    });
-                } else {
-                    policies.push(p);
-                }
-            }
-            Err(problems) => bad.push(FileProblems {
-                file: f.clone(),
-                problems,
-            }),
+    for p in all {
+        match policies.iter().find(|o| o.name == p.name) {
+            Some(other) => bad.push(duplicate_name(&p, other)),
+            None => policies.push(p),
         }
     }
     if bad.is_empty() {
         Ok(policies)
     } else {
+        bad.sort_by(|a, b| a.file.cmp(&b.file));
         Err(PolicyError::Invalid(bad))
     }
 }
@@ -366,31 +388,10 @@ pub fn load_files(files: &[PathBuf]) -> Result<Vec<Policy>, PolicyError> {
 /// # Errors
 /// `Dir`, `Invalid` or `NotFound`.
 pub fn find(dir: &Path, name: &str) -> Result<Policy, PolicyError> {
-    let mut files = vec![];
-    let rd = std::fs::read_dir(dir).map_err(|source| PolicyError::Dir {
-        dir: dir.to_path_buf(),
-        source,
-    })?;
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().is_some_and(|x| x == "toml") && p.is_file() {
-            files.push(p);
-        }
-    }
-    files.sort();
-    let mut found: Vec<Policy> = vec![];
-    let mut bad = vec![];
-    let mut known = vec![];
-    for f in &files {
-        match parse::read_file(f) {
-            Ok(p) if p.name == name => found.push(p),
-            Ok(p) => known.push(p.name),
-            Err(problems) => bad.push(FileProblems {
-                file: f.clone(),
-                problems,
-            }),
-        }
-    }
+    let (all, bad) = read_all(&policy_files(dir)?);
+    let (mut found, others): (Vec<Policy>, Vec<Policy>) =
+        all.into_iter().partition(|p| p.name == name);
+    let known: Vec<String> = others.into_iter().map(|p| p.name).collect();
     match found.len() {
         1 => {
             let own = dir.join(format!("{name}.toml"));
@@ -411,18 +412,9 @@ pub fn find(dir: &Path, name: &str) -> Result<Policy, PolicyError> {
             },
         }),
         _ => Err(PolicyError::Invalid(
-            found
+            found[1..]
                 .iter()
-                .skip(1)
-                .map(|p| FileProblems {
-                    file: p.file.clone(),
-                    problems: vec![Problem {
-                        line: 1,
-                        key: "name".into(),
-                        expected: "a name no other policy has".into(),
-                        found: format!("{name:?}, also the name of {}", found[0].file.display()),
-                    }],
-                })
+                .map(|p| duplicate_name(p, &found[0]))
                 .collect(),
         )),
     }

@@ -216,7 +216,7 @@ impl Validator<'_> {
         }
     }
 
-    /// A present key that failed to parse, so the caller can tell "absent" from "bad".
+    /// Whether problems were recorded since the list had `before` of them.
     fn bad(&self, before: usize) -> bool {
         self.p.list.len() > before
     }
@@ -408,7 +408,6 @@ impl Validator<'_> {
         let s3_storage_class = s
             .string(p, "s3_storage_class", "an S3 storage class")
             .map(|v| v.value);
-        let before = self.p.list.len();
         let s3_credentials = match (cred_file, cred_cmd) {
             (Some(_), Some(c)) => {
                 self.p.add(
@@ -441,7 +440,6 @@ impl Validator<'_> {
                 })
             }
         };
-        let _ = self.bad(before);
         s.finish(&mut self.p);
         Some(RepositorySpec {
             location: loc?.value,
@@ -632,9 +630,9 @@ impl Validator<'_> {
         out
     }
 
-    fn cron(&mut self, s: &mut Section, what: &str) -> Option<CronSchedule> {
+    fn cron(&mut self, s: &mut Section, required: bool) -> Option<CronSchedule> {
         let p = &mut self.p;
-        let expr = if what == "required" {
+        let expr = if required {
             s.required_string(p, "cron", super::schedule::CRON_FORMAT)
         } else {
             s.string(p, "cron", super::schedule::CRON_FORMAT)
@@ -673,7 +671,7 @@ impl Validator<'_> {
     }
 
     fn schedule(&mut self, s: &mut Section) -> Option<ScheduleSpec> {
-        let cron = self.cron(s, "required");
+        let cron = self.cron(s, true);
         let jitter = self.duration(s, "jitter").unwrap_or_default();
         let p = &mut self.p;
         let catch_up = s.boolean(p, "catch_up").unwrap_or(true);
@@ -732,7 +730,7 @@ impl Validator<'_> {
 
     fn verify(&mut self, s: &mut Section, source: Option<&SourceSpec>) -> Option<VerifySpec> {
         let before = self.p.list.len();
-        let cron = self.cron(s, "optional");
+        let cron = self.cron(s, false);
         let p = &mut self.p;
         let subset = s.string(p, "read_data_subset", "a percentage such as \"10%\"");
         let read_data_subset = subset.and_then(|v| match parse_percent(&v.value) {

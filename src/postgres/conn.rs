@@ -20,6 +20,15 @@ pub struct ConnSettings {
     pub database: Option<String>,
 }
 
+/// This process's environment, with `PGPASSWORD` replaced by `password` when one is
+/// given (a policy's password source).
+pub fn env_with_password(password: Option<&str>) -> impl Fn(&str) -> Option<String> + Copy + '_ {
+    move |k: &str| match (k, password) {
+        ("PGPASSWORD", Some(p)) => Some(p.to_string()),
+        _ => std::env::var(k).ok(),
+    }
+}
+
 /// The settings after defaults, for messages (no password).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {

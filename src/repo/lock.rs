@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, BackendError, ObjectType};
 use crate::crypto::{self, MasterKeys, ObjectKind};
@@ -87,7 +86,7 @@ fn write_record(
 ) -> Result<String, BackendError> {
     let plain = serde_json::to_vec(rec).expect("a lock record serializes");
     let sealed = crypto::seal(keys, ObjectKind::Lock, None, &plain);
-    let name = hex::encode(Sha256::digest(&sealed));
+    let name = super::sha256_hex(&sealed);
     backend.put(ObjectType::Lock, &name, Bytes::from(sealed))?;
     Ok(name)
 }
@@ -129,7 +128,7 @@ fn list_locks_once(
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
         };
-        let rec = (hex::encode(Sha256::digest(&bytes)) == name)
+        let rec = (super::sha256_hex(&bytes) == name)
             .then(|| crypto::open(keys, ObjectKind::Lock, None, &bytes).ok())
             .flatten()
             .and_then(|plain| serde_json::from_slice::<LockRecord>(&plain).ok());

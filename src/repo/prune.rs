@@ -174,10 +174,7 @@ fn used_blobs(
     let mut used = HashSet::new();
     let mut stack: Vec<(BlobId, String)> = vec![];
     for (id, s) in snaps {
-        stack.push((s.tree, id.short()));
-        for t in s.postgres.iter().flat_map(|m| &m.tablespaces) {
-            stack.push((t.tree, id.short()));
-        }
+        stack.extend(s.trees().map(|(tree, _)| (tree, id.short())));
     }
     while let Some((tree, snap)) = stack.pop() {
         if !used.insert(tree) {
@@ -212,6 +209,18 @@ fn used_blobs(
         }
     }
     Ok(used)
+}
+
+/// The blobs of every pack not in `packs`.
+fn blobs_outside(
+    blobs_of: &HashMap<BlobId, HashMap<BlobId, pack::PackEntry>>,
+    packs: &HashSet<BlobId>,
+) -> HashSet<BlobId> {
+    blobs_of
+        .iter()
+        .filter(|(p, _)| !packs.contains(p))
+        .flat_map(|(_, m)| m.keys().copied())
+        .collect()
 }
 
 /// Runs prune.
@@ -305,12 +314,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
     if !repack.is_empty() && !opts.dry_run {
         let gone: HashSet<BlobId> = candidates.iter().chain(repack.iter()).copied().collect();
         // Blobs already safe in a pack that stays.
-        let mut elsewhere: HashSet<BlobId> = HashSet::new();
-        for (p, m) in &blobs_of {
-            if !gone.contains(p) {
-                elsewhere.extend(m.keys().copied());
-            }
-        }
+        let mut elsewhere = blobs_outside(&blobs_of, &gone);
         let mut builder = PackBuilder::default();
         let pack_size = repo.config().pack_size as usize;
         let mut flush = |b: PackBuilder, report: &mut PruneReport| -> Result<(), PruneError> {
@@ -367,12 +371,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
     }
 
     // A candidate is needed when some used blob in it exists in no pack that stays.
-    let mut available: HashSet<BlobId> = HashSet::new();
-    for (p, m) in &blobs_of {
-        if !candidates.contains(p) {
-            available.extend(m.keys().copied());
-        }
-    }
+    let available = blobs_outside(&blobs_of, &candidates);
     let mut marks: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
     // Marked in this run: stamped when the marks object is written, not now, since a
     // backup starting before it is visible cannot see them (decisions/0009-prune.md).

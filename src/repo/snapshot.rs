@@ -76,6 +76,18 @@ pub struct Snapshot {
     pub program_version: String,
 }
 
+impl Snapshot {
+    /// The trees it holds: the root, then each PostgreSQL tablespace's (with its name).
+    pub fn trees(&self) -> impl Iterator<Item = (BlobId, Option<&str>)> + '_ {
+        std::iter::once((self.tree, None)).chain(
+            self.postgres
+                .iter()
+                .flat_map(|m| &m.tablespaces)
+                .map(|t| (t.tree, Some(t.name.as_str()))),
+        )
+    }
+}
+
 /// What a PostgreSQL base backup snapshot records about its cluster. The snapshot's tree
 /// is the data directory's contents; each tablespace has its own tree.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
