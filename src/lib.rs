@@ -16,4 +16,5 @@ pub mod policy;
 pub mod postgres;
 pub mod repo;
 pub mod restore;
+pub mod secret_env;
 pub mod source;

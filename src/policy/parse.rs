@@ -352,6 +352,7 @@ impl Validator<'_> {
             );
             return None;
         }
+        crate::secret_env::register(&e.value);
         Some(Some(SecretSource::Env(e.value)))
     }
 
