@@ -10,6 +10,7 @@ pub mod backup;
 pub mod check;
 pub mod cli;
 pub mod crypto;
+pub mod dirfd;
 pub mod error;
 pub mod pipeline;
 pub mod policy;

@@ -3,25 +3,30 @@
 //! in place at its offset in every file that holds it. Metadata is applied last (files,
 //! then directories deepest first, so their times stick).
 //!
+//! Every write lands inside the target: the tree is made and written through directory
+//! descriptors ([`crate::dirfd`]), one name at a time with `O_NOFOLLOW`, so a symlink in
+//! the snapshot (or one planted in the target during a `--delta` restore) is recreated or
+//! replaced, never followed. A tree with duplicate or unsorted names (which no backup
+//! writes) is refused by name.
+//!
 //! A damaged pack does not stop the restore: every other file is restored, and the files
 //! that needed the damaged blobs are named in the report.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use globset::GlobSet;
-use nix::sys::stat::{utimensat, UtimensatFlags};
-use nix::sys::time::TimeSpec;
-use nix::unistd::{fchownat, Gid, Uid};
+use rustix::fs::FileType;
 
 use crate::backend::{BackendError, ObjectType};
+use crate::dirfd::{self, DirTable};
 use crate::pipeline::{blob, BlobId, BlobKind};
 use crate::repo::{object_path, Index, Node, NodeKind, RepoError, Repository};
 
@@ -79,8 +84,24 @@ pub struct RestoreFilter {
 }
 
 struct PlannedFile {
-    path: PathBuf,
+    /// Its directory in the [`DirTable`].
+    dir: usize,
+    name: Vec<u8>,
     snap_path: String,
+    node: Node,
+    /// The inode made (or kept) for it: every later open checks it is still that file.
+    ino: u64,
+}
+
+struct PlannedDir {
+    idx: usize,
+    depth: usize,
+    node: Node,
+}
+
+struct PlannedLink {
+    dir: usize,
+    name: Vec<u8>,
     node: Node,
 }
 
@@ -104,17 +125,46 @@ struct PlannedBlob {
 }
 
 struct Plan {
+    table: DirTable,
     files: Vec<PlannedFile>,
-    dirs: Vec<(PathBuf, Node)>,
-    links: Vec<(PathBuf, Node)>,
+    dirs: Vec<PlannedDir>,
+    links: Vec<PlannedLink>,
     // pack -> offset in pack -> blob
     packs: BTreeMap<BlobId, BTreeMap<u32, PlannedBlob>>,
     missing: Vec<(usize, String)>,
-    hardlinks: HashMap<(u64, u64), PathBuf>,
+    /// (device, inode) in the snapshot -> the first restored name: (directory, name).
+    hardlinks: HashMap<(u64, u64), (usize, Vec<u8>)>,
 }
 
-fn to_path(base: &Path, node: &Node) -> PathBuf {
-    base.join(OsStr::from_bytes(&node.name_bytes()))
+/// Opens the target, which must be an empty directory (unless `delta`), or makes it
+/// (mode 0700: nobody else can enter while the restore runs).
+fn open_target(target: &Path, delta: bool) -> Result<DirTable, RestoreError> {
+    let io = |source| RestoreError::Io {
+        path: target.display().to_string(),
+        source,
+    };
+    match fs::symlink_metadata(target) {
+        Ok(_) => {
+            let fd = dirfd::open_dir_path(target)
+                .map_err(|_| RestoreError::TargetNotEmpty(target.display().to_string()))?;
+            if !delta && !dirfd::list(&fd).map_err(io)?.is_empty() {
+                return Err(RestoreError::TargetNotEmpty(target.display().to_string()));
+            }
+            DirTable::new(fd, target.to_path_buf()).map_err(io)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(parent).map_err(io)?;
+            }
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(target)
+                .map_err(io)?;
+            let fd = dirfd::open_dir_path(target).map_err(io)?;
+            DirTable::new(fd, target.to_path_buf()).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
 }
 
 /// Restores a snapshot tree into `target`.
@@ -131,19 +181,9 @@ pub fn restore(
     workers: usize,
     progress: &AtomicU64,
 ) -> Result<RestoreReport, RestoreError> {
-    let io = |p: &Path, source| RestoreError::Io {
-        path: p.display().to_string(),
-        source,
-    };
-    if let Ok(mut rd) = fs::read_dir(target) {
-        if rd.next().is_some() && !filter.delta {
-            return Err(RestoreError::TargetNotEmpty(target.display().to_string()));
-        }
-    } else if target.exists() {
-        return Err(RestoreError::TargetNotEmpty(target.display().to_string()));
-    }
-    fs::create_dir_all(target).map_err(|e| io(target, e))?;
+    let table = open_target(target, filter.delta)?;
     let mut plan = Plan {
+        table,
         files: vec![],
         dirs: vec![],
         links: vec![],
@@ -156,7 +196,8 @@ pub fn restore(
         repo,
         index,
         tree,
-        target,
+        0,
+        0,
         "",
         filter,
         false,
@@ -183,7 +224,7 @@ pub fn restore(
                     let Some((pack, blobs)) = packs.get(i) else {
                         return;
                     };
-                    restore_pack(repo, pack, blobs, &plan.files, &failed, progress, &mut bufs);
+                    restore_pack(repo, pack, blobs, &plan, &failed, progress, &mut bufs);
                 }
             });
         }
@@ -196,23 +237,53 @@ pub fn restore(
         }
         report.files += 1;
         report.bytes += f.node.size;
-        if let Err(e) = apply_metadata(&f.path, &f.node) {
+        if let Err(e) = file_metadata(&plan, f) {
             report
                 .failed
                 .push((f.snap_path.clone(), format!("metadata: {e}")));
         }
     }
-    for (p, n) in &plan.links {
-        let _ = apply_metadata(p, n);
+    for l in &plan.links {
+        let _ = link_metadata(&plan.table, l);
     }
     // Deepest first, so restoring a child does not change its parent's mtime afterwards.
-    plan.dirs
-        .sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
-    for (p, n) in &plan.dirs {
-        apply_metadata(p, n).map_err(|e| io(p, e))?;
+    plan.dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
+    for d in &plan.dirs {
+        dir_metadata(&plan.table, d).map_err(|e| RestoreError::Io {
+            path: plan.table.path(d.idx).display().to_string(),
+            source: e,
+        })?;
     }
     report.failed.sort();
     Ok(report)
+}
+
+/// Why the names of a tree cannot be restored: empty, `.`/`..`, holding `/` or NUL, or
+/// not strictly sorted (a duplicate name would let a crafted snapshot restore a symlink
+/// and then write "through" it as a directory of the same name).
+fn bad_names(nodes: &[Node]) -> Option<(String, &'static str)> {
+    let mut prev: Option<Vec<u8>> = None;
+    for n in nodes {
+        let name = n.name_bytes();
+        if name.is_empty()
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+        {
+            return Some((n.name.clone(), "unsafe file name"));
+        }
+        if let Some(p) = &prev {
+            if *p == name {
+                return Some((n.name.clone(), "duplicate name"));
+            }
+            if *p > name {
+                return Some((n.name.clone(), "names out of order"));
+            }
+        }
+        prev = Some(name);
+    }
+    None
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -220,31 +291,36 @@ fn plan_tree(
     repo: &Repository,
     index: &Index,
     tree: &BlobId,
-    dir: &Path,
+    dir: usize,
+    depth: usize,
     snap_dir: &str,
     filter: &RestoreFilter,
     included: bool,
     plan: &mut Plan,
     report: &mut RestoreReport,
 ) -> Result<(), RestoreError> {
-    let io = |p: &Path, source| RestoreError::Io {
-        path: p.display().to_string(),
+    let t = repo.load_tree(index, tree)?;
+    if let Some((name, why)) = bad_names(&t.nodes) {
+        report.failed.push((
+            format!("{snap_dir}/{name}"),
+            format!(
+                "{why} in the snapshot's tree of {}/; directory refused, nothing in it restored",
+                snap_dir
+            ),
+        ));
+        return Ok(());
+    }
+    let dir_err = |t: &DirTable, source| RestoreError::Io {
+        path: t.path(dir).display().to_string(),
         source,
     };
-    let t = repo.load_tree(index, tree)?;
     if filter.delta {
-        remove_extraneous(dir, &t.nodes).map_err(|e| io(dir, e))?;
+        let fd = plan.table.open(dir).map_err(|e| dir_err(&plan.table, e))?;
+        remove_extraneous(&fd, &t.nodes).map_err(|e| dir_err(&plan.table, e))?;
     }
     for node in t.nodes {
         let name = node.name_bytes();
-        if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
-            report.failed.push((
-                format!("{snap_dir}/{}", node.name),
-                "unsafe file name in snapshot; skipped".into(),
-            ));
-            continue;
-        }
-        let path = to_path(dir, &node);
+        let name_os = OsStr::from_bytes(&name);
         let snap_path = format!("{snap_dir}/{}", node.name);
         if filter
             .exclude
@@ -258,6 +334,13 @@ fn plan_tree(
                 .include
                 .as_ref()
                 .is_none_or(|g| g.is_match(&snap_path));
+        let err = |t: &DirTable, source| RestoreError::Io {
+            path: t.path(dir).join(name_os).display().to_string(),
+            source,
+        };
+        // Reopened per entry (a cache hit almost always), so no descriptor is held across
+        // the recursion below.
+        let dfd = plan.table.open(dir).map_err(|e| dir_err(&plan.table, e))?;
         match node.kind {
             NodeKind::Dir => {
                 let sub = node.subtree.ok_or_else(|| RepoError::CorruptOrTampered {
@@ -265,68 +348,94 @@ fn plan_tree(
                     why: format!("directory {snap_path} has no subtree"),
                 })?;
                 let before = plan.files.len() + plan.links.len();
-                fs::create_dir_all(&path).map_err(|e| io(&path, e))?;
+                let (fd, _) = dirfd::ensure_dir(&*dfd, name_os, 0o700, filter.delta)
+                    .map_err(|e| err(&plan.table, e))?;
+                drop(dfd);
+                let idx = plan
+                    .table
+                    .add(dir, &name, fd)
+                    .map_err(|e| err(&plan.table, e))?;
                 plan_tree(
-                    repo, index, &sub, &path, &snap_path, filter, inc, plan, report,
+                    repo,
+                    index,
+                    &sub,
+                    idx,
+                    depth + 1,
+                    &snap_path,
+                    filter,
+                    inc,
+                    plan,
+                    report,
                 )?;
                 let has_content = plan.files.len() + plan.links.len() > before;
                 if inc || has_content {
                     report.dirs += 1;
-                    plan.dirs.push((path, node));
-                } else {
-                    // Nothing under it was selected: remove the directory again.
-                    let _ = fs::remove_dir(&path);
+                    plan.dirs.push(PlannedDir {
+                        idx,
+                        depth: depth + 1,
+                        node,
+                    });
+                } else if let Ok(dfd) = plan.table.open(dir) {
+                    // Nothing under it was selected: remove the (empty) directory again.
+                    let _ = rustix::fs::unlinkat(&*dfd, name_os, rustix::fs::AtFlags::REMOVEDIR);
                 }
             }
             _ if !inc => {}
             NodeKind::Symlink => {
                 let target = node.link_target_bytes().unwrap_or_default();
                 if filter.delta {
-                    remove_any(&path).map_err(|e| io(&path, e))?;
+                    dirfd::remove_entry(&*dfd, name_os).map_err(|e| err(&plan.table, e))?;
                 }
-                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path)
-                    .map_err(|e| io(&path, e))?;
+                dirfd::symlink_at(&target, &*dfd, name_os).map_err(|e| err(&plan.table, e))?;
                 report.symlinks += 1;
-                plan.links.push((path, node));
+                plan.links.push(PlannedLink { dir, name, node });
             }
             NodeKind::File => {
                 if node.links > 1 && node.inode != 0 {
                     let key = (node.device, node.inode);
-                    if let Some(first) = plan.hardlinks.get(&key) {
-                        if fs::hard_link(first, &path).is_ok() {
+                    if let Some((first_dir, first_name)) = plan.hardlinks.get(&key) {
+                        let linked = plan.table.open(*first_dir).and_then(|src| {
+                            if filter.delta {
+                                dirfd::remove_entry(&*dfd, name_os)?;
+                            }
+                            dirfd::hard_link_at(
+                                &*src,
+                                OsStr::from_bytes(first_name),
+                                &*dfd,
+                                name_os,
+                            )
+                        });
+                        if linked.is_ok() {
                             report.files += 1;
                             continue;
                         }
                     } else {
-                        plan.hardlinks.insert(key, path.clone());
+                        plan.hardlinks.insert(key, (dir, name.clone()));
                     }
                 }
                 // In a delta restore, an existing regular file is kept and compared.
-                let existing = filter.delta
-                    && fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
-                if filter.delta && !existing {
-                    remove_any(&path).map_err(|e| io(&path, e))?;
-                }
-                let f = if existing {
-                    OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(&path)
-                        .map_err(|e| io(&path, e))?
+                let existing = if filter.delta {
+                    match dirfd::lstat_at(&*dfd, name_os).map_err(|e| err(&plan.table, e))? {
+                        Some(st) if dirfd::file_type(&st) == FileType::RegularFile => true,
+                        Some(_) => {
+                            dirfd::remove_entry(&*dfd, name_os).map_err(|e| err(&plan.table, e))?;
+                            false
+                        }
+                        None => false,
+                    }
                 } else {
-                    OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&path)
-                        .map_err(|e| io(&path, e))?
+                    false
                 };
-                let old_len = if existing {
-                    f.metadata().map_err(|e| io(&path, e))?.len()
+                let (f, st) = if existing {
+                    dirfd::open_file_write(&*dfd, name_os, true).map_err(|e| err(&plan.table, e))?
                 } else {
-                    0
+                    let f = dirfd::create_file(&*dfd, name_os, 0o600)
+                        .map_err(|e| err(&plan.table, e))?;
+                    let st = dirfd::fstat(&f).map_err(|e| err(&plan.table, e))?;
+                    (f, st)
                 };
-                f.set_len(node.size).map_err(|e| io(&path, e))?;
+                let old_len = if existing { st.st_size as u64 } else { 0 };
+                f.set_len(node.size).map_err(|e| err(&plan.table, e))?;
                 let file_idx = plan.files.len();
                 let mut offset = 0u64;
                 let mut scratch = vec![];
@@ -379,9 +488,11 @@ fn plan_tree(
                     Err(e) => plan.missing.push((file_idx, e.to_string())),
                 }
                 plan.files.push(PlannedFile {
-                    path,
+                    dir,
+                    name,
                     snap_path,
                     node,
+                    ino: st.st_ino,
                 });
             }
         }
@@ -402,36 +513,24 @@ fn same_bytes_on_disk(
     f.read_exact_at(buf, offset).is_ok() && repo.keys().blob_id(buf) == id.0
 }
 
-/// Removes whatever is at `path` (file, link or directory tree); absent is fine.
-fn remove_any(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Delta restore: removes entries of `dir` the snapshot's directory does not hold, and
-/// entries whose kind differs from the snapshot's (they are recreated).
-fn remove_extraneous(dir: &Path, nodes: &[Node]) -> io::Result<()> {
+/// Delta restore: removes entries of the directory the snapshot's directory does not
+/// hold, and entries whose kind differs from the snapshot's (they are recreated). Nothing
+/// is followed: a symlink is removed itself.
+fn remove_extraneous(dir: &std::os::fd::OwnedFd, nodes: &[Node]) -> io::Result<()> {
     let wanted: HashMap<Vec<u8>, &Node> = nodes.iter().map(|n| (n.name_bytes(), n)).collect();
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for e in rd {
-        let e = e?;
-        let name = e.file_name();
-        let ft = e.file_type()?;
-        let keep = wanted.get(name.as_bytes()).is_some_and(|n| match n.kind {
-            NodeKind::Dir => ft.is_dir(),
-            NodeKind::File => ft.is_file(),
-            NodeKind::Symlink => ft.is_symlink(),
+    for (name, _) in dirfd::list(dir)? {
+        let name_os = OsStr::from_bytes(&name);
+        let Some(st) = dirfd::lstat_at(dir, name_os)? else {
+            continue;
+        };
+        let ft = dirfd::file_type(&st);
+        let keep = wanted.get(&name).is_some_and(|n| match n.kind {
+            NodeKind::Dir => ft == FileType::Directory,
+            NodeKind::File => ft == FileType::RegularFile,
+            NodeKind::Symlink => ft == FileType::Symlink,
         });
         if !keep {
-            remove_any(&e.path())?;
+            dirfd::remove_entry(dir, name_os)?;
         }
     }
     Ok(())
@@ -451,7 +550,7 @@ fn restore_pack(
     repo: &Repository,
     pack: &BlobId,
     blobs: &BTreeMap<u32, PlannedBlob>,
-    files: &[PlannedFile],
+    plan: &Plan,
     failed: &Mutex<HashMap<usize, String>>,
     progress: &AtomicU64,
     bufs: &mut Buffers,
@@ -510,7 +609,7 @@ fn restore_pack(
                             b.raw_length as usize,
                             plain,
                         ) {
-                            Ok(data) => write_blob(data, &b.targets, files, &fail, progress),
+                            Ok(data) => write_blob(data, &b.targets, plan, &fail, progress),
                             Err(e) => {
                                 fail(&b.targets, &format!("{path}: corrupt or tampered ({e})"))
                             }
@@ -534,19 +633,30 @@ fn restore_pack(
     }
 }
 
+/// Opens a planned file for writing, by name in its directory, checking it is still the
+/// file the plan made.
+fn open_planned(plan: &Plan, f: &PlannedFile) -> io::Result<fs::File> {
+    let dir = plan.table.open(f.dir)?;
+    let (file, st) = dirfd::open_file_write(&*dir, OsStr::from_bytes(&f.name), false)?;
+    if st.st_ino != f.ino {
+        return Err(io::Error::other(
+            "replaced by another file during the restore; not written",
+        ));
+    }
+    Ok(file)
+}
+
 /// Writes one decoded blob at its offset in every file that holds it.
 fn write_blob(
     plain: &[u8],
     targets: &[BlobTarget],
-    files: &[PlannedFile],
+    plan: &Plan,
     fail: &dyn Fn(&[BlobTarget], &str),
     progress: &AtomicU64,
 ) {
     for t in targets {
-        let r = OpenOptions::new()
-            .write(true)
-            .open(&files[t.file].path)
-            .and_then(|h| h.write_all_at(plain, t.offset));
+        let r =
+            open_planned(plan, &plan.files[t.file]).and_then(|h| h.write_all_at(plain, t.offset));
         if let Err(e) = r {
             fail(std::slice::from_ref(t), &format!("writing: {e}"));
         }
@@ -554,27 +664,35 @@ fn write_blob(
     progress.fetch_add(plain.len() as u64 * targets.len() as u64, Ordering::Relaxed);
 }
 
-fn apply_metadata(path: &Path, node: &Node) -> io::Result<()> {
-    let is_link = node.kind == NodeKind::Symlink;
-    if nix::unistd::geteuid().is_root() {
-        fchownat(
-            None,
-            path,
-            Some(Uid::from_raw(node.uid)),
-            Some(Gid::from_raw(node.gid)),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(io::Error::from)?;
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Owner (as root), mode, then times — in that order, since `chown` clears set-id bits —
+/// on the open file itself.
+fn apply_to_fd(fd: &impl std::os::fd::AsFd, node: &Node) -> io::Result<()> {
+    if is_root() {
+        dirfd::set_owner(fd, node.uid, node.gid)?;
     }
-    if !is_link {
-        fs::set_permissions(path, fs::Permissions::from_mode(node.mode))?;
+    dirfd::set_mode(fd, node.mode)?;
+    dirfd::set_times(fd, node.mtime_ns)
+}
+
+fn file_metadata(plan: &Plan, f: &PlannedFile) -> io::Result<()> {
+    apply_to_fd(&open_planned(plan, f)?, &f.node)
+}
+
+fn dir_metadata(table: &DirTable, d: &PlannedDir) -> io::Result<()> {
+    apply_to_fd(&*table.open(d.idx)?, &d.node)
+}
+
+fn link_metadata(table: &DirTable, l: &PlannedLink) -> io::Result<()> {
+    let dir = table.open(l.dir)?;
+    let name = OsStr::from_bytes(&l.name);
+    if is_root() {
+        dirfd::set_owner_at(&*dir, name, l.node.uid, l.node.gid)?;
     }
-    let t = TimeSpec::new(
-        node.mtime_ns.div_euclid(1_000_000_000),
-        node.mtime_ns.rem_euclid(1_000_000_000),
-    );
-    utimensat(None, path, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(io::Error::from)?;
-    Ok(())
+    dirfd::set_times_at(&*dir, name, l.node.mtime_ns)
 }
 
 /// Finds the node at `path` (e.g. `/etc/app.conf` or `app.dump`) in a snapshot tree.
