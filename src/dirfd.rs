@@ -37,11 +37,13 @@ pub fn file_type(st: &Stat) -> FileType {
 }
 
 /// Modification time of a status, nanoseconds since the epoch.
+#[allow(clippy::unnecessary_cast)] // c_long is not i64 everywhere
 pub fn mtime_ns(st: &Stat) -> i64 {
     st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64
 }
 
 /// Status change time of a status, nanoseconds since the epoch.
+#[allow(clippy::unnecessary_cast)] // c_long is not i64 everywhere
 pub fn ctime_ns(st: &Stat) -> i64 {
     st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64
 }

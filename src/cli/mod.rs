@@ -221,6 +221,15 @@ impl GlobalArgs {
 
     /// Opens the repository on a backend built by [`GlobalArgs::backend`].
     fn open_on(&self, backend: Arc<dyn Backend>) -> Result<Repository> {
+        self.open_on_with_password(backend).map(|(repo, _)| repo)
+    }
+
+    /// [`GlobalArgs::open_on`], also returning the password that opened it (a restored
+    /// PostgreSQL cluster may need it in a file of its own).
+    fn open_on_with_password(
+        &self,
+        backend: Arc<dyn Backend>,
+    ) -> Result<(Repository, zeroize::Zeroizing<String>)> {
         // Check for the repository before asking for a password.
         let sealed_config = Repository::read_config(&backend)?;
         let remote = backend.connections().is_some();
@@ -236,10 +245,11 @@ impl GlobalArgs {
             (None, false, true) => crate::repo::cache::default_base(),
             (None, false, false) => None,
         };
-        Ok(match base {
+        let repo = match base {
             Some(b) => repo.with_cache(&b),
             None => repo,
-        })
+        };
+        Ok((repo, pw))
     }
 
     /// These options with a policy's repository, password source and limits (options

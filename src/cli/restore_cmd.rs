@@ -1,6 +1,6 @@
 //! `backupd restore` and `backupd dump`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -51,6 +51,20 @@ pub struct RestoreArgs {
     #[arg(long = "archive-mode", value_name = "MODE", default_value = "preserve",
           value_parser = ["preserve", "off"])]
     archive_mode: String,
+    /// PostgreSQL: keep the WAL directory here (pg_wal becomes a symlink to it, as
+    /// `initdb --waldir`); it must be empty or not exist. Without it, pg_wal is a real
+    /// directory inside the target, whatever the source had.
+    #[arg(long, value_name = "DIR")]
+    waldir: Option<PathBuf>,
+    /// PostgreSQL with --start: the shared_preload_libraries the server starts with. A
+    /// started copy loads none unless given here: a configuration inside a snapshot does not
+    /// choose the code backupd runs.
+    #[arg(
+        long = "shared-preload-libraries",
+        value_name = "LIST",
+        default_value = ""
+    )]
+    shared_preload_libraries: String,
     /// PostgreSQL: the cluster, when the repository holds several.
     #[arg(long = "pg-system-id", value_name = "ID")]
     pg_system_id: Option<u64>,
@@ -63,6 +77,9 @@ pub struct RestoreArgs {
     /// Parallel pack fetches (default 3 on a local disk; on S3 --s3-connections, at most 8).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: Option<u64>,
+    /// A restore test: a started server listens on 127.0.0.1 only.
+    #[arg(skip)]
+    test: bool,
 }
 
 impl RestoreArgs {
@@ -88,6 +105,9 @@ impl RestoreArgs {
             include: vec![],
             exclude: vec![],
             workers: None,
+            waldir: None,
+            shared_preload_libraries: String::new(),
+            test: true,
         }
     }
 }
@@ -106,7 +126,7 @@ pub struct DumpArgs {
 /// # Errors
 /// Repository errors, a non-empty target, or files that could not be restored.
 pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
-    let repo = g.open()?;
+    let (repo, password) = g.open_on_with_password(g.backend()?)?;
     let (id, snap, pg) = match (&a.at, &a.snapshot) {
         (Some(_), Some(_)) => bail!("give a snapshot or --at, not both"),
         (None, None) => {
@@ -142,9 +162,21 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
             (id, snap, pg)
         }
     };
-    if pg.is_none() && (a.start || !a.tablespace_map.is_empty() || a.pg_port.is_some()) {
-        bail!("--start, --tablespace-map and --pg-port apply to PostgreSQL snapshots only");
+    if pg.is_none()
+        && (a.start || !a.tablespace_map.is_empty() || a.pg_port.is_some() || a.waldir.is_some())
+    {
+        bail!(
+            "--start, --tablespace-map, --pg-port and --waldir apply to PostgreSQL snapshots only"
+        );
     }
+    // Everything PostgreSQL will run is known (and refused if it cannot be written safely)
+    // before anything is restored.
+    let target = std::path::absolute(&a.target)?;
+    let access = match pg {
+        Some(_) => Some(wal_access(g, &target, &password)?),
+        None => None,
+    };
+    let waldir = a.waldir.as_deref().map(std::path::absolute).transpose()?;
     let index = repo.load_index()?;
     let filter = RestoreFilter {
         include: glob_set(&a.include)?,
@@ -198,12 +230,23 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
     let report = report?;
     let secs = started.elapsed().as_secs_f64();
     let mut reached = None;
-    if let (Some(stop_at), Some(meta), true) = (pg, &snap.postgres, report.failed.is_empty()) {
+    if let (Some(stop_at), Some(meta), true, Some(access)) =
+        (pg, &snap.postgres, report.failed.is_empty(), &access)
+    {
+        let archive_off = a.archive_mode == "off";
+        if a.start && !archive_off && !access.secrets.is_empty() {
+            bail!(
+                "the started server would archive its WAL with the repository password, which came from {}: after recovery the temporary copy is removed; set BACKUPD_PASSWORD_FILE or BACKUPD_PASSWORD_COMMAND (or a policy's password_file/password_command), or give --archive-mode off",
+                access.secret_origin
+            );
+        }
         let settings = RecoverySettings {
             stop_at,
-            restore_command: restore_command(g)?,
-            archive_off: a.archive_mode == "off",
+            restore_command: access.command("wal-fetch %f %p"),
+            archive_off,
             port: a.pg_port,
+            waldir: waldir.clone(),
+            recovery_end_command: access.remove_secrets_command(&target),
         };
         let links: Vec<(u32, PathBuf)> = meta
             .tablespaces
@@ -211,7 +254,27 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
             .zip(&tablespaces)
             .map(|(t, (_, loc))| (t.oid, loc.clone()))
             .collect();
-        recovery::prepare(&a.target, meta, &links, &settings)?;
+        let secrets: Vec<(&str, &[u8])> = access
+            .secrets
+            .iter()
+            .map(|(n, b)| (*n, b.as_slice()))
+            .collect();
+        let prepared = recovery::prepare(&target, meta, &links, &settings, &secrets)?;
+        for w in &prepared.warnings {
+            eprintln!("backupd: warning: {w}");
+        }
+        if !access.secrets.is_empty() && !g.quiet && !g.json {
+            println!(
+                "restore_command reads the repository password from {} (mode 0600, owned by the cluster's owner), since it came from {}, which the server does not inherit; {}",
+                target.join(SECRET_PASSWORD_FILE).display(),
+                access.secret_origin,
+                if a.start {
+                    "it is removed once the server has promoted"
+                } else {
+                    "recovery_end_command removes it when recovery ends"
+                }
+            );
+        }
         if !g.quiet && !g.json {
             println!(
                 "restored base backup {} to {} ({} files, {} bytes{}) in {:.2} s; recovery settings in postgresql.auto.conf",
@@ -228,7 +291,24 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
             );
         }
         if a.start {
-            let r = recovery::start_and_wait(&a.target, meta)?;
+            let archive_command = (!archive_off).then(|| access.command("wal-push %p"));
+            let mut server = recovery::ServerSettings::for_recovery(
+                &target,
+                &settings,
+                archive_command.as_deref(),
+                &a.shared_preload_libraries,
+                a.test,
+            );
+            server.remove_after_promotion =
+                access.secrets.iter().map(|(n, _)| n.to_string()).collect();
+            if a.shared_preload_libraries.is_empty() && !g.quiet && !g.json {
+                if let Some(libs) = recovery::configured_preload(&target) {
+                    println!(
+                        "note: the snapshot's configuration sets shared_preload_libraries = {libs:?}; the server starts without them (a configuration inside a snapshot does not choose the code backupd runs): give --shared-preload-libraries {libs:?} to load them"
+                    );
+                }
+            }
+            let r = recovery::start_and_wait(&target, meta, &server, waldir.as_deref())?;
             if !g.quiet && !g.json {
                 println!(
                     "server promoted after {:.2} s: last transaction replayed at {}, redo done at {}, now on timeline {}{}",
@@ -425,12 +505,54 @@ fn tablespace_targets(
     Ok(out)
 }
 
-/// The restore_command for the restored cluster: this binary, this repository, and the
-/// password source when it is a file or a command (never the password itself).
-fn restore_command(g: &GlobalArgs) -> Result<String> {
+/// The file a restored cluster's `restore_command` reads the repository password from
+/// when the password came from the environment or a prompt.
+const SECRET_PASSWORD_FILE: &str = "backupd-recovery.password";
+/// Likewise for S3 keys that came from `AWS_SECRET_ACCESS_KEY`.
+const SECRET_S3_FILE: &str = "backupd-recovery.s3-credentials";
+
+/// How a restored cluster's `restore_command` (and, when backupd starts it with archiving
+/// on, its `archive_command`) reach the repository: this binary, this repository, and the
+/// password and S3 sources as files or commands — never a secret in the command, and never
+/// one the server would have to inherit from the environment.
+struct WalAccess {
+    /// `VAR=value ... /path/to/backupd --repo LOCATION --no-cache`, `%` escaped.
+    prefix: String,
+    /// Secret files to write into the data directory (mode 0600, the cluster's owner) for
+    /// the duration of recovery.
+    secrets: Vec<(&'static str, zeroize::Zeroizing<Vec<u8>>)>,
+    /// Where the secrets came from, for messages.
+    secret_origin: String,
+}
+
+impl WalAccess {
+    /// The command for a WAL verb (`wal-fetch %f %p`).
+    fn command(&self, verb: &str) -> String {
+        format!("{} {verb}", self.prefix)
+    }
+
+    /// `recovery_end_command` removing the secret files, if there are any.
+    fn remove_secrets_command(&self, target: &Path) -> Option<String> {
+        if self.secrets.is_empty() {
+            return None;
+        }
+        let files: Vec<String> = self
+            .secrets
+            .iter()
+            .map(|(n, _)| shell_quote(&target.join(n).display().to_string()))
+            .collect();
+        Some(recovery::percent_escape(&format!(
+            "rm -f {}",
+            files.join(" ")
+        )))
+    }
+}
+
+fn wal_access(g: &GlobalArgs, target: &Path, password: &str) -> Result<WalAccess> {
     let exe = std::env::current_exe().context("finding this program")?;
     let loc = g.location()?;
-    let loc = if crate::backend::S3Location::is_s3(&loc) {
+    let s3 = crate::backend::S3Location::is_s3(&loc);
+    let loc = if s3 {
         loc
     } else {
         std::path::absolute(&loc)?.display().to_string()
@@ -450,6 +572,18 @@ fn restore_command(g: &GlobalArgs) -> Result<String> {
             vars.push((var, v));
         }
     }
+    let mut secrets = vec![];
+    let mut origins = vec![];
+    let password_file = |secrets: &mut Vec<_>, vars: &mut Vec<(&str, String)>| {
+        vars.retain(|(k, _)| !k.starts_with("BACKUPD_PASSWORD"));
+        vars.push((
+            "BACKUPD_PASSWORD_FILE",
+            target.join(SECRET_PASSWORD_FILE).display().to_string(),
+        ));
+        let mut bytes = zeroize::Zeroizing::new(password.as_bytes().to_vec());
+        bytes.push(b'\n');
+        secrets.push((SECRET_PASSWORD_FILE, bytes));
+    };
     // A policy's sources win over the environment's (never the secret itself).
     match &g.secret {
         Some(crate::policy::SecretSource::File(p)) => {
@@ -460,10 +594,22 @@ fn restore_command(g: &GlobalArgs) -> Result<String> {
             vars.retain(|(k, _)| !k.starts_with("BACKUPD_PASSWORD"));
             vars.push(("BACKUPD_PASSWORD_COMMAND", c.clone()));
         }
-        Some(crate::policy::SecretSource::Env(v)) => bail!(
-            "the restored server fetches WAL with the repository password, which the policy takes from the environment variable {v}: use password_file or password_command for a PostgreSQL policy"
-        ),
-        None => {}
+        Some(crate::policy::SecretSource::Env(v)) => {
+            password_file(&mut secrets, &mut vars);
+            origins.push(format!("the policy's password_env {v}"));
+        }
+        None => {
+            if std::env::var_os("BACKUPD_PASSWORD_FILE").is_none()
+                && std::env::var_os("BACKUPD_PASSWORD_COMMAND").is_none()
+            {
+                password_file(&mut secrets, &mut vars);
+                origins.push(if std::env::var_os("BACKUPD_PASSWORD").is_some() {
+                    "BACKUPD_PASSWORD".to_string()
+                } else {
+                    "the prompt".to_string()
+                });
+            }
+        }
     }
     if let Some(p) = &g.s3_policy {
         vars.retain(|(k, _)| {
@@ -484,6 +630,35 @@ fn restore_command(g: &GlobalArgs) -> Result<String> {
             vars.push(("BACKUPD_S3_REGION", r.clone()));
         }
     }
+    // S3 keys from the environment: the server does not inherit AWS_SECRET_ACCESS_KEY, so
+    // they go into a credentials file of the cluster's own.
+    let chain = !vars
+        .iter()
+        .any(|(k, _)| k.starts_with("BACKUPD_S3_CREDENTIALS"));
+    if s3 && chain {
+        if let (Ok(id), Ok(secret)) = (
+            std::env::var("AWS_ACCESS_KEY_ID"),
+            std::env::var("AWS_SECRET_ACCESS_KEY"),
+        ) {
+            let mut text = zeroize::Zeroizing::new(format!(
+                "[default]\naws_access_key_id = {id}\naws_secret_access_key = {secret}\n"
+            ));
+            if let Ok(token) = std::env::var("AWS_SESSION_TOKEN") {
+                text.push_str(&format!("aws_session_token = {token}\n"));
+            }
+            vars.retain(|(k, _)| *k != "BACKUPD_S3_PROFILE");
+            vars.push((
+                "BACKUPD_S3_CREDENTIALS_FILE",
+                target.join(SECRET_S3_FILE).display().to_string(),
+            ));
+            vars.push(("BACKUPD_S3_PROFILE", "default".into()));
+            secrets.push((
+                SECRET_S3_FILE,
+                zeroize::Zeroizing::new(text.as_bytes().to_vec()),
+            ));
+            origins.push("AWS_SECRET_ACCESS_KEY".into());
+        }
+    }
     let mut cmd = String::new();
     for (var, v) in vars {
         let v = if var == "BACKUPD_PASSWORD_FILE" || var == "BACKUPD_S3_CREDENTIALS_FILE" {
@@ -491,12 +666,21 @@ fn restore_command(g: &GlobalArgs) -> Result<String> {
         } else {
             v
         };
+        recovery::check_command_value(var, &v)?;
         cmd.push_str(&format!("{var}={} ", shell_quote(&v)));
     }
+    let exe = exe.display().to_string();
+    recovery::check_command_value("this program's path", &exe)?;
+    recovery::check_command_value("the repository location", &loc)?;
+    recovery::check_command_value("the target", &target.display().to_string())?;
     cmd.push_str(&format!(
-        "{} --repo {} --no-cache wal-fetch %f %p",
-        shell_quote(&exe.display().to_string()),
+        "{} --repo {} --no-cache",
+        shell_quote(&exe),
         shell_quote(&loc)
     ));
-    Ok(cmd)
+    Ok(WalAccess {
+        prefix: recovery::percent_escape(&cmd),
+        secrets,
+        secret_origin: origins.join(" and "),
+    })
 }

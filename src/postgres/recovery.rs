@@ -1,17 +1,28 @@
 //! Turning a restored data directory into a cluster that recovers: `backup_label`,
-//! tablespace links, `recovery.signal` and the recovery settings (in
-//! `postgresql.auto.conf`, replacing any left from an earlier restore), then optionally
-//! starting the server and waiting until it has promoted.
+//! tablespace links, a real `pg_wal` (or one elsewhere with `--waldir`), `recovery.signal`
+//! and the recovery settings (in `postgresql.auto.conf`, replacing any left from an
+//! earlier restore), then optionally starting the server and waiting until it has
+//! promoted.
+//!
+//! Everything here writes into a directory the cluster's owner controls and may have
+//! filled with symlinks (or that a crafted snapshot restored as symlinks), and runs as
+//! root: every write, chown and removal is relative to the data directory's descriptor,
+//! one name at a time, replacing a symlink rather than following it ([`crate::dirfd`]).
+//! The server is started as the cluster's owner, never as root, with the settings that run
+//! commands or load code (`archive_command`, `restore_command`, `shared_preload_libraries`,
+//! ...) given on its command line, which outranks any `postgresql.conf` in the snapshot.
 
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::PermissionsExt;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use rustix::fs::FileType;
 
 use super::PgError;
+use crate::dirfd;
 use crate::repo::PostgresMeta;
 
 /// Where recovery stops.
@@ -36,11 +47,31 @@ pub struct RecoverySettings {
     pub archive_off: bool,
     /// Write `port = N`.
     pub port: Option<u16>,
+    /// Put the WAL directory here (`pg_wal` becomes a symlink to it), as `initdb --waldir`.
+    pub waldir: Option<PathBuf>,
+    /// `recovery_end_command` (removing the temporary secret files when recovery ends).
+    pub recovery_end_command: Option<String>,
 }
 
-fn io_err(p: &Path) -> impl Fn(std::io::Error) -> PgError + '_ {
+/// The owner of a restored cluster (of its `PG_VERSION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterOwner {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+fn io_at(p: &Path) -> impl Fn(std::io::Error) -> PgError + '_ {
     move |source| PgError::Io {
         path: p.display().to_string(),
+        source,
+    }
+}
+
+fn io_in<'a>(dir: &'a Path, name: &'a str) -> impl Fn(std::io::Error) -> PgError + 'a {
+    move |source| PgError::Io {
+        path: dir.join(name).display().to_string(),
         source,
     }
 }
@@ -56,9 +87,30 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// A postgresql.conf string literal.
+/// A postgresql.conf string literal: `'` doubled and `\` escaped, since the server's
+/// configuration parser reads backslash escapes inside quotes.
 fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    format!("'{}'", s.replace('\\', r"\\").replace('\'', "''"))
+}
+
+/// Why a value cannot go into a command PostgreSQL runs: control characters (a newline
+/// would end the setting in `postgresql.auto.conf`).
+///
+/// # Errors
+/// A message naming what holds the character.
+pub fn check_command_value(what: &str, v: &str) -> Result<(), PgError> {
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Err(PgError::Unsupported(format!(
+            "{what} {v:?} holds the control character {c:?}, which cannot go into a PostgreSQL command setting"
+        )));
+    }
+    Ok(())
+}
+
+/// Escapes `%` as `%%` for `restore_command` / `archive_command` / `recovery_end_command`,
+/// where PostgreSQL replaces `%f`, `%p`, `%r` and `%%`.
+pub fn percent_escape(s: &str) -> String {
+    s.replace('%', "%%")
 }
 
 const MARK: &str = "# recovery settings written by backupd restore";
@@ -77,52 +129,164 @@ const RECOVERY_KEYS: [&str; 12] = [
     "primary_conninfo",
 ];
 
-/// Writes `backup_label` (and `tablespace_map` links), `recovery.signal`, the recovery
-/// settings, `pg_wal/archive_status`, and gives the directory PostgreSQL's required
-/// mode and, when run as root, the owner of its files.
+/// The directories whose contents a base backup leaves out; in a restored cluster each
+/// must be a real, empty directory (`pg_basebackup` writes them so even when the source
+/// holds a symlink).
+pub const EMPTIED_DIRS: [&str; 8] = [
+    "pg_wal",
+    "pg_replslot",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_subtrans",
+    "pg_stat_tmp",
+];
+
+/// What [`prepare`] noticed and did not refuse.
+#[derive(Clone, Debug, Default)]
+pub struct Prepared {
+    /// The cluster's owner.
+    pub owner: Option<ClusterOwner>,
+    /// Things the user should know (a symlink replaced, ...).
+    pub warnings: Vec<String>,
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// The owner of the cluster in the open data directory: its `PG_VERSION`, which must be a
+/// regular file.
+fn owner_of(root: &OwnedFd, dir: &Path) -> Result<ClusterOwner, PgError> {
+    match dirfd::lstat_at(root, OsStr::new("PG_VERSION")).map_err(io_in(dir, "PG_VERSION"))? {
+        Some(st) if dirfd::file_type(&st) == FileType::RegularFile => Ok(ClusterOwner {
+            uid: st.st_uid,
+            gid: st.st_gid,
+        }),
+        Some(st) => Err(PgError::Server(format!(
+            "{}: a {}, not a regular file: not a restored data directory",
+            dir.join("PG_VERSION").display(),
+            dirfd::kind_word(dirfd::file_type(&st))
+        ))),
+        None => Err(PgError::Server(format!(
+            "{}: missing: not a restored data directory",
+            dir.join("PG_VERSION").display()
+        ))),
+    }
+}
+
+/// Makes `name` in `parent` a real directory (replacing a symlink or file) owned by
+/// `owner`, and returns it open.
+fn real_dir(
+    parent: &OwnedFd,
+    name: &str,
+    own: Option<(u32, u32)>,
+    shown: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<OwnedFd, PgError> {
+    if let Some(st) = dirfd::lstat_at(parent, OsStr::new(name)).map_err(io_in(shown, name))? {
+        if dirfd::file_type(&st) != FileType::Directory {
+            warnings.push(format!(
+                "{} was a {}; replaced by an empty directory",
+                shown.join(name).display(),
+                dirfd::kind_word(dirfd::file_type(&st))
+            ));
+        }
+    }
+    let (fd, _) =
+        dirfd::ensure_dir(parent, OsStr::new(name), 0o700, true).map_err(io_in(shown, name))?;
+    if let Some((uid, gid)) = own {
+        dirfd::set_owner(&fd, uid, gid).map_err(io_in(shown, name))?;
+    }
+    Ok(fd)
+}
+
+/// Writes `backup_label` (and `tablespace_map` links), a real `pg_wal` with
+/// `archive_status` (or one in `settings.waldir`), real empty directories where a base
+/// backup leaves them empty, `recovery.signal`, the recovery settings, and `secrets` (each
+/// mode 0600, owned by the cluster's owner); gives the directory PostgreSQL's required mode
+/// and, when run as root, the owner of its files. Nothing is written through a symlink.
 ///
 /// # Errors
-/// I/O failures.
+/// I/O failures, a directory that is not a restored cluster, a non-empty `--waldir`.
 pub fn prepare(
     dir: &Path,
     meta: &PostgresMeta,
     tablespaces: &[(u32, PathBuf)],
     settings: &RecoverySettings,
-) -> Result<(), PgError> {
-    let owner = fs::metadata(dir.join("PG_VERSION")).map_err(io_err(&dir.join("PG_VERSION")))?;
-    let chown = |p: &Path| -> Result<(), PgError> {
-        if nix::unistd::geteuid().is_root() {
-            use std::os::unix::fs::MetadataExt;
-            std::os::unix::fs::lchown(p, Some(owner.uid()), Some(owner.gid()))
-                .map_err(io_err(p))?;
-        }
-        Ok(())
+    secrets: &[(&str, &[u8])],
+) -> Result<Prepared, PgError> {
+    let root = dirfd::open_dir_path(dir).map_err(io_at(dir))?;
+    let owner = owner_of(&root, dir)?;
+    let own = is_root().then_some((owner.uid, owner.gid));
+    let mut warnings = vec![];
+    let write = |name: &str, data: &[u8]| -> Result<(), PgError> {
+        dirfd::write_replace(&root, OsStr::new(name), data, 0o600, own).map_err(io_in(dir, name))
     };
-    let write = |name: &str, text: &str| -> Result<(), PgError> {
-        let p = dir.join(name);
-        fs::write(&p, text).map_err(io_err(&p))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(io_err(&p))?;
-        chown(&p)
-    };
-    write("backup_label", &meta.backup_label)?;
+    write("backup_label", meta.backup_label.as_bytes())?;
     // The links in pg_tblspc point where the tablespaces were restored.
-    for (oid, loc) in tablespaces {
-        let link = dir.join("pg_tblspc").join(oid.to_string());
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(loc, &link).map_err(io_err(&link))?;
-        chown(&link)?;
+    if !tablespaces.is_empty() {
+        let ts = real_dir(&root, "pg_tblspc", own, dir, &mut warnings)?;
+        let ts_path = dir.join("pg_tblspc");
+        for (oid, loc) in tablespaces {
+            let name = oid.to_string();
+            let n = OsStr::new(&name);
+            dirfd::remove_entry(&ts, n).map_err(io_in(&ts_path, &name))?;
+            dirfd::symlink_at(loc.as_os_str().as_encoded_bytes(), &ts, n)
+                .map_err(io_in(&ts_path, &name))?;
+            if let Some((uid, gid)) = own {
+                dirfd::set_owner_at(&ts, n, uid, gid).map_err(io_in(&ts_path, &name))?;
+            }
+        }
     }
-    let status = dir.join("pg_wal/archive_status");
-    fs::create_dir_all(&status).map_err(io_err(&status))?;
-    chown(&dir.join("pg_wal"))?;
-    chown(&status)?;
+    for name in EMPTIED_DIRS.iter().filter(|n| **n != "pg_wal") {
+        real_dir(&root, name, own, dir, &mut warnings)?;
+    }
+    match &settings.waldir {
+        None => {
+            let wal = real_dir(&root, "pg_wal", own, dir, &mut warnings)?;
+            real_dir(
+                &wal,
+                "archive_status",
+                own,
+                &dir.join("pg_wal"),
+                &mut warnings,
+            )?;
+        }
+        Some(waldir) => {
+            let wal = open_waldir(waldir, own)?;
+            real_dir(&wal, "archive_status", own, waldir, &mut warnings)?;
+            dirfd::remove_entry(&root, OsStr::new("pg_wal")).map_err(io_in(dir, "pg_wal"))?;
+            dirfd::symlink_at(
+                waldir.as_os_str().as_encoded_bytes(),
+                &root,
+                OsStr::new("pg_wal"),
+            )
+            .map_err(io_in(dir, "pg_wal"))?;
+            if let Some((uid, gid)) = own {
+                dirfd::set_owner_at(&root, OsStr::new("pg_wal"), uid, gid)
+                    .map_err(io_in(dir, "pg_wal"))?;
+            }
+        }
+    }
     for stale in ["standby.signal", "postmaster.pid", "tablespace_map"] {
-        let _ = fs::remove_file(dir.join(stale));
+        dirfd::remove_entry(&root, OsStr::new(stale)).map_err(io_in(dir, stale))?;
     }
-    write("recovery.signal", "")?;
+    write("recovery.signal", b"")?;
 
-    let auto = dir.join("postgresql.auto.conf");
-    let old = fs::read_to_string(&auto).unwrap_or_default();
+    let auto = "postgresql.auto.conf";
+    let old = match dirfd::read_file(&root, OsStr::new(auto), 16 * 1024 * 1024) {
+        Ok(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Ok(None) => String::new(),
+        Err(e) => {
+            warnings.push(format!(
+                "{}: {e}; replaced by a file holding only the recovery settings",
+                dir.join(auto).display()
+            ));
+            String::new()
+        }
+    };
     let mut text: String = old
         .lines()
         .filter(|l| {
@@ -135,32 +299,190 @@ pub fn prepare(
         "{MARK} at {}\n",
         Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
     ));
-    text.push_str(&format!(
-        "restore_command = {}\n",
-        conf_quote(&settings.restore_command)
-    ));
-    match settings.stop_at {
-        StopAt::Time(t) => {
-            text.push_str(&format!(
-                "recovery_target_time = '{}'\n",
-                t.format("%Y-%m-%d %H:%M:%S%.6f+00")
-            ));
-        }
-        StopAt::Consistent => text.push_str("recovery_target = 'immediate'\n"),
-        StopAt::Latest => {}
+    for (key, value) in recovery_lines(settings) {
+        text.push_str(&format!("{key} = {}\n", conf_quote(&value)));
     }
-    text.push_str("recovery_target_timeline = 'latest'\n");
-    text.push_str("recovery_target_action = 'promote'\n");
     if settings.archive_off {
         text.push_str("archive_mode = off\n");
     }
     if let Some(p) = settings.port {
         text.push_str(&format!("port = {p}\n"));
     }
-    write("postgresql.auto.conf", &text)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-    chown(dir)?;
-    Ok(())
+    write(auto, text.as_bytes())?;
+    for (name, data) in secrets {
+        write(name, data)?;
+    }
+    dirfd::set_mode(&root, 0o700).map_err(io_at(dir))?;
+    if let Some((uid, gid)) = own {
+        dirfd::set_owner(&root, uid, gid).map_err(io_at(dir))?;
+    }
+    Ok(Prepared {
+        owner: Some(owner),
+        warnings,
+    })
+}
+
+/// The recovery settings proper, as (key, value).
+fn recovery_lines(settings: &RecoverySettings) -> Vec<(&'static str, String)> {
+    let mut v = vec![("restore_command", settings.restore_command.clone())];
+    if let Some(c) = &settings.recovery_end_command {
+        v.push(("recovery_end_command", c.clone()));
+    }
+    match settings.stop_at {
+        StopAt::Time(t) => v.push((
+            "recovery_target_time",
+            t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string(),
+        )),
+        StopAt::Consistent => v.push(("recovery_target", "immediate".into())),
+        StopAt::Latest => {}
+    }
+    v.push(("recovery_target_timeline", "latest".into()));
+    v.push(("recovery_target_action", "promote".into()));
+    v
+}
+
+/// Opens (making it if missing) the `--waldir` directory, which must be empty, and gives it
+/// to the cluster's owner with mode 0700.
+fn open_waldir(waldir: &Path, own: Option<(u32, u32)>) -> Result<OwnedFd, PgError> {
+    if !waldir.is_absolute() {
+        return Err(PgError::Unsupported(format!(
+            "--waldir {}: give an absolute path",
+            waldir.display()
+        )));
+    }
+    if let Some(parent) = waldir.parent() {
+        std::fs::create_dir_all(parent).map_err(io_at(parent))?;
+    }
+    let parent = waldir.parent().unwrap_or(Path::new("/"));
+    let pfd = dirfd::open_dir_path(parent).map_err(io_at(parent))?;
+    let name = waldir.file_name().ok_or_else(|| {
+        PgError::Unsupported(format!(
+            "--waldir {}: not a directory name",
+            waldir.display()
+        ))
+    })?;
+    let (fd, _) = dirfd::ensure_dir(&pfd, name, 0o700, false).map_err(io_at(waldir))?;
+    let entries = dirfd::list(&fd).map_err(io_at(waldir))?;
+    if entries.iter().any(|(n, _)| n != b"archive_status") {
+        return Err(PgError::Unsupported(format!(
+            "--waldir {} is not empty; give an empty or new directory",
+            waldir.display()
+        )));
+    }
+    dirfd::set_mode(&fd, 0o700).map_err(io_at(waldir))?;
+    if let Some((uid, gid)) = own {
+        dirfd::set_owner(&fd, uid, gid).map_err(io_at(waldir))?;
+    }
+    Ok(fd)
+}
+
+/// The `shared_preload_libraries` the restored cluster's own configuration sets (the
+/// last non-empty setting in `postgresql.conf`, then `postgresql.auto.conf`), read without
+/// following links; for telling the user what a started copy leaves out.
+pub fn configured_preload(dir: &Path) -> Option<String> {
+    let root = dirfd::open_dir_path(dir).ok()?;
+    let mut found = None;
+    for file in ["postgresql.conf", "postgresql.auto.conf"] {
+        let Ok(Some(b)) = dirfd::read_file(&root, OsStr::new(file), 16 * 1024 * 1024) else {
+            continue;
+        };
+        for line in String::from_utf8_lossy(&b).lines() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            if k.trim() == "shared_preload_libraries" {
+                let v = v.trim().trim_matches('\'').to_string();
+                found = (!v.is_empty()).then_some(v);
+            }
+        }
+    }
+    found
+}
+
+/// Settings given to a server backupd starts on its command line (`-c name=value`), which
+/// outrank `postgresql.conf` and `postgresql.auto.conf`: whatever a snapshot's
+/// configuration says, the server runs no command and loads no library backupd did not
+/// choose, and works on this data directory.
+#[derive(Clone, Debug, Default)]
+pub struct ServerSettings {
+    /// (name, value) pairs.
+    pub settings: Vec<(&'static str, String)>,
+    /// Files in the data directory removed once the server has promoted (secrets).
+    pub remove_after_promotion: Vec<String>,
+}
+
+impl ServerSettings {
+    /// The settings for a server started on `dir` after [`prepare`] with `settings`:
+    /// `archive_command` is `archive_command` when archiving stays on (else archiving is
+    /// off); `listen_local` keeps it to 127.0.0.1 (a restore test).
+    pub fn for_recovery(
+        dir: &Path,
+        settings: &RecoverySettings,
+        archive_command: Option<&str>,
+        shared_preload_libraries: &str,
+        listen_local: bool,
+    ) -> Self {
+        let mut v: Vec<(&'static str, String)> = vec![
+            ("data_directory", dir.display().to_string()),
+            (
+                "archive_mode",
+                if settings.archive_off || archive_command.is_none() {
+                    "off"
+                } else {
+                    "on"
+                }
+                .into(),
+            ),
+            ("archive_command", archive_command.unwrap_or("").to_string()),
+            ("archive_library", String::new()),
+            ("archive_cleanup_command", String::new()),
+            ("recovery_end_command", String::new()),
+            (
+                "shared_preload_libraries",
+                shared_preload_libraries.to_string(),
+            ),
+            ("local_preload_libraries", String::new()),
+            ("session_preload_libraries", String::new()),
+            ("dynamic_library_path", "$libdir".into()),
+            ("jit_provider", "llvmjit".into()),
+            ("ssl_passphrase_command", String::new()),
+            ("external_pid_file", String::new()),
+            ("primary_conninfo", String::new()),
+            ("primary_slot_name", String::new()),
+            ("recovery_target", String::new()),
+            ("recovery_target_name", String::new()),
+            ("recovery_target_time", String::new()),
+            ("recovery_target_xid", String::new()),
+            ("recovery_target_lsn", String::new()),
+            ("recovery_target_inclusive", "on".into()),
+        ];
+        // Ours win over the blanks above.
+        for (k, val) in recovery_lines(settings) {
+            v.retain(|(n, _)| *n != k);
+            v.push((k, val));
+        }
+        if let Some(p) = settings.port {
+            v.push(("port", p.to_string()));
+        }
+        if listen_local {
+            v.push(("listen_addresses", "127.0.0.1".into()));
+        }
+        ServerSettings {
+            settings: v,
+            remove_after_promotion: vec![],
+        }
+    }
+
+    /// The `pg_ctl -o` string: `-c 'name=value'` each, quoted for the shell pg_ctl runs
+    /// the server with.
+    fn pg_ctl_options(&self) -> String {
+        self.settings
+            .iter()
+            .map(|(k, v)| format!("-c {}", shell_quote(&format!("{k}={v}"))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// Where the restored server ended up.
@@ -201,28 +523,35 @@ pub fn find_pg_bin_of(major: u32, name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// `pg_ctl -D dir`, run as the owner of `dir` when we are root (PostgreSQL refuses root).
-fn pg_ctl(dir: &Path, major: u32, log: Option<&Path>) -> Result<(Command, PathBuf), PgError> {
+/// The server log `restore --start` and restore tests write, in the data directory.
+pub const RECOVERY_LOG: &str = "backupd-recovery.log";
+
+/// `pg_ctl -D dir`, run as the owner of `dir` — never as root: a root-owned data directory
+/// is refused — with the secret variables kept out of its (and the server's) environment.
+fn pg_ctl(dir: &Path, root: &OwnedFd, major: u32) -> Result<(Command, PathBuf), PgError> {
     let pg_ctl = find_pg_bin_of(major, "pg_ctl");
-    let mut cmd = if nix::unistd::geteuid().is_root() {
-        use std::os::unix::fs::MetadataExt;
-        let uid = fs::metadata(dir).map_err(io_err(dir))?.uid();
+    let st = dirfd::fstat(root).map_err(io_at(dir))?;
+    if st.st_uid == 0 {
+        return Err(PgError::Server(format!(
+            "{} is owned by root; a PostgreSQL server never runs as root (chown it to the cluster's owner)",
+            dir.display()
+        )));
+    }
+    let mut cmd = if is_root() {
+        let uid = st.st_uid;
         let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
             .ok()
             .flatten()
             .ok_or_else(|| {
                 PgError::Server(format!("no user with uid {uid} to run the server as"))
             })?;
-        if let Some(log) = log {
-            let _ = OpenOptions::new().create(true).append(true).open(log);
-            let _ = std::os::unix::fs::chown(log, Some(uid), None);
-        }
         let mut c = Command::new("runuser");
         c.arg("-u").arg(user.name).arg("--").arg(&pg_ctl);
         c
     } else {
         Command::new(&pg_ctl)
     };
+    crate::secret_env::scrub(&mut cmd);
     cmd.arg("-D").arg(dir);
     Ok((cmd, pg_ctl))
 }
@@ -241,7 +570,11 @@ pub fn stop(dir: &Path, meta: &PostgresMeta) -> Result<(), PgError> {
 /// # Errors
 /// No PG_VERSION, or pg_ctl fails.
 pub fn stop_dir(dir: &Path) -> Result<(), PgError> {
-    let v = fs::read_to_string(dir.join("PG_VERSION")).map_err(io_err(dir))?;
+    let root = dirfd::open_dir_path(dir).map_err(io_at(dir))?;
+    let v = dirfd::read_file(&root, OsStr::new("PG_VERSION"), 64)
+        .map_err(io_in(dir, "PG_VERSION"))?
+        .unwrap_or_default();
+    let v = String::from_utf8_lossy(&v);
     let major = v
         .trim()
         .parse()
@@ -250,7 +583,8 @@ pub fn stop_dir(dir: &Path) -> Result<(), PgError> {
 }
 
 fn stop_major(dir: &Path, major: u32) -> Result<(), PgError> {
-    let (mut cmd, pg_ctl) = pg_ctl(dir, major, None)?;
+    let root = dirfd::open_dir_path(dir).map_err(io_at(dir))?;
+    let (mut cmd, pg_ctl) = pg_ctl(dir, &root, major)?;
     let status = cmd
         .args(["-m", "fast", "-w", "-t", "300", "stop"])
         .stdin(std::process::Stdio::null())
@@ -266,55 +600,105 @@ fn stop_major(dir: &Path, major: u32) -> Result<(), PgError> {
     Ok(())
 }
 
-/// Starts the server on `dir` (as the owner of the directory when run as root, since
-/// PostgreSQL refuses root) and waits until recovery has ended and it has promoted.
+/// Makes the server log (a regular file owned by the cluster's owner, never a link).
+fn make_log(root: &OwnedFd, dir: &Path) -> Result<(), PgError> {
+    let name = OsStr::new(RECOVERY_LOG);
+    let f = match dirfd::lstat_at(root, name).map_err(io_in(dir, RECOVERY_LOG))? {
+        Some(st) if dirfd::file_type(&st) == FileType::RegularFile => {
+            dirfd::open_file_write(root, name, false)
+                .map(|(f, _)| f)
+                .map_err(io_in(dir, RECOVERY_LOG))?
+        }
+        other => {
+            if other.is_some() {
+                dirfd::remove_entry(root, name).map_err(io_in(dir, RECOVERY_LOG))?;
+            }
+            dirfd::create_file(root, name, 0o600).map_err(io_in(dir, RECOVERY_LOG))?
+        }
+    };
+    if is_root() {
+        let st = dirfd::fstat(root).map_err(io_at(dir))?;
+        dirfd::set_owner(&f, st.st_uid, st.st_gid).map_err(io_in(dir, RECOVERY_LOG))?;
+    }
+    Ok(())
+}
+
+/// Starts the server on `dir` as the directory's owner (PostgreSQL refuses root, and so
+/// does backupd) with `server`'s settings on its command line, and waits until recovery
+/// has ended and it has promoted; then removes what `server` lists (secrets) and the
+/// segments fetched ahead.
 ///
 /// # Errors
 /// The server fails to start or stops during recovery; the message has the end of its
 /// log.
-pub fn start_and_wait(dir: &Path, meta: &PostgresMeta) -> Result<Reached, PgError> {
-    let log = dir.join("backupd-recovery.log");
-    let (mut cmd, pg_ctl) = pg_ctl(dir, meta.server_version_num / 10000, Some(&log))?;
+pub fn start_and_wait(
+    dir: &Path,
+    meta: &PostgresMeta,
+    server: &ServerSettings,
+    waldir: Option<&Path>,
+) -> Result<Reached, PgError> {
+    let root = dirfd::open_dir_path(dir).map_err(io_at(dir))?;
+    make_log(&root, dir)?;
+    let log = dir.join(RECOVERY_LOG);
+    let (mut cmd, pg_ctl) = pg_ctl(dir, &root, meta.server_version_num / 10000)?;
     cmd.arg("-l")
         .arg(&log)
+        .arg("-o")
+        .arg(server.pg_ctl_options())
         // Wait until it accepts connections (hot standby, or done): by then the startup
         // process has replaced the backup's "in production" state in pg_control.
         .args(["-w", "-t", "86400", "start"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     let started = Instant::now();
-    let status = cmd
-        .status()
-        .map_err(|e| PgError::Server(format!("running {}: {e}", pg_ctl.display())))?;
+    let remove_secrets = || {
+        for name in &server.remove_after_promotion {
+            let _ = dirfd::remove_entry(&root, OsStr::new(name));
+        }
+    };
+    let status = cmd.status().map_err(|e| {
+        remove_secrets();
+        PgError::Server(format!("running {}: {e}", pg_ctl.display()))
+    })?;
     if !status.success() {
+        remove_secrets();
         return Err(PgError::Server(format!(
             "{} start failed ({status}); server log {}:\n{}",
             pg_ctl.display(),
             log.display(),
-            log_tail(&log)
+            log_tail(&root)
         )));
     }
-    let pid_file = dir.join("postmaster.pid");
-    let control = dir.join("global/pg_control");
     // Promoted once pg_control says "in production" again, as `pg_ctl promote -w`
     // decides (postmaster.pid says "ready" already in hot standby, and recovery.signal
     // goes before the end-of-recovery checkpoint).
     loop {
-        if control_state(&control) == Some(DB_IN_PRODUCTION) {
+        if control_state(&root) == Some(DB_IN_PRODUCTION) {
             break;
         }
-        if !pid_file.exists() {
+        if !matches!(
+            dirfd::lstat_at(&root, OsStr::new("postmaster.pid")),
+            Ok(Some(_))
+        ) {
+            remove_secrets();
             return Err(PgError::Server(format!(
                 "the server stopped during recovery; server log {}:\n{}",
                 log.display(),
-                log_tail(&log)
+                log_tail(&root)
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    remove_secrets();
     // Segments fetched ahead that recovery did not need.
-    let _ = fs::remove_dir_all(dir.join("pg_wal/backupd-prefetch"));
-    let text = fs::read_to_string(&log).unwrap_or_default();
+    let wal = match waldir {
+        Some(w) => dirfd::open_dir_path(w),
+        None => dirfd::open_subdir(&root, OsStr::new("pg_wal")),
+    };
+    if let Ok(wal) = wal {
+        let _ = dirfd::remove_entry(&wal, OsStr::new("backupd-prefetch"));
+    }
+    let text = read_log(&root);
     let mut r = Reached {
         seconds: started.elapsed().as_secs_f64(),
         log: log.clone(),
@@ -343,13 +727,24 @@ pub fn start_and_wait(dir: &Path, meta: &PostgresMeta) -> Result<Reached, PgErro
 const DB_IN_PRODUCTION: u32 = 6;
 
 /// The cluster state in pg_control (after the system identifier and two versions).
-fn control_state(control: &Path) -> Option<u32> {
-    let b = fs::read(control).ok()?;
+fn control_state(root: &OwnedFd) -> Option<u32> {
+    let global = dirfd::open_subdir(root, OsStr::new("global")).ok()?;
+    let b = dirfd::read_file(&global, OsStr::new("pg_control"), 64 * 1024).ok()??;
     Some(u32::from_le_bytes(b.get(16..20)?.try_into().ok()?))
 }
 
-fn log_tail(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
+/// The server log, read without following a link (it could point at any file root can
+/// read, and the log goes into reports).
+fn read_log(root: &OwnedFd) -> String {
+    dirfd::read_file(root, OsStr::new(RECOVERY_LOG), 256 * 1024 * 1024)
+        .ok()
+        .flatten()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn log_tail(root: &OwnedFd) -> String {
+    let text = read_log(root);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }

@@ -4,13 +4,20 @@
 //!
 //! Absolute source paths are kept: `/etc/app` is stored as `etc` -> `app` under the root
 //! tree, with the real metadata of each intermediate directory.
+//!
+//! Below each source path the walk goes by directory descriptors ([`crate::dirfd`]): each
+//! entry is `lstat`ed and opened relative to its directory with `O_NOFOLLOW`, and a file is
+//! read only if the inode opened is a regular file in that directory (when it is not the
+//! inode stat'ed, it was replaced in between, and what was read is recorded with the
+//! metadata of what was read). A symlink swapped in for a directory or file is never
+//! followed out of the tree.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,8 +25,11 @@ use std::sync::Arc;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
-use super::meta::{node_from_metadata, NameCache};
+use rustix::fs::FileType;
+
+use super::meta::{node_from_stat, NameCache};
 use super::CancelToken;
+use crate::dirfd::{self, EntryStat};
 use crate::pipeline::chunker::Cutter;
 use crate::pipeline::stages::{BlobSaver, SaveError};
 use crate::pipeline::{BlobId, BlobKind, Chunker};
@@ -270,6 +280,9 @@ struct FileContent {
     content: Vec<BlobId>,
     lists: Vec<BlobId>,
     size: u64,
+    /// The status of the inode read, when it is not the one the walk stat'ed (the file was
+    /// replaced in between): the node takes its metadata.
+    replaced: Option<EntryStat>,
 }
 
 enum ReadFailure {
@@ -279,7 +292,12 @@ enum ReadFailure {
 }
 
 struct FileJobMsg {
-    path: PathBuf,
+    /// The file's directory, open.
+    dir: Arc<OwnedFd>,
+    /// Its name there.
+    name: OsString,
+    /// Device and inode the walk stat'ed.
+    expect: (u64, u64),
     fixed_chunk: Option<usize>,
     reply: Sender<Result<FileContent, ReadFailure>>,
 }
@@ -326,10 +344,14 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
                 .name(format!("read-{i}"))
                 .spawn(move || {
                     for m in rx {
-                        let r = match m.fixed_chunk {
-                            Some(n) => read_fixed(&m.path, n, &saver, &cancel, &stats),
-                            None => read_file(&m.path, &saver, &cutter, min_size, &cancel, &stats),
-                        };
+                        let r = open_checked(&m).and_then(|(file, replaced)| {
+                            let mut c = match m.fixed_chunk {
+                                Some(n) => read_fixed(file, n, &saver, &cancel, &stats),
+                                None => read_file(file, &saver, &cutter, min_size, &cancel, &stats),
+                            }?;
+                            c.replaced = replaced;
+                            Ok(c)
+                        });
                         let _ = m.reply.send(r);
                     }
                 })
@@ -341,7 +363,7 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
     let mut missing = vec![];
     let mut present = vec![];
     for p in &job.paths {
-        match fs::symlink_metadata(p) {
+        match std::fs::symlink_metadata(p) {
             Ok(_) => present.push(p.clone()),
             Err(e) => missing.push((p.display().to_string(), e.to_string())),
         }
@@ -383,7 +405,10 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
             }
             Layout::Contents => {
                 let root = walker.root.clone();
-                walker.walk_dir(&root, parent, false)
+                match dirfd::open_dir_path(&root) {
+                    Ok(fd) => walker.walk_dir(Arc::new(fd), &root, parent, false),
+                    Err(e) => Err(FilesError::NoPaths(format!("{}: {e}", root.display()))),
+                }
             }
         }
     };
@@ -438,25 +463,40 @@ impl Walker<'_> {
     ) -> Result<BlobId, FilesError> {
         let mut parents = parent_children(parent);
         let mut pending = vec![];
+        // The directory holding this level's sources, opened by the path the user gave.
+        let mut dir_fd: Option<Arc<OwnedFd>> = None;
         for (name, entry) in &vdir.children {
             self.check()?;
             let name_os = OsStr::from_bytes(name);
             let abs = path.join(name_os);
             let pnode = parents.remove(name);
             match entry {
-                VEntry::Source => self.entry(&abs, name_os, pnode.as_ref(), &mut pending)?,
+                VEntry::Source => {
+                    let fd = match &dir_fd {
+                        Some(fd) => fd.clone(),
+                        None => match dirfd::open_dir_path(path) {
+                            Ok(fd) => dir_fd.insert(Arc::new(fd)).clone(),
+                            Err(e) => {
+                                self.unreadable
+                                    .push((abs.display().to_string(), e.to_string()));
+                                continue;
+                            }
+                        },
+                    };
+                    self.entry(&fd, &abs, name_os, pnode.as_ref(), &mut pending)?
+                }
                 VEntry::Dir(sub) => {
-                    let md = match fs::symlink_metadata(&abs) {
-                        Ok(md) => md,
+                    let st = match rustix::fs::lstat(&abs) {
+                        Ok(st) => st,
                         Err(e) => {
                             self.unreadable
-                                .push((abs.display().to_string(), e.to_string()));
+                                .push((abs.display().to_string(), io::Error::from(e).to_string()));
                             continue;
                         }
                     };
                     let ptree = self.subtree_of(pnode.as_ref());
                     let id = self.walk_virtual(sub, &abs, ptree)?;
-                    let mut node = node_from_metadata(name_os, NodeKind::Dir, &md, &mut self.names);
+                    let mut node = node_from_stat(name_os, NodeKind::Dir, &st, &mut self.names);
                     node.subtree = Some(id);
                     self.stats.dirs.fetch_add(1, Ordering::Relaxed);
                     pending.push(Pending::Ready(node));
@@ -468,6 +508,7 @@ impl Walker<'_> {
 
     fn walk_dir(
         &mut self,
+        dir: Arc<OwnedFd>,
         path: &Path,
         parent: Option<Tree>,
         empty: bool,
@@ -476,25 +517,17 @@ impl Walker<'_> {
             return self.finish_dir(vec![]);
         }
         let mut parents = parent_children(parent);
-        let mut names: Vec<OsString> = vec![];
-        match fs::read_dir(path) {
-            Ok(rd) => {
-                for e in rd {
-                    match e {
-                        Ok(e) => names.push(e.file_name()),
-                        Err(e) => {
-                            self.unreadable
-                                .push((path.display().to_string(), e.to_string()));
-                            break;
-                        }
-                    }
-                }
-            }
+        let mut names: Vec<OsString> = match dirfd::list(&*dir) {
+            Ok(entries) => entries
+                .into_iter()
+                .map(|(n, _)| OsStr::from_bytes(&n).to_os_string())
+                .collect(),
             Err(e) => {
                 self.unreadable
                     .push((path.display().to_string(), e.to_string()));
+                vec![]
             }
-        }
+        };
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let rules = match &self.policy {
             Some(p) => p.rules(path.strip_prefix(&self.root).unwrap_or(path), &names),
@@ -508,19 +541,20 @@ impl Walker<'_> {
                 continue;
             }
             let pnode = parents.remove(name.as_bytes());
-            self.entry_with(&abs, &name, pnode.as_ref(), &mut pending, rule)?;
+            self.entry_with(&dir, &abs, &name, pnode.as_ref(), &mut pending, rule)?;
         }
         self.finish_dir(pending)
     }
 
     fn entry(
         &mut self,
+        dir: &Arc<OwnedFd>,
         abs: &Path,
         name: &OsStr,
         parent: Option<&Node>,
         pending: &mut Vec<Pending>,
     ) -> Result<(), FilesError> {
-        self.entry_with(abs, name, parent, pending, EntryRule::Keep)
+        self.entry_with(dir, abs, name, parent, pending, EntryRule::Keep)
     }
 
     fn vanished_ok(&self) -> bool {
@@ -529,15 +563,21 @@ impl Walker<'_> {
 
     fn entry_with(
         &mut self,
+        dir: &Arc<OwnedFd>,
         abs: &Path,
         name: &OsStr,
         parent: Option<&Node>,
         pending: &mut Vec<Pending>,
         rule: EntryRule,
     ) -> Result<(), FilesError> {
-        let md = match fs::symlink_metadata(abs) {
-            Ok(md) => md,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && self.vanished_ok() => {
+        let st = match dirfd::lstat_at(&**dir, name) {
+            Ok(Some(st)) => st,
+            Ok(None) if self.vanished_ok() => return Ok(()),
+            Ok(None) => {
+                self.unreadable.push((
+                    abs.display().to_string(),
+                    "vanished during the backup".into(),
+                ));
                 return Ok(());
             }
             Err(e) => {
@@ -546,17 +586,44 @@ impl Walker<'_> {
                 return Ok(());
             }
         };
-        let ft = md.file_type();
-        if ft.is_dir() {
+        let ft = dirfd::file_type(&st);
+        if rule == EntryRule::EmptyDir && ft != FileType::Directory {
+            // A directory whose contents a base backup leaves out, held as a symlink (pg_wal
+            // on its own disk): stored as a real empty directory, as pg_basebackup does, so a
+            // restore never recreates a link into the source's WAL directory.
+            let mut node = node_from_stat(name, NodeKind::Dir, &st, &mut self.names);
+            node.mode = 0o700;
+            node.subtree = Some(self.finish_dir(vec![])?);
+            self.stats.dirs.fetch_add(1, Ordering::Relaxed);
+            pending.push(Pending::Ready(node));
+            return Ok(());
+        }
+        if ft == FileType::Directory {
             let empty = rule == EntryRule::EmptyDir;
+            let (sub, st) = match dirfd::open_subdir(&**dir, name).and_then(|fd| {
+                // What was opened is what is recorded (it may have been replaced since the
+                // lstat; opened without following, it is this directory's entry).
+                let st = dirfd::fstat(&fd)?;
+                Ok((fd, st))
+            }) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && self.vanished_ok() => {
+                    return Ok(())
+                }
+                Err(e) => {
+                    self.unreadable
+                        .push((abs.display().to_string(), e.to_string()));
+                    return Ok(());
+                }
+            };
             let ptree = if empty { None } else { self.subtree_of(parent) };
-            let id = self.walk_dir(abs, ptree, empty)?;
-            let mut node = node_from_metadata(name, NodeKind::Dir, &md, &mut self.names);
+            let id = self.walk_dir(Arc::new(sub), abs, ptree, empty)?;
+            let mut node = node_from_stat(name, NodeKind::Dir, &st, &mut self.names);
             node.subtree = Some(id);
             self.stats.dirs.fetch_add(1, Ordering::Relaxed);
             pending.push(Pending::Ready(node));
-        } else if ft.is_symlink() {
-            let target = match fs::read_link(abs) {
+        } else if ft == FileType::Symlink {
+            let target = match dirfd::read_link_at(&**dir, name) {
                 Ok(t) => t,
                 Err(e) => {
                     self.unreadable
@@ -564,13 +631,13 @@ impl Walker<'_> {
                     return Ok(());
                 }
             };
-            let mut node = node_from_metadata(name, NodeKind::Symlink, &md, &mut self.names);
-            let (t, raw) = super::meta::encode_name(target.as_os_str());
+            let mut node = node_from_stat(name, NodeKind::Symlink, &st, &mut self.names);
+            let (t, raw) = super::meta::encode_name(OsStr::from_bytes(&target));
             node.link_target = Some(t);
             node.raw_link_target = raw;
             pending.push(Pending::Ready(node));
-        } else if ft.is_file() {
-            let mut node = node_from_metadata(name, NodeKind::File, &md, &mut self.names);
+        } else if ft == FileType::RegularFile {
+            let mut node = node_from_stat(name, NodeKind::File, &st, &mut self.names);
             if let Some(p) = parent.filter(|p| self.unchanged(p, &node)) {
                 node.content = p.content.clone();
                 node.content_lists = p.content_lists.clone();
@@ -593,25 +660,17 @@ impl Walker<'_> {
                 .and_then(|p| p.fixed_chunk_size(abs.strip_prefix(&self.root).unwrap_or(abs)));
             self.jobs
                 .send(FileJobMsg {
-                    path: abs.to_path_buf(),
+                    dir: dir.clone(),
+                    name: name.to_os_string(),
+                    expect: (st.st_dev, st.st_ino),
                     fixed_chunk,
                     reply: tx,
                 })
                 .map_err(|_| FilesError::Save(SaveError::Stopped))?;
             pending.push(Pending::Waiting(node, abs.to_path_buf(), rx));
         } else {
-            let what = if ft.is_fifo() {
-                "fifo"
-            } else if ft.is_socket() {
-                "socket"
-            } else if ft.is_block_device() {
-                "block device"
-            } else if ft.is_char_device() {
-                "character device"
-            } else {
-                "special file"
-            };
-            self.skipped.push(format!("{} ({what})", abs.display()));
+            self.skipped
+                .push(format!("{} ({})", abs.display(), dirfd::kind_word(ft)));
         }
         Ok(())
     }
@@ -637,6 +696,10 @@ impl Walker<'_> {
                 Pending::Ready(n) => tree.nodes.push(n),
                 Pending::Waiting(mut n, path, rx) => match rx.recv() {
                     Ok(Ok(c)) => {
+                        if let Some(st) = &c.replaced {
+                            let name = OsStr::from_bytes(&n.name_bytes()).to_os_string();
+                            n = node_from_stat(&name, NodeKind::File, st, &mut self.names);
+                        }
                         n.content = c.content;
                         n.content_lists = c.lists;
                         n.size = c.size;
@@ -735,30 +798,44 @@ pub fn save_stream<R: Read>(
     Ok((ids, lists, total))
 }
 
-fn open_noatime(path: &Path) -> io::Result<File> {
-    // O_NOATIME keeps a backup from touching access times; only the owner (or root) may
-    // use it, so fall back to a plain open.
-    let noatime = nix::fcntl::OFlag::O_NOATIME.bits();
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(noatime)
-        .open(path)
-        .or_else(|_| File::open(path))
+/// Opens a file the walk found: relative to its directory, without following a symlink,
+/// without blocking on a FIFO swapped in, and without touching its access time where the
+/// kernel lets us (`O_NOATIME` is for the owner and root). It must be a regular file; when
+/// it is not the inode the walk stat'ed, its own status comes back with it.
+fn open_checked(m: &FileJobMsg) -> Result<(File, Option<EntryStat>), ReadFailure> {
+    use rustix::fs::{Mode, OFlags};
+    let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(&*m.dir, &m.name, base | OFlags::NOATIME, Mode::empty())
+        .or_else(|e| match e {
+            rustix::io::Errno::PERM => rustix::fs::openat(&*m.dir, &m.name, base, Mode::empty()),
+            e => Err(e),
+        })
+        .map_err(|e| match e {
+            rustix::io::Errno::NOENT => ReadFailure::Vanished,
+            rustix::io::Errno::LOOP => {
+                ReadFailure::Unreadable("replaced by a symlink during the backup".into())
+            }
+            e => ReadFailure::Unreadable(io::Error::from(e).to_string()),
+        })?;
+    let st = dirfd::fstat(&fd).map_err(|e| ReadFailure::Unreadable(e.to_string()))?;
+    if dirfd::file_type(&st) != FileType::RegularFile {
+        return Err(ReadFailure::Unreadable(format!(
+            "replaced by a {} during the backup",
+            dirfd::kind_word(dirfd::file_type(&st))
+        )));
+    }
+    let replaced = ((st.st_dev, st.st_ino) != m.expect).then_some(st);
+    Ok((File::from(fd), replaced))
 }
 
 /// Reads a file in blocks of `block` bytes (the last one shorter), one blob each.
 fn read_fixed(
-    path: &Path,
+    mut file: File,
     block: usize,
     saver: &BlobSaver,
     cancel: &CancelToken,
     stats: &FilesStats,
 ) -> Result<FileContent, ReadFailure> {
-    let mut file = match open_noatime(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadFailure::Vanished),
-        Err(e) => return Err(ReadFailure::Unreadable(e.to_string())),
-    };
     let mut sink = ContentSink {
         saver,
         ids: vec![],
@@ -792,11 +869,12 @@ fn read_fixed(
         content,
         lists,
         size,
+        replaced: None,
     })
 }
 
 fn read_file(
-    path: &Path,
+    file: File,
     saver: &BlobSaver,
     cutter: &Cutter,
     min_size: u64,
@@ -804,11 +882,6 @@ fn read_file(
     stats: &FilesStats,
 ) -> Result<FileContent, ReadFailure> {
     let unreadable = |e: io::Error| ReadFailure::Unreadable(e.to_string());
-    let file = match open_noatime(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadFailure::Vanished),
-        Err(e) => return Err(unreadable(e)),
-    };
     let md = file.metadata().map_err(unreadable)?;
     if !md.is_file() {
         return Err(ReadFailure::Unreadable("no longer a regular file".into()));
@@ -850,6 +923,7 @@ fn read_file(
                 content: ids,
                 lists: vec![],
                 size,
+                replaced: None,
             });
         }
         // The file grew while we read it: continue as a stream.
@@ -871,6 +945,7 @@ fn stream_file<R: Read>(
             content,
             lists,
             size,
+            replaced: None,
         }),
         Err(Some(e)) => Err(ReadFailure::Unreadable(e.to_string())),
         Err(None) => Err(ReadFailure::Stopped),

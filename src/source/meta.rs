@@ -1,13 +1,12 @@
-//! File metadata as stored in tree nodes: from `lstat`, with owner and group names.
+//! File metadata as stored in tree nodes: from `lstat`/`fstat`, with owner and group names.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 
 use nix::unistd::{Gid, Group, Uid, User};
 
+use crate::dirfd::{self, EntryStat};
 use crate::repo::{Node, NodeKind};
 
 /// Caches uid/gid to name lookups.
@@ -58,29 +57,28 @@ pub fn encode_name(name: &OsStr) -> (String, Option<String>) {
     }
 }
 
-/// A node with everything but content/subtree/link target filled in from `md`.
-pub fn node_from_metadata(
-    name: &OsStr,
-    kind: NodeKind,
-    md: &Metadata,
-    names: &mut NameCache,
-) -> Node {
+/// A node with everything but content/subtree/link target filled in from `st`.
+pub fn node_from_stat(name: &OsStr, kind: NodeKind, st: &EntryStat, names: &mut NameCache) -> Node {
     let (name, raw_name) = encode_name(name);
     Node {
         name,
         raw_name,
         kind,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        user: names.user(md.uid()),
-        group: names.group(md.gid()),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-        inode: md.ino(),
-        device: md.dev(),
-        links: md.nlink(),
-        size: if kind == NodeKind::File { md.len() } else { 0 },
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        user: names.user(st.st_uid),
+        group: names.group(st.st_gid),
+        mtime_ns: dirfd::mtime_ns(st),
+        ctime_ns: dirfd::ctime_ns(st),
+        inode: st.st_ino,
+        device: st.st_dev,
+        links: st.st_nlink,
+        size: if kind == NodeKind::File {
+            st.st_size as u64
+        } else {
+            0
+        },
         content: vec![],
         content_lists: vec![],
         subtree: None,
