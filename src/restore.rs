@@ -746,3 +746,216 @@ pub fn dump_file(
         source: e,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! Crafted snapshots (which no backup writes, but anyone holding the key can) and
+    //! planted links in a `--delta` target: nothing may land outside the target.
+    use super::*;
+    use crate::backend::LocalBackend;
+    use crate::pipeline::stages::{BlobSaver, SaverOptions};
+    use crate::repo::Tree;
+    use std::sync::Arc;
+
+    fn node(name: &str, kind: NodeKind) -> Node {
+        Node {
+            name: name.into(),
+            raw_name: None,
+            kind,
+            mode: if kind == NodeKind::Dir { 0o755 } else { 0o644 },
+            uid: 0,
+            gid: 0,
+            user: String::new(),
+            group: String::new(),
+            mtime_ns: 1_700_000_000_000_000_000,
+            ctime_ns: 0,
+            inode: 0,
+            device: 0,
+            links: 1,
+            size: 0,
+            content: vec![],
+            content_lists: vec![],
+            subtree: None,
+            link_target: None,
+            raw_link_target: None,
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        repo: Repository,
+        saver: Option<(BlobSaver, crate::pipeline::stages::SaverThreads)>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let backend = Arc::new(LocalBackend::new(dir.path().join("repo")));
+            let repo = Repository::init_local(backend, b"pw", "h", "u", 3).unwrap();
+            let saver = BlobSaver::start(
+                repo.keys().clone(),
+                Arc::new(Index::default()),
+                repo.backend().clone(),
+                SaverOptions::default(),
+            );
+            Fixture {
+                _dir: dir,
+                repo,
+                saver: Some(saver),
+            }
+        }
+
+        fn save(&self, kind: BlobKind, data: Vec<u8>) -> BlobId {
+            self.saver.as_ref().unwrap().0.save(kind, data).unwrap().0
+        }
+
+        fn file(&self, name: &str, data: &[u8]) -> Node {
+            let mut n = node(name, NodeKind::File);
+            n.size = data.len() as u64;
+            n.content = vec![self.save(BlobKind::Data, data.to_vec())];
+            n
+        }
+
+        fn tree(&self, nodes: Vec<Node>) -> BlobId {
+            // Not sorted on purpose: the caller decides the order.
+            self.save(BlobKind::Tree, Tree { nodes }.to_bytes())
+        }
+
+        fn dir(&self, name: &str, nodes: Vec<Node>) -> Node {
+            let mut n = node(name, NodeKind::Dir);
+            n.subtree = Some(self.tree(nodes));
+            n
+        }
+
+        fn finish(&mut self) -> Index {
+            let (saver, threads) = self.saver.take().unwrap();
+            let saved = saver.finish(threads);
+            assert!(saved.error.is_none());
+            self.repo.save_index(&saved.packs).unwrap();
+            self.repo.load_index().unwrap()
+        }
+    }
+
+    fn link(name: &str, target: &Path) -> Node {
+        let mut n = node(name, NodeKind::Symlink);
+        n.link_target = Some(target.display().to_string());
+        n
+    }
+
+    fn run(f: &Fixture, index: &Index, tree: &BlobId, target: &Path, delta: bool) -> RestoreReport {
+        let filter = RestoreFilter {
+            delta,
+            ..RestoreFilter::default()
+        };
+        restore(&f.repo, index, tree, target, &filter, 2, &AtomicU64::new(0)).unwrap()
+    }
+
+    #[test]
+    fn a_symlink_and_a_directory_of_the_same_name_are_refused_by_name() {
+        let mut f = Fixture::new();
+        let outside = tempfile::tempdir().unwrap();
+        // `a` -> outside, then a directory `a` holding `evil`: restoring the second through
+        // the first would write outside/evil.
+        let evil = f.file("evil", b"written through a link");
+        let a_dir = f.dir("a", vec![evil]);
+        let root = f.tree(vec![link("a", outside.path()), a_dir]);
+        let index = f.finish();
+        let target = tempfile::tempdir().unwrap();
+        let report = run(&f, &index, &root, &target.path().join("t"), false);
+        assert!(!outside.path().join("evil").exists());
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        assert!(
+            report
+                .failed
+                .iter()
+                .any(|(p, why)| p == "/a" && why.contains("duplicate name")),
+            "{:?}",
+            report.failed
+        );
+    }
+
+    #[test]
+    fn unsorted_names_are_refused() {
+        let mut f = Fixture::new();
+        let b = f.file("b", b"1");
+        let a = f.file("a", b"2");
+        let root = f.tree(vec![b, a]);
+        let index = f.finish();
+        let target = tempfile::tempdir().unwrap();
+        let t = target.path().join("t");
+        let report = run(&f, &index, &root, &t, false);
+        assert!(
+            report
+                .failed
+                .iter()
+                .any(|(_, why)| why.contains("out of order")),
+            "{:?}",
+            report.failed
+        );
+        assert!(!t.join("a").exists() && !t.join("b").exists());
+    }
+
+    #[test]
+    fn delta_restore_replaces_planted_links_instead_of_following_them() {
+        let mut f = Fixture::new();
+        let outside = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(outside.path().join("conf"), b"precious").unwrap();
+        std::fs::set_permissions(
+            outside.path().join("conf"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let conf = f.file("conf", b"restored content");
+        let inner = f.file("inner", b"inner content");
+        let etc = f.dir("etc", vec![inner]);
+        let mut root_nodes = vec![conf, etc];
+        root_nodes.sort_by_key(|n| n.name_bytes());
+        let root = f.tree(root_nodes);
+        let index = f.finish();
+        let target = tempfile::tempdir().unwrap();
+        let t = target.path().join("t");
+        std::fs::create_dir(&t).unwrap();
+        // An older copy where someone replaced the file and the directory by links.
+        std::os::unix::fs::symlink(outside.path().join("conf"), t.join("conf")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), t.join("etc")).unwrap();
+        let report = run(&f, &index, &root, &t, true);
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert_eq!(
+            std::fs::read(outside.path().join("conf")).unwrap(),
+            b"precious"
+        );
+        assert!(!outside.path().join("inner").exists());
+        assert_eq!(std::fs::read(t.join("conf")).unwrap(), b"restored content");
+        assert!(t.join("etc").symlink_metadata().unwrap().is_dir());
+        assert_eq!(
+            std::fs::read(t.join("etc/inner")).unwrap(),
+            b"inner content"
+        );
+        // Nor the mode of the outside file (the restored one is 0644).
+        let m = std::fs::metadata(outside.path().join("conf")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o600);
+        let m = std::fs::symlink_metadata(t.join("conf")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o644);
+    }
+
+    #[test]
+    fn delta_restore_removes_strays_without_following_links() {
+        let mut f = Fixture::new();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), b"x").unwrap();
+        let a = f.file("a", b"a");
+        let root = f.tree(vec![a]);
+        let index = f.finish();
+        let target = tempfile::tempdir().unwrap();
+        let t = target.path().join("t");
+        std::fs::create_dir_all(t.join("stray/deeper")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), t.join("stray/deeper/link")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), t.join("stray-link")).unwrap();
+        let report = run(&f, &index, &root, &t, true);
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert!(outside.path().join("keep").exists());
+        assert!(!t.join("stray").exists() && t.join("stray-link").symlink_metadata().is_err());
+        assert_eq!(std::fs::read(t.join("a")).unwrap(), b"a");
+    }
+}

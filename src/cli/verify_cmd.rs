@@ -41,7 +41,8 @@ pub struct VerifyArgs {
     /// Restore the newest snapshot (PostgreSQL: start it and run the checks).
     #[arg(long)]
     restore_test: bool,
-    /// Where restore tests restore (default: $TMPDIR or /tmp); removed afterwards.
+    /// Where restore tests restore (default: $TMPDIR or /tmp), in a new private directory
+    /// (`backupd-verify-<random>`, mode 0711) removed afterwards.
     #[arg(long, value_name = "DIR", env = "BACKUPD_SCRATCH_DIR")]
     scratch: Option<PathBuf>,
 }
@@ -100,63 +101,147 @@ fn tree_size(p: &Path) -> (u64, u64) {
     (files, bytes)
 }
 
-/// A scratch directory others can traverse (the restored PostgreSQL server runs as the
-/// data directory's owner), removed on drop.
-struct Scratch(PathBuf);
+/// A restore test's private scratch directory: `BASE/backupd-verify-<random>`, made new
+/// (never reused) with mode 0711 and owned by this process's user, so nobody else can
+/// create, rename or replace anything in it, yet the restored server (running as the
+/// cluster's owner) can reach the data directory restored inside it. A marker inside names
+/// the process that made it. Removed on drop, by descriptor.
+struct Scratch {
+    base: PathBuf,
+    name: String,
+    dir: PathBuf,
+}
+
+/// The marker inside a scratch directory: `<pid> <process start time>`.
+const SCRATCH_MARKER: &str = "backupd-verify.owner";
+const SCRATCH_PREFIX: &str = "backupd-verify-";
+
+/// The start time of process `pid` (field 22 of /proc/PID/stat), to tell a live owner
+/// from a reused pid.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
 
 impl Scratch {
     fn new(base: &Path) -> Result<Scratch> {
+        use std::os::unix::fs::DirBuilderExt;
         std::fs::create_dir_all(base)
             .with_context(|| format!("scratch directory {}", base.display()))?;
-        let dir = base.join(format!(
-            "backupd-verify-{}-{}",
-            std::process::id(),
-            chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
-        ));
-        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
-        Ok(Scratch(dir))
+        let base_fd = crate::dirfd::open_dir_path(base)
+            .with_context(|| format!("scratch directory {}", base.display()))?;
+        for _ in 0..16 {
+            let mut r = [0u8; 12];
+            chacha20poly1305::aead::rand_core::RngCore::fill_bytes(
+                &mut chacha20poly1305::aead::OsRng,
+                &mut r,
+            );
+            let name = format!("{SCRATCH_PREFIX}{}", hex::encode(r));
+            let dir = base.join(&name);
+            match std::fs::DirBuilder::new().mode(0o711).create(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+            }
+            let fd = crate::dirfd::open_subdir(&base_fd, std::ffi::OsStr::new(&name))
+                .with_context(|| format!("opening {}", dir.display()))?;
+            crate::dirfd::set_mode(&fd, 0o711)?;
+            let pid = std::process::id();
+            let marker = format!("{pid} {}\n", process_start(pid).unwrap_or(0));
+            let mut f = crate::dirfd::create_file(&fd, std::ffi::OsStr::new(SCRATCH_MARKER), 0o600)
+                .with_context(|| format!("writing {}/{SCRATCH_MARKER}", dir.display()))?;
+            std::io::Write::write_all(&mut f, marker.as_bytes())?;
+            return Ok(Scratch {
+                base: base.to_path_buf(),
+                name,
+                dir,
+            });
+        }
+        bail!(
+            "could not make a new scratch directory in {}",
+            base.display()
+        )
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            tracing::warn!("removing {}: {e}", self.0.display());
+        let r = crate::dirfd::open_dir_path(&self.base)
+            .and_then(|fd| crate::dirfd::remove_tree(&fd, std::ffi::OsStr::new(&self.name)));
+        if let Err(e) = r {
+            tracing::warn!("removing {}: {e}", self.dir.display());
         }
     }
 }
 
-/// Removes what a killed restore test left in `base`: scratch directories of processes
-/// that are gone, stopping a server still running on one first.
+/// Removes what a killed restore test left in `base`: scratch directories this user made
+/// (real directories, mode 0711, with a marker) whose process is gone, stopping a server
+/// still running on one first. Anything else with a similar name is left alone.
 fn clean_stale(base: &Path) {
-    let Ok(rd) = std::fs::read_dir(base) else {
+    use crate::dirfd;
+    use std::ffi::OsStr;
+    let Ok(base_fd) = dirfd::open_dir_path(base) else {
         return;
     };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("backupd-verify-")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok())
+    let Ok(entries) = dirfd::list(&base_fd) else {
+        return;
+    };
+    let me = rustix::process::geteuid().as_raw();
+    for (name, _) in entries {
+        let Some(name) = std::str::from_utf8(&name)
+            .ok()
+            .filter(|n| n.starts_with(SCRATCH_PREFIX))
         else {
             continue;
         };
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+        let n = OsStr::new(name);
+        let ours = dirfd::lstat_at(&base_fd, n)
+            .ok()
+            .flatten()
+            .is_some_and(|st| {
+                dirfd::file_type(&st) == rustix::fs::FileType::Directory
+                    && st.st_uid == me
+                    && st.st_mode & 0o7777 == 0o711
+            });
+        if !ours {
             continue;
         }
-        let data = e.path().join("restore");
-        if data.join("postmaster.pid").exists() {
+        let Ok(fd) = dirfd::open_subdir(&base_fd, n) else {
+            continue;
+        };
+        let Some(owner) = dirfd::read_file(&fd, OsStr::new(SCRATCH_MARKER), 64)
+            .ok()
+            .flatten()
+            .and_then(|b| {
+                let t = String::from_utf8(b).ok()?;
+                let (pid, start) = t.trim().split_once(' ')?;
+                Some((pid.parse::<u32>().ok()?, start.parse::<u64>().ok()?))
+            })
+        else {
+            continue;
+        };
+        if process_start(owner.0).is_some_and(|s| s == owner.1) {
+            continue;
+        }
+        let path = base.join(name);
+        let data = path.join("restore");
+        if matches!(
+            dirfd::open_subdir(&fd, OsStr::new("restore"))
+                .and_then(|r| dirfd::lstat_at(&r, OsStr::new("postmaster.pid"))),
+            Ok(Some(_))
+        ) {
             if let Err(err) = recovery::stop_dir(&data) {
                 tracing::warn!("stopping the server left on {}: {err}", data.display());
             }
         }
         tracing::warn!(
             "removing {} left by an interrupted restore test",
-            e.path().display()
+            path.display()
         );
-        let _ = std::fs::remove_dir_all(e.path());
+        drop(fd);
+        let _ = dirfd::remove_tree(&base_fd, n);
     }
 }
 
@@ -225,7 +310,7 @@ fn restore_test(
     quiet.no_progress = true;
     clean_stale(scratch);
     let dir = Scratch::new(scratch)?;
-    let target = dir.0.join("restore");
+    let target = dir.dir.join("restore");
     let mut t = RestoreTest {
         source: snap.source.clone(),
         ..RestoreTest::default()
@@ -249,7 +334,7 @@ fn restore_test(
                 format!(
                     "{}={}",
                     ts.oid,
-                    dir.0.join(format!("ts-{}", ts.oid)).display()
+                    dir.dir.join(format!("ts-{}", ts.oid)).display()
                 )
             })
             .collect();

@@ -466,7 +466,9 @@ impl ServerSettings {
             v.push(("port", p.to_string()));
         }
         if listen_local {
+            // TCP on loopback only, and no Unix socket in a directory the snapshot names.
             v.push(("listen_addresses", "127.0.0.1".into()));
+            v.push(("unix_socket_directories", String::new()));
         }
         ServerSettings {
             settings: v,

@@ -966,6 +966,65 @@ mod tests {
         assert!(ex.is_excluded(Path::new("/x/1/2/y"), OsStr::new("y")));
     }
 
+    fn job(dir: &Path, name: &str, expect: (u64, u64)) -> FileJobMsg {
+        let (tx, _) = bounded(1);
+        FileJobMsg {
+            dir: Arc::new(dirfd::open_dir_path(dir).unwrap()),
+            name: name.into(),
+            expect,
+            fixed_chunk: None,
+            reply: tx,
+        }
+    }
+
+    fn dev_ino(p: &Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    #[test]
+    fn files_are_read_only_as_the_regular_file_of_their_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"not in this tree").unwrap();
+        let f = t.path().join("f");
+        std::fs::write(&f, b"mine").unwrap();
+        let stat_ed = dev_ino(&f);
+        // Swapped for a symlink between the walk's lstat and the read: refused. (The
+        // original is kept under another name, so its inode number is not reused.)
+        std::fs::rename(&f, t.path().join("orig")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), &f).unwrap();
+        match open_checked(&job(t.path(), "f", stat_ed)) {
+            Err(ReadFailure::Unreadable(why)) => assert!(why.contains("symlink"), "{why}"),
+            _ => panic!("a symlink was opened"),
+        }
+        // A FIFO in its place: refused at once, not waited on.
+        std::fs::remove_file(&f).unwrap();
+        let st = std::process::Command::new("mkfifo")
+            .arg(&f)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        match open_checked(&job(t.path(), "f", stat_ed)) {
+            Err(ReadFailure::Unreadable(why)) => assert!(why.contains("fifo"), "{why}"),
+            _ => panic!("a fifo was opened"),
+        }
+        // Replaced by another regular file (an editor's rename): read, with its own status.
+        std::fs::remove_file(&f).unwrap();
+        std::fs::write(&f, b"new").unwrap();
+        let now = dev_ino(&f);
+        assert_ne!(now, stat_ed);
+        match open_checked(&job(t.path(), "f", stat_ed)) {
+            Ok((_, Some(st))) => assert_eq!((st.st_dev, st.st_ino), now),
+            _ => panic!("a replaced file must come back with its own status"),
+        }
+        match open_checked(&job(t.path(), "f", now)) {
+            Ok((_, None)) => {}
+            _ => panic!("the stat'ed file is read as is"),
+        }
+    }
+
     #[test]
     fn virtual_tree_merges_paths() {
         let v = build_virtual(&[

@@ -125,6 +125,17 @@ impl PgEnv {
 
     /// initdb + start with this archive_command and extra settings.
     pub fn cluster_with(&self, name: &str, archive_command: &str, extra: &str) -> PgCluster {
+        self.cluster_initdb(name, archive_command, extra, &[])
+    }
+
+    /// As [`PgEnv::cluster_with`], with more initdb arguments (`--waldir DIR`).
+    pub fn cluster_initdb(
+        &self,
+        name: &str,
+        archive_command: &str,
+        extra: &str,
+        initdb_args: &[&std::ffi::OsStr],
+    ) -> PgCluster {
         let base = self.path(name);
         fs::create_dir_all(base.join("data")).unwrap();
         chown_postgres(&base);
@@ -141,6 +152,7 @@ impl PgEnv {
                 "UTF8",
                 "--locale=C.UTF-8",
             ])
+            .args(initdb_args)
             .output()
             .expect("initdb");
         assert!(
