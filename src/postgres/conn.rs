@@ -25,7 +25,8 @@ pub struct ConnSettings {
 }
 
 /// This process's environment, with `PGPASSWORD` replaced by `password` when one is
-/// given (a policy's password source).
+/// given (a policy's password source). Each lookup of `PGPASSWORD` returns a copy:
+/// [`Resolved::config`] wipes it after use.
 pub fn env_with_password(password: Option<&str>) -> impl Fn(&str) -> Option<String> + Copy + '_ {
     move |k: &str| match (k, password) {
         ("PGPASSWORD", Some(p)) => Some(p.to_string()),

@@ -469,3 +469,79 @@ fn s3_credentials_files_readable_by_others_or_writable_by_non_owners_are_refused
         through_policy(false).ok();
     }
 }
+
+#[test]
+fn a_restore_test_gives_pg_amcheck_the_database_password_in_a_file_not_pgpassword() {
+    use super::pgserver::PgEnv;
+    use super::policy::PolicyDir;
+    let env = PgEnv::new();
+    let cluster = env.cluster("main");
+    // A role that must give its password over TCP (postgres itself stays trusted, for the
+    // test's own psql); the restored copy keeps this pg_hba.conf.
+    cluster.sql("CREATE ROLE checker LOGIN SUPERUSER PASSWORD 'checker-pw-9'");
+    cluster.sql("CREATE DATABASE finnexus");
+    let hba = cluster.data.join("pg_hba.conf");
+    let old = fs::read_to_string(&hba).unwrap();
+    fs::write(
+        &hba,
+        format!("host all checker 127.0.0.1/32 scram-sha-256\n{old}"),
+    )
+    .unwrap();
+    cluster.sql("SELECT pg_reload_conf()");
+    cluster.sql("CREATE TABLE users(id int); INSERT INTO users VALUES (1)");
+    let d = PolicyDir::examples();
+    d.point_finnexus_at(&env, &cluster);
+    let pgpw = d.secret("pg.password");
+    private_file(&pgpw, "checker-pw-9\n", 0o600);
+    d.edit("finnexusai-postgres.toml", |doc| {
+        doc["source"]["user"] = toml_edit::value("checker");
+        doc["source"]["password_file"] = toml_edit::value(pgpw.display().to_string());
+    });
+    // A wrong PGPASSWORD in backupd's environment: libpq would prefer it to any password
+    // file, so pg_amcheck passes only if it does not inherit it.
+    let run = |args: &[&str]| {
+        backupd()
+            .arg("--policies")
+            .arg(d.policies())
+            .env("PGPASSWORD", "wrong-pgpassword")
+            .args(args)
+            .run()
+    };
+    run(&["backup", "--policy", "finnexusai-postgres"]).ok();
+    let scratch = env.path("verify-scratch");
+    let v = run(&[
+        "verify",
+        "--policy",
+        "finnexusai-postgres",
+        "--scratch",
+        scratch.to_str().unwrap(),
+        "--json",
+    ])
+    .ok()
+    .json();
+    assert_eq!(v["restore"]["amcheck_ok"], true, "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+    // The temporary password file is gone with the scratch directory's contents.
+    let left: Vec<_> = walk(&scratch)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".pgpass"))
+        })
+        .collect();
+    assert!(left.is_empty(), "password files left behind: {left:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+    }
+    out
+}
