@@ -18,4 +18,5 @@ pub mod postgres;
 pub mod repo;
 pub mod restore;
 pub mod secret_env;
+pub mod secret_file;
 pub mod source;

@@ -3,6 +3,7 @@
 //!
 //! Retry, throttling and metrics are layers around a backend (issue 3), not code inside it.
 
+pub mod credential_process;
 pub mod layers;
 pub mod local;
 pub mod s3;

@@ -59,6 +59,9 @@ pub enum S3Error {
     /// The I/O runtime could not start.
     #[error("starting the S3 client: {0}")]
     Runtime(std::io::Error),
+    /// The shared-credentials file is missing, or others can read or write it.
+    #[error(transparent)]
+    CredentialsFile(#[from] crate::secret_file::SecretFileError),
 }
 
 /// Where a repository lives on S3.
@@ -172,7 +175,8 @@ pub enum S3Credentials {
         /// The profile.
         profile: String,
     },
-    /// A `credential_process` command printing the AWS JSON credential document.
+    /// A `credential_process` command printing the AWS JSON credential document, run
+    /// without the secret variables ([`super::credential_process`]).
     Command(String),
 }
 
@@ -273,8 +277,12 @@ impl S3Backend {
     /// standard AWS chain: environment, shared profile, web identity, instance metadata.
     ///
     /// # Errors
-    /// The runtime cannot start.
+    /// The runtime cannot start; a shared-credentials file others can read or write.
     pub fn new(loc: S3Location, opts: S3Options) -> Result<Self, S3Error> {
+        if let S3Credentials::File { path, .. } = &opts.credentials {
+            // aws-config reads the file itself; its mode is ours to check.
+            crate::secret_file::check(path, "S3 credentials file")?;
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("s3-io")
@@ -319,7 +327,7 @@ impl S3Backend {
                 }
                 S3Credentials::Command(cmd) => {
                     loader = loader.credentials_provider(
-                        aws_config::credential_process::CredentialProcessProvider::new(cmd.clone()),
+                        super::credential_process::CredentialCommand::new(cmd.clone()),
                     );
                 }
             }
@@ -544,6 +552,13 @@ impl Ctx {
                         Some(c) => format!("{c}: {detail}"),
                         None => format!("HTTP {}", status.unwrap_or(403)),
                     },
+                }
+            }
+            (SdkError::DispatchFailure(_), _, _) if credential_command_error(&e).is_some() => {
+                BackendError::Remote {
+                    path,
+                    why: format!("no credentials: {}", causes(&e)),
+                    transient: credential_command_error(&e).is_some_and(|c| c.is_transient()),
                 }
             }
             (SdkError::DispatchFailure(d), _, _) => BackendError::Remote {
@@ -815,6 +830,20 @@ impl Ctx {
         }
         Ok(buf)
     }
+}
+
+/// The credential command's error somewhere in the causes of `e`, if that is what failed.
+fn credential_command_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a super::credential_process::CredentialCommandError> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(found) = c.downcast_ref::<super::credential_process::CredentialCommandError>() {
+            return Some(found);
+        }
+        cur = c.source();
+    }
+    None
 }
 
 /// An error and its sources, each said once ("dispatch failure: io error: ... Connection

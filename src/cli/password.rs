@@ -2,7 +2,6 @@
 //! Never a command-line argument (it would show in `ps`).
 
 use std::io::IsTerminal;
-use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
@@ -40,12 +39,13 @@ fn first_line(s: &str) -> Zeroizing<String> {
     Zeroizing::new(s.lines().next().unwrap_or("").to_string())
 }
 
-/// Reads a secret from a policy's source: a file (not readable by everyone), a shell
-/// command, or an environment variable; its first line, which must not be empty.
+/// Reads a secret from a policy's source: a file (see [`crate::secret_file`] for the modes
+/// allowed), a shell command, or an environment variable; its first line, which must not be
+/// empty.
 ///
 /// # Errors
-/// An unreadable or world-readable file, a failing command, an unset variable, or an empty
-/// secret.
+/// An unreadable file or one others can read or write, a failing command, an unset
+/// variable, or an empty secret.
 pub fn read_secret(src: &crate::policy::SecretSource) -> Result<Zeroizing<String>> {
     use crate::policy::SecretSource;
     let pw = match src {
@@ -63,33 +63,27 @@ pub fn read_secret(src: &crate::policy::SecretSource) -> Result<Zeroizing<String
 }
 
 fn read_secret_file(path: &std::path::Path, what: &str) -> Result<Zeroizing<String>> {
-    let md = std::fs::metadata(path).with_context(|| format!("{what} {}", path.display()))?;
-    if md.permissions().mode() & 0o004 != 0 {
-        bail!(
-            "{what} {} is readable by everyone; chmod 600 it",
-            path.display()
-        );
-    }
-    let s = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("reading {what} {}", path.display()))?,
-    );
+    let s = crate::secret_file::read(path, what)?;
     Ok(first_line(&s))
 }
 
+/// Runs a password command (`sh -c`) without the secret variables in its environment; its
+/// output is wiped once the first line is taken.
 fn run_secret_command(cmd: &str, what: &str) -> Result<Zeroizing<String>> {
-    let out = Command::new("sh")
-        .arg("-c")
+    let mut c = Command::new("sh");
+    c.arg("-c")
         .arg(cmd)
         .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {what}"))?;
+        .stderr(Stdio::inherit());
+    crate::secret_env::scrub(&mut c);
+    let out = c.output().with_context(|| format!("running {what}"))?;
+    let stdout = Zeroizing::new(out.stdout);
     if !out.status.success() {
         bail!("{what} failed ({})", out.status);
     }
-    let s = Zeroizing::new(String::from_utf8_lossy(&out.stdout).into_owned());
-    Ok(first_line(&s))
+    let text = std::str::from_utf8(&stdout)
+        .with_context(|| format!("{what} printed something that is not UTF-8"))?;
+    Ok(first_line(text))
 }
 
 /// Reads a password; `confirm` asks twice at a prompt.

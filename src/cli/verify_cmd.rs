@@ -389,22 +389,13 @@ fn restore_test(
         // Every relation and index of every database, with the checker the server ships.
         let a0 = Instant::now();
         let amcheck = recovery::find_pg_bin(meta, "pg_amcheck");
-        let mut cmd = std::process::Command::new(&amcheck);
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
+        let (mut cmd, passfile) = amcheck_command(
+            &amcheck,
+            port,
             &user,
-            "--all",
-            "--install-missing",
-            "--no-password",
-        ])
-        .stdin(std::process::Stdio::null());
-        if let Some(pw) = &password {
-            cmd.env("PGPASSWORD", pw.as_str());
-        }
+            password.as_ref().map(|p| p.as_str()),
+            &dir.0,
+        )?;
         match cmd.output() {
             Ok(o) if o.status.success() => t.amcheck_ok = Some(true),
             Ok(o) => {
@@ -429,6 +420,7 @@ fn restore_test(
                     .push(format!("running {}: {e}", amcheck.display()));
             }
         }
+        drop(passfile);
         t.amcheck_secs = Some(a0.elapsed().as_secs_f64());
         interrupted(stop)?;
         if let Some(v) = spec {
@@ -627,5 +619,88 @@ pub fn run(g: &GlobalArgs, a: VerifyArgs) -> Result<i32> {
             ),
         }
         .into())
+    }
+}
+
+/// `pg_amcheck` of every database of the restored server on 127.0.0.1:`port`, without the
+/// secret variables in its environment; the policy's password, if any, in a private
+/// `PGPASSFILE` in `scratch` that is removed when the returned file is dropped.
+fn amcheck_command(
+    amcheck: &Path,
+    port: u16,
+    user: &str,
+    password: Option<&str>,
+    scratch: &Path,
+) -> Result<(
+    std::process::Command,
+    Option<crate::postgres::conn::TempPassFile>,
+)> {
+    let mut cmd = std::process::Command::new(amcheck);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        user,
+        "--all",
+        "--install-missing",
+        "--no-password",
+    ])
+    .stdin(std::process::Stdio::null());
+    crate::secret_env::scrub(&mut cmd);
+    let passfile = match password {
+        Some(pw) => {
+            let f =
+                crate::postgres::conn::TempPassFile::create(scratch, "127.0.0.1", port, user, pw)?;
+            cmd.env("PGPASSFILE", f.path());
+            Some(f)
+        }
+        None => None,
+    };
+    Ok((cmd, passfile))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(cmd: &std::process::Command, var: &str) -> Option<Option<PathBuf>> {
+        cmd.get_envs()
+            .find(|(k, _)| *k == var)
+            .map(|(_, v)| v.map(PathBuf::from))
+    }
+
+    #[test]
+    fn pg_amcheck_gets_the_password_in_a_private_file_not_its_environment() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (cmd, file) = amcheck_command(
+            Path::new("pg_amcheck"),
+            5999,
+            "app",
+            Some("amcheck-secret"),
+            dir.path(),
+        )
+        .unwrap();
+        // Removed, not set: backupd's own PGPASSWORD does not reach it either.
+        assert_eq!(env_of(&cmd, "PGPASSWORD"), Some(None));
+        let pf = env_of(&cmd, "PGPASSFILE")
+            .flatten()
+            .expect("PGPASSFILE is set");
+        let mode = std::fs::metadata(&pf).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_to_string(&pf).unwrap(),
+            "127.0.0.1:5999:*:app:amcheck-secret\n"
+        );
+        drop(file);
+        assert!(!pf.exists(), "the password file is removed afterwards");
+
+        let (cmd, file) =
+            amcheck_command(Path::new("pg_amcheck"), 5999, "app", None, dir.path()).unwrap();
+        assert!(file.is_none());
+        assert_eq!(env_of(&cmd, "PGPASSWORD"), Some(None));
+        assert_eq!(env_of(&cmd, "PGPASSFILE"), None);
     }
 }

@@ -114,9 +114,10 @@ impl KeyFile {
     ) -> Result<Self, KeyFileError> {
         let kdf = KdfParams::new_default();
         let wrap = kdf.derive(password)?;
-        let plain = Zeroizing::new(
-            serde_json::to_vec(keys).map_err(|e| KeyFileError::Malformed(e.to_string()))?,
-        );
+        // The keys' hex JSON, wiped when dropped (and never left behind by a growing Vec).
+        let plain = keys
+            .to_json()
+            .map_err(|e| KeyFileError::Malformed(e.to_string()))?;
         let sealed = seal_with(&wrap, 0, ObjectKind::Key, None, &plain);
         Ok(KeyFile {
             version: 1,

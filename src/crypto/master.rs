@@ -7,7 +7,7 @@ use chacha20poly1305::aead::{rand_core::RngCore, OsRng};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// A 32-byte secret that is wiped from memory when dropped and never printed.
 #[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
@@ -30,17 +30,77 @@ impl std::fmt::Debug for Secret32 {
 
 impl Serialize for Secret32 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(self.0))
+        // The hex copy lives on the stack and is wiped, not in a String left in freed memory.
+        let mut buf = Zeroizing::new([0u8; 64]);
+        hex::encode_to_slice(self.0, &mut buf[..])
+            .map_err(|_| serde::ser::Error::custom("hex encoding of a key"))?;
+        let text = std::str::from_utf8(&buf[..])
+            .map_err(|_| serde::ser::Error::custom("hex encoding of a key"))?;
+        s.serialize_str(text)
+    }
+}
+
+/// Decodes the hex of a key straight from the deserializer's text, copying it nowhere.
+struct Secret32Visitor;
+
+impl serde::de::Visitor<'_> for Secret32Visitor {
+    type Value = Secret32;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("64 hex digits")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret32, E> {
+        let mut out = Secret32([0u8; 32]);
+        // The error names no digit of the key.
+        hex::decode_to_slice(v, &mut out.0).map_err(|_| E::custom("a key is not 64 hex digits"))?;
+        Ok(out)
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret32, E> {
+        let v = Zeroizing::new(v);
+        self.visit_str(&v)
     }
 }
 
 impl<'de> Deserialize<'de> for Secret32 {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut s = String::deserialize(d)?;
-        let mut out = [0u8; 32];
-        let r = hex::decode_to_slice(&s, &mut out).map_err(serde::de::Error::custom);
-        s.zeroize();
-        r.map(|_| Secret32(out))
+        d.deserialize_str(Secret32Visitor)
+    }
+}
+
+/// An [`std::io::Write`] into a buffer that is wiped when dropped and never grown in place:
+/// when it must grow, the bytes move to a new buffer and the old one is wiped, so no copy of
+/// what was written stays behind in freed memory (as `Vec`'s own reallocation would leave).
+pub struct SecretBuf(Zeroizing<Vec<u8>>);
+
+impl SecretBuf {
+    /// An empty buffer with room for `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        SecretBuf(Zeroizing::new(Vec::with_capacity(capacity)))
+    }
+
+    /// The bytes written.
+    pub fn into_inner(self) -> Zeroizing<Vec<u8>> {
+        self.0
+    }
+}
+
+impl std::io::Write for SecretBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let need = self.0.len() + b.len();
+        if need > self.0.capacity() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(need.max(self.0.capacity() * 2)));
+            bigger.extend_from_slice(&self.0);
+            // The old buffer is wiped here, as it is dropped.
+            self.0 = bigger;
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -72,6 +132,18 @@ impl MasterKeys {
             chunker_secret: Secret32::random(),
             enc_keys,
         }
+    }
+
+    /// The keys as JSON (each key 64 hex digits), in a buffer that is wiped when dropped;
+    /// no other copy of the hex is left behind.
+    ///
+    /// # Errors
+    /// None in practice: every field serializes.
+    pub fn to_json(&self) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
+        // Room for the three fields and a few generations without growing.
+        let mut buf = SecretBuf::with_capacity(256 + 80 * self.enc_keys.len());
+        serde_json::to_writer(&mut buf, self)?;
+        Ok(buf.into_inner())
     }
 
     /// The newest generation and its key.
@@ -111,5 +183,44 @@ impl MasterKeys {
             *slot = u64::from_le_bytes(w);
         }
         table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_serialize_into_a_wiped_buffer_and_round_trip() {
+        let mut keys = MasterKeys::generate();
+        for g in 2..40 {
+            keys.enc_keys.insert(g, Secret32::random());
+        }
+        // The type is the point: the JSON with the hex of every key is wiped when dropped.
+        let json: Zeroizing<Vec<u8>> = keys.to_json().unwrap();
+        assert_eq!(*json, serde_json::to_vec(&keys).unwrap());
+        let back: MasterKeys = serde_json::from_slice(&json).unwrap();
+        assert!(back.id_key == keys.id_key && back.chunker_secret == keys.chunker_secret);
+        assert!(back.enc_keys == keys.enc_keys);
+        // Escaped text (not borrowable from the input) decodes too.
+        let hex = hex::encode(keys.id_key.0);
+        let escaped = format!("\"\\u00{:x}{}\"", hex.as_bytes()[0], &hex[1..]);
+        let k: Secret32 = serde_json::from_str(&escaped).unwrap();
+        assert!(k == keys.id_key);
+        let e = serde_json::from_str::<Secret32>(&format!("\"{}\"", &hex[..63])).unwrap_err();
+        assert!(!e.to_string().contains(&hex[..20]), "{e}");
+    }
+
+    #[test]
+    fn secret_buf_grows_by_moving_and_keeps_every_byte() {
+        use std::io::Write;
+        let mut b = SecretBuf::with_capacity(4);
+        let mut want = vec![];
+        for i in 0..1000u32 {
+            let chunk = i.to_le_bytes();
+            b.write_all(&chunk).unwrap();
+            want.extend_from_slice(&chunk);
+        }
+        assert_eq!(*b.into_inner(), want);
     }
 }

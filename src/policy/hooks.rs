@@ -1,6 +1,7 @@
 //! Running a policy's hooks: each a shell command (`sh -c`), with the policy's name and the
 //! run's result in its environment, in a process group of its own that is stopped as a whole
-//! when the hook outlives its timeout or the run is interrupted.
+//! when the hook outlives its timeout or the run is interrupted. A hook never sees the
+//! secret variables ([`crate::secret_env`]).
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -97,6 +98,7 @@ pub fn run_hooks(
         if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
             c.stdout(Stdio::from(fd));
         }
+        crate::secret_env::scrub(&mut c);
         for (k, v) in env {
             c.env(k, v);
         }

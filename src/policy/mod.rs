@@ -22,7 +22,7 @@ pub use walk::Problem;
 /// Where a secret comes from. Policies never hold secrets themselves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SecretSource {
-    /// The first line of a file (mode 0600 or stricter; never world-readable).
+    /// The first line of a file (no bit of 0o027 in its mode: 0600 or 0640 at most).
     File(PathBuf),
     /// The first line a shell command prints.
     Command(String),

@@ -1,6 +1,5 @@
 //! From a policy file's text to a [`Policy`], collecting every problem on the way.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -221,11 +220,14 @@ impl Validator<'_> {
         self.p.list.len() > before
     }
 
-    /// A path to a secret file: it must exist and not be readable by everyone.
+    /// A path to a secret file: it must exist, be a regular file, and be neither readable by
+    /// other users nor writable by anyone but its owner ([`crate::secret_file`]).
     fn secret_file(&mut self, v: Spanned<String>, key: &str) -> Option<PathBuf> {
+        use crate::secret_file::SecretFileError;
         let path = self.base.join(&v.value);
-        match std::fs::metadata(&path) {
-            Ok(md) if !md.is_file() => {
+        match crate::secret_file::check(&path, "secret file") {
+            Ok(()) => Some(path),
+            Err(SecretFileError::NotAFile { .. }) => {
                 self.p.add(
                     v.span,
                     key,
@@ -234,26 +236,24 @@ impl Validator<'_> {
                 );
                 None
             }
-            Ok(md) if md.permissions().mode() & 0o004 != 0 => {
+            Err(SecretFileError::Mode { mode, .. }) => {
                 self.p.add(
                     v.span,
                     key,
-                    "a secret file not readable by everyone (chmod 600)",
                     format!(
-                        "{} with mode {:04o}",
-                        path.display(),
-                        md.permissions().mode() & 0o7777
+                        "a secret file that only its owner can write and other users cannot read ({})",
+                        crate::secret_file::MODE_ADVICE
                     ),
+                    format!("{} with mode {mode:04o}", path.display()),
                 );
                 None
             }
-            Ok(_) => Some(path),
-            Err(e) => {
+            Err(SecretFileError::Io { source, .. }) => {
                 self.p.add(
                     v.span,
                     key,
                     "an existing secret file",
-                    format!("{}: {e}", path.display()),
+                    format!("{}: {source}", path.display()),
                 );
                 None
             }

@@ -1,9 +1,13 @@
 //! Connection settings as libpq users know them: flags, then the `PG*` environment
 //! variables, then libpq's defaults; the password from `PGPASSWORD` or the password file
-//! (`PGPASSFILE`, default `~/.pgpass`, ignored unless private, as libpq does).
+//! (`PGPASSFILE`, default `~/.pgpass`, ignored unless private, as libpq does). Copies of a
+//! password made here are wiped when dropped; a child that needs one (`pg_amcheck`) gets a
+//! private [`TempPassFile`], never `PGPASSWORD` in its environment.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use zeroize::Zeroizing;
 
 use super::PgError;
 
@@ -21,7 +25,8 @@ pub struct ConnSettings {
 }
 
 /// This process's environment, with `PGPASSWORD` replaced by `password` when one is
-/// given (a policy's password source).
+/// given (a policy's password source). Each lookup of `PGPASSWORD` returns a copy:
+/// [`Resolved::config`] wipes it after use.
 pub fn env_with_password(password: Option<&str>) -> impl Fn(&str) -> Option<String> + Copy + '_ {
     move |k: &str| match (k, password) {
         ("PGPASSWORD", Some(p)) => Some(p.to_string()),
@@ -106,15 +111,22 @@ impl Resolved {
             .dbname(&self.database)
             .application_name("backupd")
             .connect_timeout(Duration::from_secs(30));
-        if let Some(pw) = env("PGPASSWORD").filter(|p| !p.is_empty()) {
-            c.password(pw);
+        // tokio-postgres keeps its own copy; ours are wiped.
+        if let Some(pw) = env("PGPASSWORD")
+            .map(Zeroizing::new)
+            .filter(|p| !p.is_empty())
+        {
+            c.password(pw.as_bytes());
         } else if let Some(pw) = self.password_from_file(&env) {
-            c.password(pw);
+            c.password(pw.as_bytes());
         }
         Ok(c)
     }
 
-    fn password_from_file(&self, env: &impl Fn(&str) -> Option<String>) -> Option<String> {
+    fn password_from_file(
+        &self,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Option<Zeroizing<String>> {
         let path = env("PGPASSFILE")
             .map(PathBuf::from)
             .or_else(|| env("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
@@ -127,14 +139,106 @@ impl Resolved {
             );
             return None;
         }
-        let text = std::fs::read_to_string(&path).ok()?;
+        let text = Zeroizing::new(std::fs::read_to_string(&path).ok()?);
         // A socket directory matches "localhost" in the file, as in libpq.
         let host = if self.host.starts_with('/') {
             "localhost"
         } else {
             self.host.as_str()
         };
-        pgpass_lookup(&text, host, self.port, &self.database, &self.user)
+        pgpass_lookup(&text, host, self.port, &self.database, &self.user).map(Zeroizing::new)
+    }
+}
+
+/// A `.pgpass` field with `\` and `:` escaped.
+fn pgpass_escape(field: &str) -> Zeroizing<String> {
+    let mut out = Zeroizing::new(String::with_capacity(field.len() * 2));
+    for c in field.chars() {
+        if c == '\\' || c == ':' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A password file for one child (`PGPASSFILE`): one line for `host:port`, any database,
+/// `user`; created new with mode 0600 (libpq ignores a file with group or world access) and
+/// removed when dropped.
+#[derive(Debug)]
+pub struct TempPassFile {
+    path: PathBuf,
+}
+
+impl TempPassFile {
+    /// Creates the file in `dir` (a directory of ours: the restore test's scratch).
+    ///
+    /// # Errors
+    /// `Io` when the file cannot be created or written.
+    pub fn create(
+        dir: &Path,
+        host: &str,
+        port: u16,
+        user: &str,
+        password: &str,
+    ) -> Result<TempPassFile, PgError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let (host, user) = (pgpass_escape(host), pgpass_escape(user));
+        let password = pgpass_escape(password);
+        let port = port.to_string();
+        // Sized up front: a growing String would leave copies of the password behind.
+        let mut line = Zeroizing::new(String::with_capacity(
+            host.len() + port.len() + user.len() + password.len() + 8,
+        ));
+        for part in [
+            host.as_str(),
+            ":",
+            &port,
+            ":*:",
+            user.as_str(),
+            ":",
+            password.as_str(),
+            "\n",
+        ] {
+            line.push_str(part);
+        }
+        let mut n = 0u32;
+        loop {
+            let path = dir.join(format!(".pgpass-{}-{n}", std::process::id()));
+            let io = |source| PgError::Io {
+                path: path.display().to_string(),
+                source,
+            };
+            // create_new: never an existing file, nor through a symlink planted there.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    if let Err(e) = f.write_all(line.as_bytes()) {
+                        let _ = std::fs::remove_file(&path);
+                        return Err(io(e));
+                    }
+                    return Ok(TempPassFile { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100 => n += 1,
+                Err(e) => return Err(io(e)),
+            }
+        }
+    }
+
+    /// The file, for `PGPASSFILE`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempPassFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -196,6 +300,25 @@ mod tests {
         assert_eq!(r.port, 7000);
         assert_eq!(r.database, "postgres");
         assert_eq!(r.user, crate::cli::current_username());
+    }
+
+    #[test]
+    fn temp_pass_file_is_private_found_by_lookup_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = TempPassFile::create(dir.path(), "127.0.0.1", 5433, "app", "pw:with\\odd").unwrap();
+        let md = std::fs::metadata(f.path()).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
+        let text = std::fs::read_to_string(f.path()).unwrap();
+        assert_eq!(
+            pgpass_lookup(&text, "127.0.0.1", 5433, "anydb", "app").as_deref(),
+            Some("pw:with\\odd")
+        );
+        let path = f.path().to_path_buf();
+        let g = TempPassFile::create(dir.path(), "127.0.0.1", 5433, "app", "x").unwrap();
+        assert_ne!(g.path(), path.as_path());
+        drop(f);
+        assert!(!path.exists());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Stream sources: stdin, or the stdout of a command. The stream becomes one file node
-//! named by `--stdin-filename` at the root of the snapshot.
+//! named by `--stdin-filename` at the root of the snapshot. The command runs without the
+//! secret variables in its environment ([`crate::secret_env`]).
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -81,20 +82,22 @@ pub fn backup_stream(
                 command: String::new(),
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
             })?;
-            let mut child = Command::new(prog)
-                .args(args)
+            let mut cmd = Command::new(prog);
+            cmd.args(args)
                 // A group of its own: on interrupt the whole pipeline it starts is
                 // stopped, so a blocked read of its output ends.
                 .process_group(0)
                 // Our allocator setting is for us, not for the command.
                 .env_remove(crate::cli::allocator::MMAP_THRESHOLD_VAR)
                 .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()
-                .map_err(|source| StreamError::Spawn {
-                    command: prog.clone(),
-                    source,
-                })?;
+                .stdout(Stdio::piped());
+            // Nor are our secrets: a command that needs a database password gets it from
+            // its own file (PGPASSFILE), not by inheriting PGPASSWORD.
+            crate::secret_env::scrub(&mut cmd);
+            let mut child = cmd.spawn().map_err(|source| StreamError::Spawn {
+                command: prog.clone(),
+                source,
+            })?;
             let out = child.stdout.take().expect("stdout is piped");
             let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
             let done = std::sync::atomic::AtomicBool::new(false);

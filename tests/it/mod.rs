@@ -16,6 +16,7 @@ pub mod policy;
 mod prune;
 mod roundtrip;
 mod s3;
+mod secrets;
 mod stream;
 mod tamper;
 mod verify;

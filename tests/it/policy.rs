@@ -117,7 +117,7 @@ fn every_example_policy_validates_and_world_readable_secrets_are_refused() {
         .run()
         .expect(1);
     assert!(
-        out.stderr.contains("repository.password_file: expected a secret file not readable by everyone (chmod 600), found")
+        out.stderr.contains("repository.password_file: expected a secret file that only its owner can write and other users cannot read (chmod 600 it, or chmod 640 to share it read-only with its group), found")
             && out.stderr.contains("mode 0644"),
         "{}",
         out.describe()
