@@ -394,7 +394,7 @@ fn restore_test(
             port,
             &user,
             password.as_ref().map(|p| p.as_str()),
-            &dir.0,
+            &dir.dir,
         )?;
         match cmd.output() {
             Ok(o) if o.status.success() => t.amcheck_ok = Some(true),
