@@ -190,6 +190,22 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
         (Some(_), Some(m)) => tablespace_targets(m, &a.tablespace_map, a.delta)?,
         _ => vec![],
     };
+    if !g.quiet && !g.json {
+        // Locations come from the snapshot: say where each goes before writing there.
+        for (t, (_, loc)) in snap
+            .postgres
+            .iter()
+            .flat_map(|m| &m.tablespaces)
+            .zip(&tablespaces)
+        {
+            println!(
+                "tablespace {} (oid {}) is restored to {}",
+                t.name,
+                t.oid,
+                loc.display()
+            );
+        }
+    }
     let counter = Arc::new(AtomicU64::new(0));
     let progress = Progress::start(
         !g.json && !g.quiet && !g.no_progress,

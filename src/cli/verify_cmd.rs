@@ -74,7 +74,21 @@ struct RestoreTest {
     sql_checks: Vec<SqlCheckResult>,
 }
 
+/// A free port for the restored server, chosen at random below the kernel's ephemeral
+/// range (where an outgoing connection could take a port from `bind(0)` before the server
+/// binds it), else from `bind(0)`.
 fn free_port() -> Result<u16> {
+    for _ in 0..64 {
+        let mut r = [0u8; 2];
+        chacha20poly1305::aead::rand_core::RngCore::fill_bytes(
+            &mut chacha20poly1305::aead::OsRng,
+            &mut r,
+        );
+        let port = 20000 + u16::from_le_bytes(r) % 12000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

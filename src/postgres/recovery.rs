@@ -750,3 +750,177 @@ fn log_tail(root: &OwnedFd) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postgres::walname::Lsn;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    fn meta() -> PostgresMeta {
+        PostgresMeta {
+            system_identifier: 1,
+            timeline: 1,
+            start_lsn: Lsn(0),
+            stop_lsn: Lsn(0),
+            start_time: Utc::now(),
+            stop_time: Utc::now(),
+            server_version: "15.0".into(),
+            server_version_num: 150000,
+            wal_segment_size: 16 << 20,
+            label: "l".into(),
+            data_directory: "/nowhere".into(),
+            backup_label: "START WAL LOCATION: 0/0\n".into(),
+            tablespace_map: String::new(),
+            tablespaces: vec![],
+        }
+    }
+
+    fn settings() -> RecoverySettings {
+        RecoverySettings {
+            stop_at: StopAt::Latest,
+            restore_command: "backupd wal-fetch %f %p".into(),
+            archive_off: true,
+            port: Some(5999),
+            waldir: None,
+            recovery_end_command: None,
+        }
+    }
+
+    #[test]
+    fn links_planted_in_a_restored_cluster_are_replaced_never_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(outside.join("wal")).unwrap();
+        std::fs::write(data.join("PG_VERSION"), "15\n").unwrap();
+        let victims = ["label", "signal", "auto", "pid", "log"];
+        for v in victims {
+            std::fs::write(outside.join(v), format!("{v} stays\n")).unwrap();
+            std::fs::set_permissions(outside.join(v), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
+        }
+        symlink(outside.join("label"), data.join("backup_label")).unwrap();
+        symlink(outside.join("signal"), data.join("recovery.signal")).unwrap();
+        symlink(outside.join("auto"), data.join("postgresql.auto.conf")).unwrap();
+        symlink(outside.join("pid"), data.join("postmaster.pid")).unwrap();
+        symlink(outside.join("wal"), data.join("pg_wal")).unwrap();
+        symlink(outside.join("wal"), data.join("pg_replslot")).unwrap();
+        let secret = [("backupd-recovery.password", &b"pw\n"[..])];
+        let p = prepare(&data, &meta(), &[], &settings(), &secret).unwrap();
+        for v in victims {
+            let m = std::fs::metadata(outside.join(v)).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(outside.join(v)).unwrap(),
+                format!("{v} stays\n")
+            );
+            assert_eq!(m.permissions().mode() & 0o777, 0o644, "{v}");
+        }
+        assert_eq!(std::fs::read_dir(outside.join("wal")).unwrap().count(), 0);
+        for f in [
+            "backup_label",
+            "recovery.signal",
+            "postgresql.auto.conf",
+            "backupd-recovery.password",
+        ] {
+            let m = std::fs::symlink_metadata(data.join(f)).unwrap();
+            assert!(m.is_file(), "{f} is a regular file");
+            assert_eq!(m.mode() & 0o777, 0o600, "{f}");
+        }
+        assert!(std::fs::symlink_metadata(data.join("postmaster.pid")).is_err());
+        for d in [
+            "pg_wal",
+            "pg_wal/archive_status",
+            "pg_replslot",
+            "pg_notify",
+        ] {
+            assert!(
+                std::fs::symlink_metadata(data.join(d)).unwrap().is_dir(),
+                "{d}"
+            );
+        }
+        let auto = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
+        assert!(
+            auto.contains("restore_command = 'backupd wal-fetch %f %p'"),
+            "{auto}"
+        );
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("postgresql.auto.conf")),
+            "{:?}",
+            p.warnings
+        );
+        // A log planted as a link: the server log is made anew, the target left alone.
+        std::fs::remove_file(data.join("PG_VERSION")).unwrap();
+        std::fs::write(data.join("PG_VERSION"), "15\n").unwrap();
+        symlink(outside.join("log"), data.join(RECOVERY_LOG)).unwrap();
+        let root = dirfd::open_dir_path(&data).unwrap();
+        make_log(&root, &data).unwrap();
+        assert!(std::fs::symlink_metadata(data.join(RECOVERY_LOG))
+            .unwrap()
+            .is_file());
+        assert_eq!(
+            std::fs::read_to_string(outside.join("log")).unwrap(),
+            "log stays\n"
+        );
+    }
+
+    #[test]
+    fn waldir_must_be_empty_and_becomes_the_link_target() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        std::fs::write(data.join("PG_VERSION"), "15\n").unwrap();
+        let wal = t.path().join("wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        std::fs::write(wal.join("000000010000000000000001"), b"x").unwrap();
+        let mut s = settings();
+        s.waldir = Some(wal.clone());
+        let e = prepare(&data, &meta(), &[], &s, &[]).unwrap_err();
+        assert!(e.to_string().contains("not empty"), "{e}");
+        let wal = t.path().join("new/wal");
+        s.waldir = Some(wal.clone());
+        prepare(&data, &meta(), &[], &s, &[]).unwrap();
+        assert_eq!(std::fs::read_link(data.join("pg_wal")).unwrap(), wal);
+        assert!(wal.join("archive_status").is_dir());
+        assert_eq!(std::fs::metadata(&wal).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn server_command_line_overrides_what_runs_commands_or_loads_code() {
+        let mut s = settings();
+        s.stop_at = StopAt::Consistent;
+        let srv = ServerSettings::for_recovery(Path::new("/d"), &s, None, "", true);
+        let get = |k: &str| {
+            srv.settings
+                .iter()
+                .filter(|(n, _)| *n == k)
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get("archive_mode"), ["off"]);
+        assert_eq!(get("archive_command"), [""]);
+        assert_eq!(get("archive_library"), [""]);
+        assert_eq!(get("shared_preload_libraries"), [""]);
+        assert_eq!(get("recovery_end_command"), [""]);
+        assert_eq!(get("data_directory"), ["/d"]);
+        assert_eq!(get("restore_command"), ["backupd wal-fetch %f %p"]);
+        assert_eq!(get("recovery_target"), ["immediate"]);
+        assert_eq!(get("listen_addresses"), ["127.0.0.1"]);
+        let opts = srv.pg_ctl_options();
+        assert!(
+            opts.contains("-c 'restore_command=backupd wal-fetch %f %p'"),
+            "{opts}"
+        );
+    }
+
+    #[test]
+    fn command_values_are_percent_escaped_and_control_characters_refused() {
+        assert_eq!(percent_escape("/srv/100%p"), "/srv/100%%p");
+        assert!(check_command_value("x", "/srv/a\nb").is_err());
+        assert!(check_command_value("x", "/srv/ok dir").is_ok());
+        assert_eq!(conf_quote(r"a\b'c"), r"'a\\b''c'");
+    }
+}

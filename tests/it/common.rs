@@ -1057,8 +1057,20 @@ impl Drop for S3Server {
     }
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, chosen at random below the kernel's ephemeral
+/// range (32768-60999): a port from `bind(0)` is in that range, where any outgoing
+/// connection of a parallel test may take it as its source port before the server that
+/// was meant to get it binds it.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..200 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20000 + (h.finish() % 12000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

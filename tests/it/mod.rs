@@ -4,6 +4,7 @@ pub mod common;
 
 mod agent;
 mod cli;
+mod confine;
 mod conformance;
 mod dedup;
 mod disk_full;
