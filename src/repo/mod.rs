@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, BackendError, Bytes, LocalBackend, ObjectType};
 use crate::crypto::{self, KeyFile, KeyFileError, MasterKeys, ObjectKind};
+use crate::pipeline::blob::BlobLimits;
 use crate::pipeline::{blob, BlobId, BlobKind, ChunkerParams};
 
 pub use cache::Cache;
@@ -534,7 +535,8 @@ impl Repository {
     /// A damaged index file (named), or backend failures.
     pub fn load_index_file(&self, name: &str) -> Result<Vec<index::IndexedPack>, RepoError> {
         let plain = self.load_object(ObjectType::Index, ObjectKind::Index, name)?;
-        index::decode(&plain).map_err(|e| RepoError::CorruptOrTampered {
+        let limits = BlobLimits::for_chunker(&self.config.chunker);
+        index::decode(&plain, &limits).map_err(|e| RepoError::CorruptOrTampered {
             object: object_path(ObjectType::Index, name),
             why: e.to_string(),
         })
@@ -787,6 +789,36 @@ mod tests {
         let backend: Arc<dyn Backend> = backend;
         let sealed = Repository::read_config(&backend).unwrap();
         (backend, sealed, keys)
+    }
+
+    #[test]
+    fn an_index_entry_longer_than_any_blob_is_named_not_allocated() {
+        let d = tempfile::tempdir().unwrap();
+        let backend = Arc::new(LocalBackend::new(d.path().join("repo")));
+        let repo = Repository::init_local(backend, b"pw", "h", "u", 1).unwrap();
+        // An index file written with the keys (a writer gone wrong, or anyone holding
+        // them), claiming a 4 GiB data blob.
+        let entry = pack::PackEntry {
+            kind: BlobKind::Data,
+            id: BlobId([3; 32]),
+            offset: 0,
+            length: 100,
+            raw_length: u32::MAX,
+        };
+        let name = repo
+            .save_index(&[index::IndexedPack {
+                pack: BlobId([4; 32]),
+                entries: vec![entry],
+            }])
+            .unwrap()
+            .to_hex();
+        match repo.load_index() {
+            Err(RepoError::CorruptOrTampered { object, why }) => {
+                assert_eq!(object, format!("index/{name}"));
+                assert!(why.contains("raw length 4294967295 above"), "{why}");
+            }
+            other => panic!("{:?}", other.map(|i| i.len())),
+        }
     }
 
     #[test]
