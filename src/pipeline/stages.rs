@@ -394,7 +394,7 @@ mod tests {
         let huge = vec![0u8; blob::MAX_TREE_BLOB as usize + 1];
         match saver.save(BlobKind::Tree, huge) {
             Err(SaveError::TooLarge { kind: "tree", .. }) => {}
-            other => panic!("{:?}", other.map(|(id, new)| (id, new))),
+            other => panic!("{other:?}"),
         }
         saver.save(BlobKind::Tree, b"{}".to_vec()).unwrap();
         let r = saver.finish(threads);

@@ -774,10 +774,13 @@ impl Repository {
 mod tests {
     use super::*;
 
+    /// (key id, password) pairs.
+    type Keys = Vec<(String, String)>;
+
     /// A local repository with four key files, each opening with its own password; returns
     /// the backend, the sealed config, and (key id, password) sorted by key id, so the last
     /// one is listed last.
-    fn four_keys(dir: &Path) -> (Arc<dyn Backend>, Vec<u8>, Vec<(String, String)>) {
+    fn four_keys(dir: &Path) -> (Arc<dyn Backend>, Vec<u8>, Keys) {
         let backend = Arc::new(LocalBackend::new(dir.join("repo")));
         let repo = Repository::init_local(backend.clone(), b"pw0", "h", "u", 1).unwrap();
         let mut keys = vec![(repo.key_id().to_string(), "pw0".to_string())];
