@@ -831,12 +831,14 @@ impl BodyChunks for ByteStream {
     }
 }
 
-/// Why a body was not read.
-#[derive(Debug)]
+/// Why a body was not read (made a [`BackendError`] naming the object by the caller).
+#[derive(Debug, thiserror::Error)]
 enum BodyError {
     /// It broke off, or fewer bytes came than announced (worth a retry).
+    #[error("{0}")]
     Broke(String),
     /// More bytes came than announced or asked for.
+    #[error("{0}")]
     TooLong(String),
 }
 
