@@ -1,14 +1,19 @@
 //! The agent's numbers for monitoring, and the loopback HTTP endpoint that serves them:
-//! `/metrics` in the Prometheus text format and `/healthz`.
+//! `/metrics` in the Prometheus text format and `/healthz`. Whatever connects to it can
+//! only hold a bounded number of connections for a bounded time (see [`serve`]): a local
+//! process opening many idle ones must not stall `/healthz` or make the agent spin.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
 
 use super::scheduler::{JobKind, JobOutcome, Observer};
 use super::state::AgentState;
@@ -421,70 +426,166 @@ impl Observer for Registry {
     }
 }
 
+/// Connections served at once. At the cap, a new connection closes the one that has waited
+/// longest for its request (a client holding a connection open without asking anything),
+/// or, when every one is being answered, waits for one to finish.
+const MAX_CONNECTIONS: usize = 32;
+/// How long a client may take to send its request head, and to take the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first pause after a failed accept; it doubles while accepts keep failing.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest pause after a failed accept.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A connection still reading its request head: the one to close when a slot is needed.
+struct Waiting {
+    reading: Arc<AtomicBool>,
+    task: AbortHandle,
+}
+
+/// Connections still reading their request head, oldest first.
+#[derive(Default)]
+struct WaitingQueue(Mutex<VecDeque<Waiting>>);
+
+impl WaitingQueue {
+    fn push(&self, w: Waiting) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|w| w.reading.load(Ordering::Acquire) && !w.task.is_finished());
+        q.push_back(w);
+    }
+
+    /// Closes the oldest connection still waiting for its request; false if none is.
+    fn close_oldest(&self) -> bool {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(w) = q.pop_front() {
+            if w.reading.load(Ordering::Acquire) && !w.task.is_finished() {
+                w.task.abort();
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// Serves `/metrics` and `/healthz` until `stop` turns true.
+///
+/// Bounded whatever clients do: at most [`MAX_CONNECTIONS`] at once (so at most that many
+/// descriptors), each given [`IO_TIMEOUT`] to ask and to take the answer; and when accept
+/// fails (out of descriptors: the pending connection stays queued, so an immediate retry
+/// fails again), the loop pauses, 10 ms doubling to 1 s, instead of spinning.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let waiting = WaitingQueue::default();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let conn = tokio::select! {
             c = listener.accept() => c,
             _ = stop.changed() => return,
         };
-        let Ok((mut sock, _)) = conn else { continue };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (bounded; a slow client gets 5 s).
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while n < buf.len() {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => {
-                            n += k;
-                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
+        let sock = match conn {
+            Ok((sock, _)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                sock
             }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let mut parts = head.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
-            let (status, ctype, body) = match (method, path) {
-                ("GET", "/metrics") => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    registry.render(),
-                ),
-                ("GET", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
-                ("GET", _) => (
-                    "404 Not Found",
-                    "text/plain; charset=utf-8",
-                    "not found: try /metrics or /healthz\n".to_string(),
-                ),
-                _ => (
-                    "405 Method Not Allowed",
-                    "text/plain; charset=utf-8",
-                    "GET only\n".to_string(),
-                ),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            Err(e) => {
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!(
+                        "/metrics: accepting a connection failed: {e}; retrying with back-off"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                waiting.close_oldest();
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+        };
+        let reading = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn(answer(sock, registry.clone(), reading.clone(), permit));
+        waiting.push(Waiting {
+            reading,
+            task: task.abort_handle(),
         });
     }
+}
+
+/// Reads one request head and answers it; holds `_slot` until the connection is closed.
+async fn answer(
+    mut sock: TcpStream,
+    registry: Arc<Registry>,
+    reading: Arc<AtomicBool>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    // Read the request head (bounded in size and time).
+    let read = tokio::time::timeout(IO_TIMEOUT, async {
+        while n < buf.len() {
+            match sock.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => {
+                    n += k;
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    reading.store(false, Ordering::Release);
+    if read.is_err() {
+        return;
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            registry.render(),
+        ),
+        ("GET", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found: try /metrics or /healthz\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "GET only\n".to_string(),
+        ),
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(IO_TIMEOUT, async {
+        let _ = sock.write_all(resp.as_bytes()).await;
+        let _ = sock.shutdown().await;
+    })
+    .await;
 }
 
 #[cfg(test)]

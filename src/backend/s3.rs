@@ -802,19 +802,18 @@ impl Ctx {
             }
             Err(e) => return Err(self.map_err(&key, e)),
         };
-        let expect = out.content_length().and_then(|n| usize::try_from(n).ok());
-        buf.clear();
-        buf.reserve(expect.unwrap_or(0));
+        let announced = out.content_length().and_then(|n| u64::try_from(n).ok());
         let mut body = out.body;
-        while let Some(chunk) = body.try_next().await.map_err(|e| self.body_err(&key, e))? {
-            buf.extend_from_slice(&chunk);
-        }
-        if let Some(n) = expect {
-            if buf.len() != n {
-                return Err(self.body_err(
-                    &key,
-                    format!("{} of {n} announced bytes arrived", buf.len()),
-                ));
+        let want = range.map(|(_, len)| len);
+        match read_body(&mut body, announced, want, &mut buf).await {
+            Ok(()) => {}
+            Err(BodyError::Broke(why)) => return Err(self.body_err(&key, why)),
+            Err(BodyError::TooLong(why)) => {
+                return Err(BackendError::Remote {
+                    path: format!("{}/{key}", self.display),
+                    why,
+                    transient: false,
+                })
             }
         }
         if let Some((offset, want)) = range {
@@ -826,7 +825,6 @@ impl Ctx {
                     got: buf.len() as u64,
                 });
             }
-            buf.truncate(want as usize);
         }
         Ok(buf)
     }
@@ -844,6 +842,80 @@ fn credential_command_error<'a>(
         cur = c.source();
     }
     None
+}
+
+/// At most this much is reserved up front for a whole-object GET, whatever the server
+/// announces; more grows with the bytes that arrive.
+const FULL_GET_RESERVE: usize = 8 * 1024 * 1024;
+
+/// A response body, chunk by chunk: the SDK's stream, or a crafted one in tests.
+trait BodyChunks {
+    /// The next chunk; `None` at the end.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String>;
+}
+
+impl BodyChunks for ByteStream {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        self.try_next().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Why a body was not read (made a [`BackendError`] naming the object by the caller).
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// It broke off, or fewer bytes came than announced (worth a retry).
+    #[error("{0}")]
+    Broke(String),
+    /// More bytes came than announced or asked for.
+    #[error("{0}")]
+    TooLong(String),
+}
+
+/// Reads a GET's body into `buf` (cleared; its allocation reused). `announced` is the
+/// response's Content-Length, `want` the length of the range asked for.
+///
+/// Both are only claims until the bytes arrive: what is reserved up front is at most the
+/// range asked for (and the announced length only when smaller), or [`FULL_GET_RESERVE`]
+/// for a whole object, so a server announcing a petabyte costs nothing. Reading stops with
+/// an error at the first chunk that would go past the range or the announced length: a
+/// server that keeps sending cannot make us read or hold more than we asked for.
+async fn read_body(
+    body: &mut impl BodyChunks,
+    announced: Option<u64>,
+    want: Option<u64>,
+    buf: &mut Vec<u8>,
+) -> Result<(), BodyError> {
+    let limit = match (want, announced) {
+        (Some(w), Some(a)) => Some(w.min(a)),
+        (w, a) => w.or(a),
+    };
+    let reserve = match want {
+        Some(_) => limit.unwrap_or(0),
+        None => limit.unwrap_or(0).min(FULL_GET_RESERVE as u64),
+    };
+    buf.clear();
+    buf.reserve(usize::try_from(reserve).unwrap_or(0));
+    while let Some(chunk) = body.next_chunk().await.map_err(BodyError::Broke)? {
+        let total = buf.len() as u64 + chunk.len() as u64;
+        if let Some(limit) = limit.filter(|&l| total > l) {
+            return Err(BodyError::TooLong(match want {
+                Some(w) if w == limit => {
+                    format!("the server sent more than the {w} bytes asked for")
+                }
+                _ => format!("the server sent more than the {limit} bytes announced"),
+            }));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if let Some(n) = announced {
+        if buf.len() as u64 != n {
+            return Err(BodyError::Broke(format!(
+                "{} of {n} announced bytes arrived",
+                buf.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An error and its sources, each said once ("dispatch failure: io error: ... Connection
@@ -1054,6 +1126,103 @@ impl Backend for S3Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A crafted body: these chunks, then (if `repeat`) the last one again `repeat` times;
+    /// counts the chunks taken.
+    struct Crafted {
+        chunks: std::collections::VecDeque<Bytes>,
+        repeat: usize,
+        taken: usize,
+    }
+
+    impl Crafted {
+        fn new(chunks: &[&[u8]], repeat: usize) -> Self {
+            Crafted {
+                chunks: chunks.iter().map(|c| Bytes::copy_from_slice(c)).collect(),
+                repeat,
+                taken: 0,
+            }
+        }
+    }
+
+    impl BodyChunks for Crafted {
+        async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+            let next = if self.chunks.len() == 1 && self.repeat > 0 {
+                self.repeat -= 1;
+                self.chunks.front().cloned()
+            } else {
+                self.chunks.pop_front()
+            };
+            self.taken += usize::from(next.is_some());
+            Ok(next)
+        }
+    }
+
+    fn read(
+        body: &mut Crafted,
+        announced: Option<u64>,
+        want: Option<u64>,
+    ) -> (Result<(), BodyError>, Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut buf = Vec::new();
+        let r = rt.block_on(read_body(body, announced, want, &mut buf));
+        (r, buf)
+    }
+
+    #[test]
+    fn an_announced_length_reserves_no_more_than_was_asked_for() {
+        // A server announcing a petabyte for a 10-byte range: nothing like it is reserved
+        // (reserving it would abort the process), and the 10 bytes are read.
+        let mut body = Crafted::new(&[b"0123456789"], 0);
+        let (r, buf) = read(&mut body, Some(1 << 50), Some(10));
+        assert!(
+            matches!(r, Err(BodyError::Broke(ref why)) if why.contains("announced")),
+            "{r:?}"
+        );
+        assert!(buf.capacity() < 1 << 20, "{}", buf.capacity());
+        // A whole-object GET announcing a petabyte reserves a bounded amount, and fails
+        // when the bytes stop short of it.
+        let mut body = Crafted::new(&[b"abc", b"def"], 0);
+        let (r, buf) = read(&mut body, Some(1 << 50), None);
+        assert!(matches!(r, Err(BodyError::Broke(_))), "{r:?}");
+        assert!(buf.capacity() <= FULL_GET_RESERVE, "{}", buf.capacity());
+        // Honest answers still read whole.
+        let mut body = Crafted::new(&[b"abc", b"def"], 0);
+        let (r, buf) = read(&mut body, Some(6), None);
+        r.unwrap();
+        assert_eq!(buf, b"abcdef");
+        let mut body = Crafted::new(&[b"abc", b"def"], 0);
+        let (r, buf) = read(&mut body, None, Some(6));
+        r.unwrap();
+        assert_eq!(buf, b"abcdef");
+    }
+
+    #[test]
+    fn reading_stops_at_the_requested_length() {
+        // A server that keeps sending after the 10 bytes asked for (64 MiB here): reading
+        // stops at the first chunk past them, with an error.
+        let chunk = vec![7u8; 64 * 1024];
+        for announced in [None, Some(64 << 20)] {
+            let mut body = Crafted::new(&[b"0123456789", &chunk], 1023);
+            let (r, buf) = read(&mut body, announced, Some(10));
+            assert!(
+                matches!(r, Err(BodyError::TooLong(ref why)) if why.contains("10 bytes asked for")),
+                "{r:?}"
+            );
+            assert_eq!(body.taken, 2, "chunks read past the range");
+            assert!(buf.capacity() < 1 << 20, "{}", buf.capacity());
+        }
+        // A whole-object GET stops past the announced length.
+        let mut body = Crafted::new(&[b"0123456789", &chunk], 1023);
+        let (r, _) = read(&mut body, Some(10), None);
+        assert!(
+            matches!(r, Err(BodyError::TooLong(ref why)) if why.contains("10 bytes announced")),
+            "{r:?}"
+        );
+        assert_eq!(body.taken, 2);
+    }
 
     #[test]
     fn parses_custom_endpoints_and_aws_locations() {

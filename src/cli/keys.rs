@@ -58,15 +58,14 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
                 println!(" {:<10} {:<12} {:<16} created", "id", "user", "host");
                 for (id, kf) in &keys {
                     let mark = if id == repo.key_id() { '*' } else { ' ' };
+                    // Listed names are key ids (64 hex digits); never slice past one anyway.
+                    let short = id.get(..8).unwrap_or(id);
                     match kf {
                         Some(k) => println!(
                             "{mark}{:<10} {:<12} {:<16} {}",
-                            &id[..8],
-                            k.username,
-                            k.host,
-                            k.created
+                            short, k.username, k.host, k.created
                         ),
-                        None => println!("{mark}{:<10} (unreadable key file)", &id[..8]),
+                        None => println!("{mark}{short:<10} (unreadable key file)"),
                     }
                 }
             }
@@ -74,7 +73,7 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
         KeyAction::Add => {
             let pw = read_password(&NEW_PASSWORD, true)?;
             let id = repo.add_key(pw.as_bytes(), &hostname(), &current_username())?;
-            g.say(format!("added key {}", &id[..8]));
+            g.say(format!("added key {}", id.get(..8).unwrap_or(&id)));
         }
         KeyAction::Remove { id } => {
             let keys = repo.list_keys()?;
@@ -92,16 +91,20 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
                 bail!("refusing to remove the key in use; open the repository with another password to remove this one");
             }
             repo.backend().delete(ObjectType::Key, &target)?;
-            g.say(format!("removed key {}", &target[..8]));
+            g.say(format!(
+                "removed key {}",
+                target.get(..8).unwrap_or(&target)
+            ));
         }
         KeyAction::Passwd => {
             let pw = read_password(&NEW_PASSWORD, true)?;
             let id = repo.add_key(pw.as_bytes(), &hostname(), &current_username())?;
+            g.remember_key(&repo.backend().location(), &id);
             repo.backend().delete(ObjectType::Key, repo.key_id())?;
             g.say(format!(
                 "password changed: key {} replaces {}",
-                &id[..8],
-                &repo.key_id()[..8]
+                id.get(..8).unwrap_or(&id),
+                repo.key_id().get(..8).unwrap_or(repo.key_id())
             ));
         }
     }

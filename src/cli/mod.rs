@@ -27,6 +27,7 @@ use crate::backend::layers::{
 };
 use crate::backend::{Backend, LocalBackend, S3Backend, S3Location, S3Options};
 use crate::error::{exit_code, EXIT_OK};
+use crate::repo::keyhint::KeyHints;
 use crate::repo::Repository;
 
 /// backupd — encrypted, deduplicated backups of databases, files and command output.
@@ -237,7 +238,23 @@ impl GlobalArgs {
             Some(src) => password::read_secret(src).context("the policy's repository password")?,
             None => password::read_password(&password::REPO_PASSWORD, false)?,
         };
-        let repo = Repository::open_with_config(backend, &sealed_config, pw.as_bytes())?;
+        // The key that opened it last time goes first (one key derivation, however many
+        // key files someone added to the store); the hint is kept with the cache but used
+        // even without one (`--no-cache`, the WAL verbs, which open once per segment).
+        let location = backend.location();
+        let hints = self.key_hints();
+        let preferred = hints.as_ref().and_then(|h| h.get(&location));
+        let repo = Repository::open_preferring(
+            backend,
+            &sealed_config,
+            pw.as_bytes(),
+            preferred.as_deref(),
+        )?;
+        if let Some(h) = &hints {
+            if preferred.as_deref() != Some(repo.key_id()) {
+                h.set(&location, repo.key_id());
+            }
+        }
         // A local repository is its own cache; a remote one is cached unless told not to.
         let base = match (&self.cache_dir, self.no_cache, remote) {
             (_, true, _) => None,
@@ -250,6 +267,21 @@ impl GlobalArgs {
             None => repo,
         };
         Ok((repo, pw))
+    }
+
+    /// Where the key hints live: under the cache base, whether or not objects are cached.
+    fn key_hints(&self) -> Option<KeyHints> {
+        self.cache_dir
+            .clone()
+            .or_else(crate::repo::cache::default_base)
+            .map(|b| KeyHints::under(&b))
+    }
+
+    /// Records that `key_id` opens the repository at `location` (a new or changed key).
+    fn remember_key(&self, location: &str, key_id: &str) {
+        if let Some(h) = self.key_hints() {
+            h.set(location, key_id);
+        }
     }
 
     /// These options with a policy's repository, password source and limits (options
@@ -305,6 +337,7 @@ fn init(g: &GlobalArgs, a: InitArgs) -> Result<()> {
             a.compression,
         )?
     };
+    g.remember_key(&repo.backend().location(), repo.key_id());
     if g.json {
         println!(
             "{}",

@@ -4,6 +4,12 @@
 //! needed to derive the wrapping key), and the sealed master-key bundle. Tampering with the
 //! parameters only yields a different wrapping key, so the seal fails closed. Its name in
 //! the repository is the SHA-256 of its bytes.
+//!
+//! The parameters are read before anything in the file is authenticated, so their cost is
+//! capped at four times the defaults ([`KdfParams::MAX_M_COST_KIB`] and its siblings): a
+//! file above the cap is refused as malformed without running the KDF. Anyone who can
+//! write to the store can still add key files at the cap; the repository opener tries the
+//! key that worked last time first (`repo::keyhint`) so that they cost nothing then.
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use chacha20poly1305::aead::{rand_core::RngCore, OsRng};
@@ -58,19 +64,51 @@ impl KdfParams {
         }
     }
 
-    fn derive(&self, password: &[u8]) -> Result<Zeroizing<[u8; 32]>, KeyFileError> {
+    /// Largest memory cost accepted: 256 MiB, four times the default.
+    pub const MAX_M_COST_KIB: u32 = 256 * 1024;
+    /// Largest number of passes accepted: four times the default.
+    pub const MAX_T_COST: u32 = 12;
+    /// Largest number of lanes accepted: four times the default.
+    pub const MAX_P_COST: u32 = 8;
+
+    /// Checks what can be checked without running the KDF: the algorithm, the cost caps
+    /// and the salt's encoding.
+    ///
+    /// # Errors
+    /// `Malformed` naming the field at fault.
+    pub fn check(&self) -> Result<(), KeyFileError> {
         if self.algorithm != "argon2id" {
             return Err(KeyFileError::Malformed(format!(
                 "unknown KDF algorithm {:?}",
                 self.algorithm
             )));
         }
-        // Refuse absurd parameters from a tampered file instead of allocating without bound.
-        if self.m_cost_kib > 4 * 1024 * 1024 || self.t_cost > 100 || self.p_cost > 64 {
-            return Err(KeyFileError::Malformed(
-                "KDF parameters out of range".into(),
-            ));
+        // Nothing in a key file is authenticated before the KDF has run, so its cost is
+        // whatever the file says: refuse more than four times the defaults instead of
+        // spending up to gigabytes and minutes on a file anyone with write access to the
+        // store could have planted.
+        if self.m_cost_kib > Self::MAX_M_COST_KIB
+            || self.t_cost > Self::MAX_T_COST
+            || self.p_cost > Self::MAX_P_COST
+        {
+            return Err(KeyFileError::Malformed(format!(
+                "KDF cost above the limit: m_cost_kib {} (at most {}), t_cost {} (at most {}), p_cost {} (at most {})",
+                self.m_cost_kib,
+                Self::MAX_M_COST_KIB,
+                self.t_cost,
+                Self::MAX_T_COST,
+                self.p_cost,
+                Self::MAX_P_COST
+            )));
         }
+        if hex::decode(&self.salt).is_err() {
+            return Err(KeyFileError::Malformed("salt is not hex".into()));
+        }
+        Ok(())
+    }
+
+    fn derive(&self, password: &[u8]) -> Result<Zeroizing<[u8; 32]>, KeyFileError> {
+        self.check()?;
         let salt = hex::decode(&self.salt)
             .map_err(|_| KeyFileError::Malformed("salt is not hex".into()))?;
         let params = Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32))
@@ -150,10 +188,12 @@ impl KeyFile {
         serde_json::to_vec_pretty(self).expect("a key file always serializes")
     }
 
-    /// Unwraps the master keys with `password`.
+    /// Unwraps the master keys with `password`. Runs the KDF only once
+    /// [`KdfParams::check`] has passed.
     ///
     /// # Errors
-    /// `WrongPassword` when the seal does not open; `Malformed` for bad fields.
+    /// `WrongPassword` when the seal does not open; `Malformed` for bad fields or a KDF
+    /// cost above the caps.
     pub fn open(&self, password: &[u8]) -> Result<MasterKeys, KeyFileError> {
         let wrap = self.kdf.derive(password)?;
         let sealed = hex::decode(&self.data)
@@ -191,5 +231,49 @@ mod tests {
         let mut tampered = parsed.clone();
         tampered.kdf.t_cost += 1;
         assert!(tampered.open(b"correct horse").is_err());
+    }
+
+    #[test]
+    fn kdf_cost_above_four_times_the_defaults_is_malformed() {
+        let defaults = KdfParams::new_default();
+        let at_cap = KdfParams {
+            m_cost_kib: 4 * defaults.m_cost_kib,
+            t_cost: 4 * defaults.t_cost,
+            p_cost: 4 * defaults.p_cost,
+            ..defaults.clone()
+        };
+        at_cap.check().unwrap();
+        let keys = MasterKeys::generate();
+        let kf = KeyFile::create(&keys, b"pw", "h", "u").unwrap();
+        for over in [
+            KdfParams {
+                m_cost_kib: at_cap.m_cost_kib + 1,
+                ..at_cap.clone()
+            },
+            KdfParams {
+                t_cost: at_cap.t_cost + 1,
+                ..at_cap.clone()
+            },
+            KdfParams {
+                p_cost: at_cap.p_cost + 1,
+                ..at_cap.clone()
+            },
+            // Cheap enough to run, were it run: the cap on memory alone refuses it.
+            KdfParams {
+                m_cost_kib: 512 * 1024,
+                t_cost: 1,
+                p_cost: 1,
+                ..at_cap.clone()
+            },
+        ] {
+            let mut f = kf.clone();
+            f.kdf = over.clone();
+            match f.open(b"pw") {
+                Err(KeyFileError::Malformed(why)) => {
+                    assert!(why.contains("above the limit"), "{why}")
+                }
+                other => panic!("{over:?}: {:?}", other.map(|_| ())),
+            }
+        }
     }
 }

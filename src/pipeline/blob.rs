@@ -8,6 +8,7 @@ use std::io;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, MasterKeys, ObjectKind, SealError};
+use crate::pipeline::ChunkerParams;
 
 /// A 32-byte content address (blob, pack, index, snapshot or key id).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -78,11 +79,88 @@ impl BlobKind {
         }
     }
 
+    /// `data` or `tree`, for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlobKind::Data => "data",
+            BlobKind::Tree => "tree",
+        }
+    }
+
     fn object_kind(self) -> ObjectKind {
         match self {
             BlobKind::Data => ObjectKind::DataBlob,
             BlobKind::Tree => ObjectKind::TreeBlob,
         }
+    }
+}
+
+/// The largest plaintext of a tree blob: a directory's listing (JSON, one node per entry,
+/// a file's chunk ids inline up to 4096 of them) or a content list (at most 128 KiB).
+/// Trees are not chunked, so this is not the chunker's bound: 1 GiB is some three million
+/// directory entries. The write pipeline refuses a larger tree, and readers refuse an index
+/// or pack entry claiming one, before any allocation is sized by it.
+pub const MAX_TREE_BLOB: u32 = 1 << 30;
+
+/// The largest plaintext a blob may have, by kind: what sizes the buffer a blob is
+/// decompressed into is this, never a length read from the repository alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobLimits {
+    /// Data blobs: chunks (at most the chunker's `max_size`) or fixed-size blocks.
+    pub data: u32,
+    /// Tree blobs: [`MAX_TREE_BLOB`].
+    pub tree: u32,
+}
+
+impl BlobLimits {
+    /// What a blob of any repository may be: data up to the largest `max_size` a config may
+    /// name (64 MiB, [`ChunkerParams::is_valid`]).
+    pub const ANY: BlobLimits = BlobLimits {
+        data: 64 * 1024 * 1024,
+        tree: MAX_TREE_BLOB,
+    };
+
+    /// The limits of a repository whose config has these chunker bounds: data blobs are
+    /// chunks of at most `max_size`, or the fixed-size blocks PostgreSQL relation files are
+    /// read in ([`crate::postgres::basebackup::RELATION_BLOCK`]).
+    pub fn for_chunker(c: &ChunkerParams) -> Self {
+        let fixed = crate::postgres::basebackup::RELATION_BLOCK as u32;
+        BlobLimits {
+            data: c.max_size.max(fixed).min(Self::ANY.data),
+            tree: MAX_TREE_BLOB,
+        }
+    }
+
+    /// The largest plaintext of a blob of `kind`.
+    pub fn max_len(&self, kind: BlobKind) -> u32 {
+        match kind {
+            BlobKind::Data => self.data,
+            BlobKind::Tree => self.tree,
+        }
+    }
+
+    /// Checks the lengths an index or pack header gives for a blob: the plaintext within
+    /// the limit of its kind, and a sealed length that a blob of that plaintext can have
+    /// (a flag byte, then the plaintext or a smaller compressed form, then the seal).
+    ///
+    /// # Errors
+    /// What is wrong, for the caller to name the object.
+    pub fn check(&self, kind: BlobKind, length: u32, raw_length: u32) -> Result<(), String> {
+        let max = self.max_len(kind);
+        if raw_length > max {
+            return Err(format!(
+                "raw length {raw_length} above the {max}-byte limit of a {} blob",
+                kind.as_str()
+            ));
+        }
+        let least = 1 + crypto::SEAL_OVERHEAD as u64;
+        let most = raw_length as u64 + least;
+        if !(least..=most).contains(&(length as u64)) {
+            return Err(format!(
+                "sealed length {length} impossible for raw length {raw_length}"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -216,6 +294,17 @@ pub fn decode_in_place<'a>(
     raw_len: usize,
     scratch: &'a mut Vec<u8>,
 ) -> Result<&'a [u8], BlobError> {
+    // `raw_len` comes from an index or pack header: bound it before it sizes a buffer.
+    let max = BlobLimits::ANY.max_len(kind) as usize;
+    if raw_len > max {
+        return Err(BlobError::Payload {
+            id: *id,
+            why: format!(
+                "raw length {raw_len} above the {max}-byte limit of a {} blob",
+                kind.as_str()
+            ),
+        });
+    }
     let framed = crypto::open_in_place(keys, kind.object_kind(), Some(&id.0), sealed)
         .map_err(|source| BlobError::Seal { id: *id, source })?;
     let (flag, payload) = framed.split_first().ok_or_else(|| BlobError::Payload {
@@ -284,6 +373,50 @@ mod tests {
         fn blob_id_hex_round_trips(b in any::<[u8; 32]>()) {
             let id = BlobId(b);
             prop_assert_eq!(BlobId::from_hex(&id.to_hex()), Some(id));
+        }
+    }
+
+    #[test]
+    fn a_raw_length_above_the_limit_is_refused_before_any_allocation() {
+        let keys = MasterKeys::generate();
+        let data = vec![0u8; 100_000];
+        let id = BlobId(keys.blob_id(&data));
+        let sealed = encode(&keys, BlobKind::Data, &id, &data, 3);
+        // Compressed: the raw length would size the output buffer. Reserving usize::MAX
+        // panics, and a few GiB would be taken before the zstd stream proved shorter.
+        for (kind, raw_len) in [
+            (BlobKind::Data, usize::MAX),
+            (BlobKind::Data, BlobLimits::ANY.data as usize + 1),
+            (BlobKind::Tree, MAX_TREE_BLOB as usize + 1),
+        ] {
+            let mut buf = sealed.clone();
+            let mut scratch = Vec::new();
+            let e = decode_in_place(&keys, kind, &id, &mut buf, raw_len, &mut scratch).unwrap_err();
+            assert!(e.to_string().contains("above the"), "{e}");
+            assert_eq!(scratch.capacity(), 0);
+        }
+    }
+
+    #[test]
+    fn limits_follow_the_chunker_and_the_seal() {
+        let l = BlobLimits::for_chunker(&ChunkerParams::default());
+        assert_eq!(l.data, 8 * 1024 * 1024);
+        assert_eq!(l.tree, MAX_TREE_BLOB);
+        let least = 1 + crypto::SEAL_OVERHEAD as u32;
+        l.check(BlobKind::Data, least, 0).unwrap();
+        l.check(BlobKind::Data, least + l.data, l.data).unwrap();
+        l.check(BlobKind::Data, least, l.data).unwrap();
+        for (kind, length, raw) in [
+            (BlobKind::Data, least, l.data + 1),
+            (BlobKind::Tree, least, MAX_TREE_BLOB + 1),
+            (BlobKind::Data, least - 1, 10),
+            (BlobKind::Data, least + 11, 10),
+            (BlobKind::Data, u32::MAX, 1000),
+        ] {
+            assert!(
+                l.check(kind, length, raw).is_err(),
+                "{kind:?} {length} {raw}"
+            );
         }
     }
 

@@ -19,6 +19,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::backend::{Backend, BackendError, Bytes, ObjectType};
 use crate::crypto::MasterKeys;
+use crate::pipeline::blob::BlobLimits;
 use crate::pipeline::{blob, BlobId, BlobKind};
 use crate::repo::index::IndexedPack;
 use crate::repo::pack::{FinishedPack, PackBuilder};
@@ -38,6 +39,17 @@ pub enum SaveError {
     /// The pipeline stopped after an earlier failure.
     #[error("the write pipeline stopped after an earlier error")]
     Stopped,
+    /// A blob larger than readers accept ([`BlobLimits::ANY`]): a directory whose listing
+    /// is above [`blob::MAX_TREE_BLOB`].
+    #[error("a {kind} blob of {len} bytes is larger than the {max}-byte limit readers accept")]
+    TooLarge {
+        /// `data` or `tree`.
+        kind: &'static str,
+        /// Its plaintext length.
+        len: usize,
+        /// The limit.
+        max: u32,
+    },
 }
 
 /// Tuning of the pipeline.
@@ -213,10 +225,19 @@ impl BlobSaver {
     /// id and whether it was new. Blocks when the pipeline is full.
     ///
     /// # Errors
-    /// `Stopped` once any stage has failed.
+    /// `Stopped` once any stage has failed; `TooLarge` for a blob no reader would accept
+    /// (it would be stored, and the snapshot holding it would not restore).
     pub fn save(&self, kind: BlobKind, data: Vec<u8>) -> Result<(BlobId, bool), SaveError> {
         if self.shared.stopped() {
             return Err(SaveError::Stopped);
+        }
+        let max = BlobLimits::ANY.max_len(kind);
+        if data.len() > max as usize {
+            return Err(SaveError::TooLarge {
+                kind: kind.as_str(),
+                len: data.len(),
+                max,
+            });
         }
         let id = BlobId(self.shared.keys.blob_id(&data));
         if self.shared.index.contains(&id) {
@@ -350,5 +371,34 @@ fn uploader(sh: &Shared, rx: Receiver<FinishedPack>, backend: &dyn Backend) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LocalBackend;
+
+    #[test]
+    fn a_tree_larger_than_readers_accept_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(d.path().join("repo"));
+        backend.create_layout().unwrap();
+        let (saver, threads) = BlobSaver::start(
+            Arc::new(MasterKeys::generate()),
+            Arc::new(Index::default()),
+            Arc::new(backend),
+            SaverOptions::default(),
+        );
+        // Zeroed and never touched before the check: no gigabyte is really written.
+        let huge = vec![0u8; blob::MAX_TREE_BLOB as usize + 1];
+        match saver.save(BlobKind::Tree, huge) {
+            Err(SaveError::TooLarge { kind: "tree", .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        saver.save(BlobKind::Tree, b"{}".to_vec()).unwrap();
+        let r = saver.finish(threads);
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.blobs_new, 1);
     }
 }

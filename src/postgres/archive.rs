@@ -6,6 +6,13 @@
 //!
 //! Object plaintext: `version (1) | compression (0 raw, 1 zstd) | raw length (u64 LE) |
 //! payload`.
+//!
+//! The raw length is the archived file's exact size. No file PostgreSQL archives is larger
+//! than a WAL segment, and segments are at most 1 GiB (`initdb --wal-segsize`, 16 MiB by
+//! default; history and backup history files are small). The object does not record the
+//! cluster's segment size, so [`MAX_WAL_FILE`] is that maximum: a larger file is refused
+//! on push, a larger recorded length on fetch, and decompression memory follows the bytes
+//! that come out (up to the recorded length), not the recorded length alone.
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -19,6 +26,10 @@ const FORMAT: u8 = 1;
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
 const HEADER: usize = 10;
+/// The largest file the archive holds: PostgreSQL's largest WAL segment size, 1 GiB.
+pub const MAX_WAL_FILE: u64 = 1 << 30;
+/// What is reserved up front for a decompressed file: a default-sized segment (16 MiB).
+const INITIAL_RESERVE: usize = 16 << 20;
 
 /// Why a WAL archive operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +37,14 @@ pub enum ArchiveError {
     /// Not a WAL, history, backup history or partial file name.
     #[error("{0:?} is not a WAL file name PostgreSQL archives")]
     BadName(String),
+    /// Larger than any file PostgreSQL archives.
+    #[error("{name}: {len} bytes is larger than any WAL file PostgreSQL archives (at most {MAX_WAL_FILE})")]
+    TooLarge {
+        /// File name.
+        name: String,
+        /// Its size.
+        len: u64,
+    },
     /// The archive holds this file already, with other bytes.
     #[error("{name}: the archive already holds a different {name} for system {system_id}; refusing to overwrite it (two clusters with one system identifier archiving to one repository?)")]
     Conflict {
@@ -54,6 +73,17 @@ pub enum Pushed {
     Stored,
     /// The same bytes were there already.
     AlreadyThere,
+}
+
+/// Decompresses `payload`, producing at most `raw_len + 1` bytes (one more shows the
+/// stream is longer than recorded). Memory grows with the output, from a 16 MiB start.
+fn decompress_bounded(payload: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(raw_len.min(INITIAL_RESERVE));
+    zstd::stream::read::Decoder::with_buffer(payload)?
+        .take(raw_len as u64 + 1)
+        .read_to_end(&mut out)?;
+    Ok(out)
 }
 
 /// One cluster's WAL archive in a repository.
@@ -145,10 +175,19 @@ impl<'a> WalArchive<'a> {
         if plain.len() < HEADER || plain[0] != FORMAT {
             return Err(corrupt("unknown WAL object format".into()));
         }
-        let raw_len = u64::from_le_bytes(plain[2..10].try_into().expect("8 bytes")) as usize;
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&plain[2..HEADER]);
+        let recorded = u64::from_le_bytes(len);
+        if recorded > MAX_WAL_FILE {
+            return Err(corrupt(format!(
+                "recorded length {recorded} is larger than any WAL file (at most {MAX_WAL_FILE})"
+            )));
+        }
+        // At most 1 GiB: fits a usize on every platform this runs on.
+        let raw_len = recorded as usize;
         let out = match plain[1] {
             RAW => plain[HEADER..].to_vec(),
-            ZSTD => zstd::bulk::decompress(&plain[HEADER..], raw_len)
+            ZSTD => decompress_bounded(&plain[HEADER..], raw_len)
                 .map_err(|e| corrupt(format!("decompressing: {e}")))?,
             other => return Err(corrupt(format!("unknown compression {other}"))),
         };
@@ -168,6 +207,12 @@ impl<'a> WalArchive<'a> {
     /// `BadName`, `Conflict`, a damaged stored copy, or the store failing.
     pub fn push(&self, file: &str, bytes: &[u8]) -> Result<Pushed, ArchiveError> {
         Self::check_name(file)?;
+        if bytes.len() as u64 > MAX_WAL_FILE {
+            return Err(ArchiveError::TooLarge {
+                name: file.to_string(),
+                len: bytes.len() as u64,
+            });
+        }
         let name = self.object_name(file);
         let backend = self.repo.backend();
         if backend.exists(ObjectType::Wal, &name)? {
@@ -252,5 +297,86 @@ impl<'a> WalArchive<'a> {
             .backend()
             .list_dir(ObjectType::Wal, &format!("{}/{group}", self.system_id))?;
         Ok(l.files.into_iter().map(|(n, _)| n).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::LocalBackend;
+
+    const FILE: &str = "000000010000000000000001";
+
+    fn repo(dir: &std::path::Path) -> Repository {
+        Repository::init_local(
+            Arc::new(LocalBackend::new(dir.join("repo"))),
+            b"pw",
+            "h",
+            "u",
+            3,
+        )
+        .unwrap()
+    }
+
+    /// Stores a WAL object of `FILE` with this plaintext header and payload, sealed as the
+    /// archive seals (someone holding the keys, or a writer gone wrong).
+    fn store_forged(a: &WalArchive<'_>, flag: u8, raw_len: u64, payload: &[u8]) {
+        let mut plain = vec![FORMAT, flag];
+        plain.extend_from_slice(&raw_len.to_le_bytes());
+        plain.extend_from_slice(payload);
+        let sealed = crypto::seal(
+            a.repo.keys(),
+            ObjectKind::Wal,
+            Some(&a.binding(FILE)),
+            &plain,
+        );
+        let name = a.object_name(FILE);
+        let backend = a.repo.backend();
+        let _ = backend.delete(ObjectType::Wal, &name);
+        backend.put(ObjectType::Wal, &name, sealed.into()).unwrap();
+    }
+
+    #[test]
+    fn a_recorded_length_beyond_any_wal_file_is_an_error_not_an_allocation() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let a = WalArchive::new(&repo, 7);
+        let segment = vec![5u8; 1 << 20];
+        a.push(FILE, &segment).unwrap();
+        assert_eq!(a.fetch(FILE).unwrap().unwrap(), segment);
+        let payload = zstd::bulk::compress(&segment, 3).unwrap();
+        // u64::MAX would have been the capacity of the output buffer (a panic); anything
+        // above 1 GiB is no WAL file.
+        for raw_len in [u64::MAX, MAX_WAL_FILE + 1] {
+            store_forged(&a, ZSTD, raw_len, &payload);
+            let e = a.fetch(FILE).unwrap_err().to_string();
+            assert!(e.contains("larger than any WAL file"), "{e}");
+            assert!(e.contains(&a.object_name(FILE)), "{e}");
+        }
+        // Within the cap but not what the stream holds: an error either way, and the
+        // output stops one byte past the recorded length.
+        for raw_len in [MAX_WAL_FILE, 1000] {
+            store_forged(&a, ZSTD, raw_len, &payload);
+            let e = a.fetch(FILE).unwrap_err().to_string();
+            assert!(e.contains("recorded"), "{e}");
+        }
+        store_forged(&a, RAW, 3, b"four");
+        assert!(a.fetch(FILE).is_err());
+    }
+
+    #[test]
+    fn a_file_larger_than_any_wal_file_is_not_pushed() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let a = WalArchive::new(&repo, 7);
+        // Zeroed and untouched: refused before it is read.
+        let big = vec![0u8; MAX_WAL_FILE as usize + 1];
+        assert!(matches!(
+            a.push(FILE, &big),
+            Err(ArchiveError::TooLarge { .. })
+        ));
+        assert!(!a.contains(FILE).unwrap());
     }
 }

@@ -95,6 +95,9 @@ pub fn scan_segment(seg: &[u8]) -> Option<SegmentTimes> {
         return None;
     }
     let mut out = SegmentTimes::default();
+    // One buffer for every record's bytes, sized by records that are really there.
+    let mut head = Vec::with_capacity(RECORD_HEADER);
+    let mut record = Vec::new();
     // Position of the first record: after the header and any continuation data.
     let rem = u32_at(seg, 16)? as usize;
     let info = u16_at(seg, 2)?;
@@ -133,9 +136,9 @@ pub fn scan_segment(seg: &[u8]) -> Option<SegmentTimes> {
             return Some(out);
         }
         // Gather the record header (it may cross a page boundary).
-        let Some(head) = gather(seg, pos, RECORD_HEADER, page) else {
+        if gather(seg, pos, RECORD_HEADER, page, &mut head).is_none() {
             return Some(out);
-        };
+        }
         let tot_len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
         if !(RECORD_HEADER..=1 << 30).contains(&tot_len) {
             out.ended_early = true;
@@ -143,10 +146,10 @@ pub fn scan_segment(seg: &[u8]) -> Option<SegmentTimes> {
         }
         let rmid = head[17];
         let xl_info = head[16];
-        let Some(record) = gather(seg, pos, tot_len, page) else {
+        if gather(seg, pos, tot_len, page, &mut record).is_none() {
             // Continues into the next segment.
             return Some(out);
-        };
+        }
         if rmid == RM_XACT_ID {
             let op = xl_info & XLOG_XACT_OPMASK;
             if matches!(
@@ -201,9 +204,14 @@ fn skip_bytes(seg: &[u8], pos: usize, len: usize, page: usize) -> Option<usize> 
     (end <= seg.len()).then_some(end)
 }
 
-/// Copies `len` bytes of record data starting at `pos`; `None` past the segment's end.
-fn gather(seg: &[u8], mut pos: usize, len: usize, page: usize) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(len);
+/// Copies `len` bytes of record data starting at `pos` into `out` (cleared, its allocation
+/// reused); `None` past the segment's end.
+fn gather(seg: &[u8], mut pos: usize, len: usize, page: usize, out: &mut Vec<u8>) -> Option<()> {
+    out.clear();
+    // `len` comes from the record header: the record cannot hold more than what is left
+    // of the segment, so no more is reserved (a longer one runs into the next segment, and
+    // the copy below stops at the end of this one).
+    out.reserve(len.min(seg.len().saturating_sub(pos)));
     while out.len() < len {
         if pos.is_multiple_of(page) {
             pos += SHORT_HEADER;
@@ -212,7 +220,7 @@ fn gather(seg: &[u8], mut pos: usize, len: usize, page: usize) -> Option<Vec<u8>
         out.extend_from_slice(seg.get(pos..pos + n)?);
         pos += n;
     }
-    Some(out)
+    Some(())
 }
 
 /// The main data of a whole record: its last `main_len` bytes, where `main_len` comes
@@ -324,6 +332,33 @@ mod tests {
         assert_eq!(times.xact_times.len(), 40);
         assert_eq!(times.xact_times[39], pg_time(t0 + 39).unwrap());
         assert!(times.ended_early);
+    }
+
+    #[test]
+    fn a_record_length_past_the_segment_sizes_no_buffer() {
+        // A record header claiming 1 GiB (PostgreSQL's own record limit) in a 16 KiB
+        // segment: it would continue into the next segment, so it is not gathered, and no
+        // buffer of its claimed size is reserved.
+        let t0 = 815_000_000_000_000i64;
+        let mut big = commit(t0, 0);
+        big[0..4].copy_from_slice(&((1u32 << 30) - 8).to_le_bytes());
+        let seg = segment_with(&[commit(t0, 0), big], 1024, 16384);
+        let times = scan_segment(&seg).unwrap();
+        assert_eq!(times.xact_times, [pg_time(t0).unwrap()]);
+        let mut buf = Vec::new();
+        assert!(gather(&seg, LONG_HEADER, (1 << 30) - 8, 1024, &mut buf).is_none());
+        assert!(buf.capacity() <= seg.len(), "{}", buf.capacity());
+        // Every length a header can hold, at every position.
+        for pos in [LONG_HEADER, 1000, 1024 + SHORT_HEADER, 16380] {
+            for len in [seg.len(), 1 << 20, u32::MAX as usize] {
+                assert!(gather(&seg, pos, len, 1024, &mut buf).is_none());
+                assert!(
+                    buf.capacity() <= seg.len(),
+                    "{pos} {len}: {}",
+                    buf.capacity()
+                );
+            }
+        }
     }
 
     #[test]

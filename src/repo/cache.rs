@@ -6,8 +6,9 @@
 //! dropped and fetched again; the cache can always be deleted.
 //!
 //! Layout: `BASE/CACHEDIR.TAG`, `BASE/<repository id>/{snapshots,index,data}/<name>`,
-//! directories 0700. Writes go to a temporary file renamed into place, so concurrent
-//! processes (the agent runs several policies) never see half a file.
+//! directories 0700 (`BASE/key-hints/` belongs to [`super::keyhint`]). Writes go to a
+//! temporary file renamed into place, so concurrent processes (the agent runs several
+//! policies) never see half a file.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -63,6 +64,27 @@ fn mkdir(p: &Path) -> io::Result<()> {
     }
 }
 
+/// Creates the cache base `base` (0700, tagged) if needed.
+fn prepare_base(base: &Path) -> io::Result<()> {
+    mkdir(base)?;
+    let tag = base.join("CACHEDIR.TAG");
+    if !tag.exists() {
+        let _ = fs::write(&tag, CACHEDIR_TAG);
+    }
+    Ok(())
+}
+
+/// Creates `dir`, a directory directly inside a cache base, and the base (0700, tagged).
+///
+/// # Errors
+/// Either cannot be created.
+pub(crate) fn prepare_dir(dir: &Path) -> io::Result<()> {
+    if let Some(base) = dir.parent() {
+        prepare_base(base)?;
+    }
+    mkdir(dir)
+}
+
 impl Cache {
     /// Opens (creating) the cache of repository `repo_id` under `base`.
     ///
@@ -73,11 +95,7 @@ impl Cache {
             path: p.display().to_string(),
             source,
         };
-        mkdir(base).map_err(|e| err(base, e))?;
-        let tag = base.join("CACHEDIR.TAG");
-        if !tag.exists() {
-            let _ = fs::write(&tag, CACHEDIR_TAG);
-        }
+        prepare_base(base).map_err(|e| err(base, e))?;
         let dir = base.join(repo_id);
         for sub in ["snapshots", "index", "data", "tmp"] {
             let p = dir.join(sub);

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use crate::pipeline::blob::BlobLimits;
 use crate::pipeline::{BlobId, BlobKind};
 
 use super::pack::{decode_entry, encode_entries, PackEntry, ENTRY_LEN};
@@ -41,11 +42,13 @@ pub fn encode(packs: &[IndexedPack]) -> Vec<u8> {
     out
 }
 
-/// Decodes the plaintext of one index file.
+/// Decodes the plaintext of one index file. Every entry's lengths are checked against
+/// `limits` (a repository's [`BlobLimits::for_chunker`]): they size the buffers a blob is
+/// read and decompressed into later, so none above the largest blob gets in.
 ///
 /// # Errors
-/// Bad magic, version, or a truncated record.
-pub fn decode(b: &[u8]) -> Result<Vec<IndexedPack>, IndexFormatError> {
+/// Bad magic, version, a truncated record, or an entry whose lengths no blob can have.
+pub fn decode(b: &[u8], limits: &BlobLimits) -> Result<Vec<IndexedPack>, IndexFormatError> {
     if b.len() < 5 || &b[..4] != MAGIC || b[4] != 1 {
         return Err(IndexFormatError("bad magic or version".into()));
     }
@@ -66,7 +69,14 @@ pub fn decode(b: &[u8]) -> Result<Vec<IndexedPack>, IndexFormatError> {
             .ok_or_else(|| IndexFormatError("truncated entries".into()))?;
         let entries = b[i..end]
             .chunks_exact(ENTRY_LEN)
-            .map(|c| decode_entry(c).ok_or_else(|| IndexFormatError("unknown blob kind".into())))
+            .map(|c| {
+                let e =
+                    decode_entry(c).ok_or_else(|| IndexFormatError("unknown blob kind".into()))?;
+                limits
+                    .check(e.kind, e.length, e.raw_length)
+                    .map_err(|why| IndexFormatError(format!("blob {}: {why}", e.id)))?;
+                Ok(e)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         out.push(IndexedPack {
             pack: BlobId(pack),
@@ -211,21 +221,60 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const LIMITS: BlobLimits = BlobLimits {
+        data: 8 * 1024 * 1024,
+        tree: crate::pipeline::blob::MAX_TREE_BLOB,
+    };
+
     fn entry() -> impl Strategy<Value = PackEntry> {
         (
             any::<[u8; 32]>(),
             any::<bool>(),
             any::<u32>(),
-            any::<u32>(),
-            any::<u32>(),
+            0..=LIMITS.data,
+            0..=LIMITS.data,
         )
-            .prop_map(|(id, tree, offset, length, raw_length)| PackEntry {
+            .prop_map(|(id, tree, offset, raw_length, extra)| PackEntry {
                 kind: if tree { BlobKind::Tree } else { BlobKind::Data },
                 id: BlobId(id),
                 offset,
-                length,
+                // Anything from an empty framed blob to a stored-raw one.
+                length: 1 + crate::crypto::SEAL_OVERHEAD as u32 + extra % (raw_length + 1),
                 raw_length,
             })
+    }
+
+    fn one_entry(kind: BlobKind, length: u32, raw_length: u32) -> Vec<u8> {
+        encode(&[IndexedPack {
+            pack: BlobId([1; 32]),
+            entries: vec![PackEntry {
+                kind,
+                id: BlobId([2; 32]),
+                offset: 0,
+                length,
+                raw_length,
+            }],
+        }])
+    }
+
+    #[test]
+    fn lengths_no_blob_can_have_are_refused() {
+        let least = 1 + crate::crypto::SEAL_OVERHEAD as u32;
+        decode(&one_entry(BlobKind::Data, least + 100, 100), &LIMITS).unwrap();
+        for (kind, length, raw_length) in [
+            // A raw length of 4 GiB would size a 4 GiB buffer when the blob is read.
+            (BlobKind::Data, least, u32::MAX),
+            (BlobKind::Data, least, LIMITS.data + 1),
+            (BlobKind::Tree, least, LIMITS.tree + 1),
+            // A sealed length of 4 GiB would size the ranged read.
+            (BlobKind::Data, u32::MAX, 100),
+            (BlobKind::Tree, least - 1, 0),
+        ] {
+            let e = decode(&one_entry(kind, length, raw_length), &LIMITS).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains(&BlobId([2; 32]).to_hex()), "{e}");
+            assert!(e.contains("length"), "{e}");
+        }
     }
 
     proptest! {
@@ -234,11 +283,11 @@ mod tests {
         fn index_codec_round_trips(packs in proptest::collection::vec((any::<[u8; 32]>(), proptest::collection::vec(entry(), 0..20)), 0..8)) {
             let packs: Vec<IndexedPack> = packs.into_iter().map(|(p, entries)| IndexedPack { pack: BlobId(p), entries }).collect();
             let enc = encode(&packs);
-            prop_assert_eq!(decode(&enc).unwrap(), packs.clone());
+            prop_assert_eq!(decode(&enc, &LIMITS).unwrap(), packs.clone());
             // Any cut that is not at a record boundary is an error; at a boundary it is a
             // shorter list (the seal around the file catches that case).
             for cut in 0..enc.len() {
-                if let Ok(d) = decode(&enc[..cut]) {
+                if let Ok(d) = decode(&enc[..cut], &LIMITS) {
                     prop_assert!(d.len() < packs.len() || d != packs);
                 }
             }

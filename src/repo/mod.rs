@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod config;
 pub mod index;
+pub mod keyhint;
 pub mod lock;
 pub mod pack;
 pub mod prune;
@@ -22,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, BackendError, Bytes, LocalBackend, ObjectType};
 use crate::crypto::{self, KeyFile, KeyFileError, MasterKeys, ObjectKind};
+use crate::pipeline::blob::BlobLimits;
 use crate::pipeline::{blob, BlobId, BlobKind, ChunkerParams};
 
 pub use cache::Cache;
@@ -100,6 +102,7 @@ pub struct Repository {
     keys: Arc<MasterKeys>,
     config: Config,
     key_id: String,
+    kdf_runs: usize,
     cache: Option<Arc<Cache>>,
 }
 
@@ -115,6 +118,46 @@ impl std::fmt::Debug for Repository {
 /// Lower-case hex SHA-256.
 pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
+}
+
+/// True for a name a key file can have: the lower-case hex SHA-256 of its bytes (64
+/// digits). Anything else in `keys/` is not a key file and is ignored wherever keys are
+/// listed.
+pub fn is_key_name(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Tries one key file's stored bytes with `password`, counting the key derivations run in
+/// `kdf_runs`. Anything wrong with the file is a warning naming it; the caller goes on with
+/// the next one.
+fn try_key(name: &str, bytes: &[u8], password: &[u8], kdf_runs: &mut usize) -> Option<MasterKeys> {
+    if sha256_hex(bytes) != name {
+        tracing::warn!(
+            "keys/{name}: corrupt or tampered (content does not match its name); skipped"
+        );
+        return None;
+    }
+    let kf = match KeyFile::parse(bytes) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!("keys/{name}: {e}; skipped");
+            return None;
+        }
+    };
+    // The parameters are not authenticated yet: check them before paying for them.
+    if let Err(e) = kf.kdf.check() {
+        tracing::warn!("keys/{name}: {e}; skipped without running its KDF");
+        return None;
+    }
+    *kdf_runs += 1;
+    match kf.open(password) {
+        Ok(keys) => Some(keys),
+        Err(KeyFileError::WrongPassword) => None,
+        Err(e) => {
+            tracing::warn!("keys/{name}: {e}; skipped");
+            None
+        }
+    }
 }
 
 impl Repository {
@@ -197,6 +240,7 @@ impl Repository {
             keys: Arc::new(keys),
             config,
             key_id,
+            kdf_runs: 0,
             cache: None,
         })
     }
@@ -234,40 +278,69 @@ impl Repository {
         sealed: &[u8],
         password: &[u8],
     ) -> Result<Self, RepoError> {
+        Self::open_preferring(backend, sealed, password, None)
+    }
+
+    /// Like [`Repository::open_with_config`], trying the key file `preferred` first (the
+    /// one that opened the repository last time, from [`keyhint::KeyHints`]): when it
+    /// opens, it is the only key derivation run, and the key list is not even read. When it
+    /// is gone or does not open with this password, every other key file is tried, in
+    /// listing order. Names in `keys/` that cannot be key ids are ignored; key files whose
+    /// KDF cost is above the caps are skipped (with a warning naming them) without running
+    /// their KDF.
+    ///
+    /// # Errors
+    /// `WrongPassword`, a tampered config, or backend failures.
+    pub fn open_preferring(
+        backend: Arc<dyn Backend>,
+        sealed: &[u8],
+        password: &[u8],
+        preferred: Option<&str>,
+    ) -> Result<Self, RepoError> {
+        let mut kdf_runs = 0;
         let mut opened = None;
-        for (name, _) in backend.list(ObjectType::Key)? {
-            let bytes = match backend.get(ObjectType::Key, &name) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!("key {name}: {e}");
-                    continue;
+        let preferred = preferred.filter(|n| is_key_name(n));
+        if let Some(name) = preferred {
+            match backend.get(ObjectType::Key, name) {
+                Ok(bytes) => {
+                    opened = try_key(name, &bytes, password, &mut kdf_runs)
+                        .map(|keys| (name.to_string(), keys));
+                    if opened.is_none() {
+                        tracing::debug!(
+                            "keys/{name} (the key used last time) did not open; trying the others"
+                        );
+                    }
                 }
-            };
-            if sha256_hex(&bytes) != name {
-                tracing::warn!(
-                    "keys/{name}: corrupt or tampered (content does not match its name); skipped"
-                );
-                continue;
+                Err(e) if e.is_not_found() => {
+                    tracing::debug!(
+                        "keys/{name} (the key used last time) is gone; trying the others"
+                    );
+                }
+                Err(e) => tracing::warn!("keys/{name}: {e}"),
             }
-            let kf = match KeyFile::parse(&bytes) {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::warn!("keys/{name}: {e}; skipped");
+        }
+        if opened.is_none() {
+            for (name, _) in backend.list(ObjectType::Key)? {
+                if !is_key_name(&name) || preferred == Some(name.as_str()) {
                     continue;
                 }
-            };
-            match kf.open(password) {
-                Ok(keys) => {
+                let bytes = match backend.get(ObjectType::Key, &name) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!("keys/{name}: {e}");
+                        continue;
+                    }
+                };
+                if let Some(keys) = try_key(&name, &bytes, password, &mut kdf_runs) {
                     opened = Some((name, keys));
                     break;
                 }
-                Err(KeyFileError::WrongPassword) => continue,
-                Err(e) => tracing::warn!("keys/{name}: {e}; skipped"),
             }
         }
         let (key_id, keys) = opened.ok_or_else(|| RepoError::WrongPassword {
             location: backend.location(),
         })?;
+        tracing::debug!("keys/{key_id} opened the repository; key derivations run: {kdf_runs}");
         let plain = crypto::open(&keys, ObjectKind::Config, None, sealed).map_err(|e| {
             RepoError::CorruptOrTampered {
                 object: "config".into(),
@@ -293,6 +366,7 @@ impl Repository {
             keys: Arc::new(keys),
             config,
             key_id,
+            kdf_runs,
             cache: None,
         })
     }
@@ -326,6 +400,12 @@ impl Repository {
     /// Id of the key file that opened the repository.
     pub fn key_id(&self) -> &str {
         &self.key_id
+    }
+
+    /// How many key derivations (Argon2id runs) opening the repository took: 1 when the
+    /// first key tried opened it (0 for a repository this process created).
+    pub fn kdf_runs(&self) -> usize {
+        self.kdf_runs
     }
 
     /// Seals and stores an object named by the SHA-256 of its stored bytes.
@@ -455,7 +535,8 @@ impl Repository {
     /// A damaged index file (named), or backend failures.
     pub fn load_index_file(&self, name: &str) -> Result<Vec<index::IndexedPack>, RepoError> {
         let plain = self.load_object(ObjectType::Index, ObjectKind::Index, name)?;
-        index::decode(&plain).map_err(|e| RepoError::CorruptOrTampered {
+        let limits = BlobLimits::for_chunker(&self.config.chunker);
+        index::decode(&plain, &limits).map_err(|e| RepoError::CorruptOrTampered {
             object: object_path(ObjectType::Index, name),
             why: e.to_string(),
         })
@@ -651,13 +732,16 @@ impl Repository {
         Ok(out)
     }
 
-    /// Lists key files with their metadata.
+    /// Lists key files with their metadata (names that cannot be key ids are left out).
     ///
     /// # Errors
     /// Backend failures.
     pub fn list_keys(&self) -> Result<Vec<(String, Option<KeyFile>)>, RepoError> {
         let mut out = vec![];
         for (name, _) in self.backend.list(ObjectType::Key)? {
+            if !is_key_name(&name) {
+                continue;
+            }
             let kf = self
                 .backend
                 .get(ObjectType::Key, &name)
@@ -683,5 +767,92 @@ impl Repository {
         let id = sha256_hex(&bytes);
         self.backend.put(ObjectType::Key, &id, bytes.into())?;
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (key id, password) pairs.
+    type Keys = Vec<(String, String)>;
+
+    /// A local repository with four key files, each opening with its own password; returns
+    /// the backend, the sealed config, and (key id, password) sorted by key id, so the last
+    /// one is listed last.
+    fn four_keys(dir: &Path) -> (Arc<dyn Backend>, Vec<u8>, Keys) {
+        let backend = Arc::new(LocalBackend::new(dir.join("repo")));
+        let repo = Repository::init_local(backend.clone(), b"pw0", "h", "u", 1).unwrap();
+        let mut keys = vec![(repo.key_id().to_string(), "pw0".to_string())];
+        for i in 1..4 {
+            let pw = format!("pw{i}");
+            keys.push((repo.add_key(pw.as_bytes(), "h", "u").unwrap(), pw));
+        }
+        keys.sort();
+        let backend: Arc<dyn Backend> = backend;
+        let sealed = Repository::read_config(&backend).unwrap();
+        (backend, sealed, keys)
+    }
+
+    #[test]
+    fn an_index_entry_longer_than_any_blob_is_named_not_allocated() {
+        let d = tempfile::tempdir().unwrap();
+        let backend = Arc::new(LocalBackend::new(d.path().join("repo")));
+        let repo = Repository::init_local(backend, b"pw", "h", "u", 1).unwrap();
+        // An index file written with the keys (a writer gone wrong, or anyone holding
+        // them), claiming a 4 GiB data blob.
+        let entry = pack::PackEntry {
+            kind: BlobKind::Data,
+            id: BlobId([3; 32]),
+            offset: 0,
+            length: 100,
+            raw_length: u32::MAX,
+        };
+        let name = repo
+            .save_index(&[index::IndexedPack {
+                pack: BlobId([4; 32]),
+                entries: vec![entry],
+            }])
+            .unwrap()
+            .to_hex();
+        match repo.load_index() {
+            Err(RepoError::CorruptOrTampered { object, why }) => {
+                assert_eq!(object, format!("index/{name}"));
+                assert!(why.contains("raw length 4294967295 above"), "{why}");
+            }
+            other => panic!("{:?}", other.map(|i| i.len())),
+        }
+    }
+
+    #[test]
+    fn the_preferred_key_is_the_only_key_derivation() {
+        let d = tempfile::tempdir().unwrap();
+        let (backend, sealed, keys) = four_keys(d.path());
+        let (last, pw) = &keys[3];
+        // Without a hint, every key listed before the right one costs a derivation.
+        let r = Repository::open_with_config(backend.clone(), &sealed, pw.as_bytes()).unwrap();
+        assert_eq!((r.key_id(), r.kdf_runs()), (last.as_str(), 4));
+        // With it, one.
+        let r = Repository::open_preferring(backend.clone(), &sealed, pw.as_bytes(), Some(last))
+            .unwrap();
+        assert_eq!((r.key_id(), r.kdf_runs()), (last.as_str(), 1));
+        // A hint naming a key of another password: that one, then the others in order.
+        let r =
+            Repository::open_preferring(backend.clone(), &sealed, pw.as_bytes(), Some(&keys[1].0))
+                .unwrap();
+        assert_eq!((r.key_id(), r.kdf_runs()), (last.as_str(), 4));
+        // A hint naming a key that is gone, or no key id at all: as without a hint.
+        backend.delete(ObjectType::Key, &keys[0].0).unwrap();
+        for hint in [keys[0].0.as_str(), "../config", ""] {
+            let r =
+                Repository::open_preferring(backend.clone(), &sealed, pw.as_bytes(), Some(hint))
+                    .unwrap();
+            assert_eq!((r.key_id(), r.kdf_runs()), (last.as_str(), 3), "{hint:?}");
+        }
+        // A wrong password still is one.
+        assert!(matches!(
+            Repository::open_preferring(backend, &sealed, b"nope", Some(last)),
+            Err(RepoError::WrongPassword { .. })
+        ));
     }
 }

@@ -364,3 +364,134 @@ fn a_postgres_policy_reports_its_wal_archive_lag() {
         "{m}"
     );
 }
+
+/// Starts the agent with no policies on a free port (under `prlimit --nofile=N:N` when
+/// given) and waits for /healthz.
+fn idle_agent(work: &Path, nofile: Option<u32>) -> (Child, u16) {
+    let pol = work.join("policies");
+    fs::create_dir_all(&pol).unwrap();
+    let port = free_port();
+    let mut cmd = match nofile {
+        Some(n) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg("--").arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    let agent = cmd
+        .arg("--policies")
+        .arg(&pol)
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .env_remove("BACKUPD_PASSWORD")
+        .env_remove("BACKUPD_REPOSITORY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("/healthz", Duration::from_secs(30), || {
+        http_get(port, "/healthz").is_some_and(|(c, _)| c == 200)
+    });
+    (agent, port)
+}
+
+/// `GET /healthz` answered with 200 within `within` (the agent holds an idle connection
+/// 5 s; answering only after that would mean idle connections shut it out).
+fn healthz_within(port: u16, within: Duration) -> Result<(), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(within))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)
+        .map_err(|e| format!("{e} after {within:?}"))?;
+    if buf.starts_with("HTTP/1.1 200") && buf.ends_with("ok\n") {
+        Ok(())
+    } else {
+        Err(format!("answer {buf:?}"))
+    }
+}
+
+/// User plus system CPU time of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0);
+    ticks as f64 / hz
+}
+
+fn connect_idle(port: u16, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect()
+}
+
+#[test]
+fn healthz_answers_with_200_idle_connections_open() {
+    let work = tempfile::tempdir().unwrap();
+    // 128 descriptors: fewer than 200 connections, more than the agent holds at once.
+    let (mut agent, port) = idle_agent(work.path(), Some(128));
+    let idle = connect_idle(port, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = healthz_within(port, Duration::from_secs(3));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    drop(idle);
+    r.unwrap();
+}
+
+#[test]
+fn metrics_does_not_spin_when_file_descriptors_run_out() {
+    let work = tempfile::tempdir().unwrap();
+    let (mut agent, port) = idle_agent(work.path(), None);
+    let pid = agent.id();
+    // Leave the agent a few descriptors beyond what it has open, then take them with
+    // idle connections: accept fails (EMFILE) while more connections wait.
+    let open = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let limit = open + 6;
+    let st = Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let idle = connect_idle(port, 100);
+    std::thread::sleep(Duration::from_millis(500));
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let share = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+    // Once the idle connections close, /healthz answers again.
+    drop(idle);
+    let mut answered = false;
+    let t1 = Instant::now();
+    while t1.elapsed() < Duration::from_secs(30) && !answered {
+        answered = healthz_within(port, Duration::from_secs(10)).is_ok();
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    // A busy loop on accept errors takes a whole core; backing off takes next to none.
+    assert!(
+        share < 0.3,
+        "the agent used {:.0}% of a core while out of file descriptors",
+        share * 100.0
+    );
+    assert!(
+        answered,
+        "/healthz did not answer after the idle connections closed"
+    );
+}

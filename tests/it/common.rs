@@ -396,7 +396,9 @@ impl Repo {
             Some(s) => s
                 .credentials(run)
                 .env("BACKUPD_CACHE_DIR", self.dir.path().join("cache")),
-            None => run,
+            // No object cache for a local repository, but the key hint
+            // (`BASE/key-hints/`) stays with the repository, out of the user's own cache.
+            None => run.env("XDG_CACHE_HOME", self.dir.path().join("cache")),
         }
     }
 

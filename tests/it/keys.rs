@@ -122,3 +122,166 @@ fn add_passwd_remove_keys() {
         .expect(1);
     assert_eq!(repo.names("keys").len(), 1);
 }
+
+#[test]
+fn key_list_and_open_ignore_names_that_are_not_key_ids() {
+    let repo = Repo::new();
+    let real = repo.names("keys");
+    assert_eq!(real.len(), 1);
+    // Short, non-hex and upper-case names: none of them is a key file (`keys/` holds
+    // files named by the lower-case hex SHA-256 of their bytes).
+    for junk in ["x", "not-hex-name", &real[0].to_uppercase()] {
+        std::fs::write(repo.path.join("keys").join(junk), b"{}").unwrap();
+    }
+    let list = key_list(&repo, PASSWORD);
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(current(&list), real[0]);
+    let text = repo.ok(&["key", "list"]).stdout();
+    assert!(text.contains(&real[0][..8]), "{text}");
+    assert_eq!(
+        text.lines().count(),
+        2,
+        "a header and the one real key:\n{text}"
+    );
+    repo.ok(&["snapshots"]);
+}
+
+/// Writes a key file no password opens, with these KDF costs, into `keys/` under its name
+/// (the SHA-256 of its bytes), choosing its salt so that it is listed before `before`.
+fn plant_key(repo: &Repo, m_cost_kib: u32, t_cost: u32, p_cost: u32, before: &str) -> String {
+    use sha2::{Digest, Sha256};
+    loop {
+        let kf = serde_json::json!({
+            "version": 1,
+            "created": "2026-01-01T00:00:00Z",
+            "host": "planted",
+            "username": "planted",
+            "kdf": {
+                "algorithm": "argon2id",
+                "m_cost_kib": m_cost_kib,
+                "t_cost": t_cost,
+                "p_cost": p_cost,
+                "salt": hex(&random_bytes(16)),
+            },
+            "data": hex(&random_bytes(120)),
+        });
+        let bytes = serde_json::to_vec_pretty(&kf).unwrap();
+        let name = hex(&Sha256::digest(&bytes));
+        if name.as_str() < before {
+            std::fs::write(repo.path.join("keys").join(&name), &bytes).unwrap();
+            return name;
+        }
+    }
+}
+
+/// A data directory just real enough for `wal-push` of history files: a `pg_control`
+/// with system identifier 42.
+fn fake_pg_data(repo: &Repo) -> std::path::PathBuf {
+    let data = repo.scratch("pgdata");
+    std::fs::create_dir_all(data.join("global")).unwrap();
+    std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+    let mut control = 42u64.to_le_bytes().to_vec();
+    control.resize(8192, 0);
+    std::fs::write(data.join("global/pg_control"), control).unwrap();
+    data
+}
+
+#[test]
+fn planted_key_files_at_the_kdf_cap_do_not_slow_wal_push() {
+    let repo = Repo::new();
+    let real = repo.names("keys")[0].clone();
+    // Someone who can write to the store adds key files at the highest cost still
+    // accepted, listed before the real key (so tried first when keys are tried in order).
+    let planted: Vec<String> = (0..2)
+        .map(|_| plant_key(&repo, 256 * 1024, 12, 8, &real))
+        .collect();
+    let data = fake_pg_data(&repo);
+    // `init` recorded which key opens the repository: each wal-push (one open per file)
+    // runs one key derivation, not one per planted key first.
+    for (i, file) in ["00000002.history", "00000003.history"].iter().enumerate() {
+        let path = data.join("pg_wal").join(file);
+        std::fs::write(
+            &path,
+            format!("{i}\t0/{i}000000\tno recovery target specified\n"),
+        )
+        .unwrap();
+        let out = repo
+            .cmd()
+            .env("BACKUPD_LOG", "backupd=debug")
+            .arg("wal-push")
+            .arg(&path)
+            .arg("--pg-data")
+            .arg(&data)
+            .run()
+            .ok();
+        let log = out.stderr.clone();
+        assert!(
+            log.contains(&format!(
+                "keys/{real} opened the repository; key derivations run: 1"
+            )),
+            "{log}"
+        );
+        for p in &planted {
+            assert!(
+                !log.contains(p.as_str()),
+                "planted key {p} was read:\n{log}"
+            );
+        }
+        // The result is still right: the file comes back.
+        let back = repo.scratch(file);
+        repo.cmd()
+            .arg("wal-fetch")
+            .arg(file)
+            .arg(&back)
+            .arg("--pg-data")
+            .arg(&data)
+            .run()
+            .ok();
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&path).unwrap());
+    }
+    // Without the hint (another host, a fresh cache), the planted keys are tried first
+    // and the repository still opens, and the hint is written again.
+    std::fs::remove_dir_all(repo.scratch("cache")).unwrap();
+    let out = repo
+        .cmd()
+        .env("BACKUPD_LOG", "backupd=debug")
+        .args(["key", "list", "--json"])
+        .run()
+        .ok();
+    let log = out.stderr.clone();
+    assert!(log.contains("key derivations run: 3"), "{log}");
+    assert_eq!(current(out.json().as_array().unwrap()), real);
+    let hints: Vec<_> = std::fs::read_dir(repo.scratch("cache").join("backupd/key-hints"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(hints.len(), 1, "{hints:?}");
+    assert_eq!(
+        std::fs::read_to_string(hints[0].path()).unwrap().trim(),
+        real
+    );
+}
+
+#[test]
+fn a_key_file_above_the_kdf_cap_is_refused_without_running_it() {
+    let repo = Repo::new();
+    let real = repo.names("keys")[0].clone();
+    // Twice the memory cap (one pass, so running it would be quick too): refused as
+    // malformed, naming the file; the real key still opens the repository.
+    let big = plant_key(&repo, 512 * 1024, 1, 1, &real);
+    std::fs::remove_dir_all(repo.scratch("cache")).unwrap();
+    let out = repo
+        .cmd()
+        .env("BACKUPD_LOG", "backupd=debug")
+        .arg("snapshots")
+        .run()
+        .ok();
+    let log = out.stderr.clone();
+    assert!(
+        log.contains(&format!(
+            "keys/{big}: malformed key file: KDF cost above the limit"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("key derivations run: 1"), "{log}");
+}
