@@ -230,6 +230,13 @@ pub fn prepare(
         let ts = real_dir(&root, "pg_tblspc", own, dir, &mut warnings)?;
         let ts_path = dir.join("pg_tblspc");
         for (oid, loc) in tablespaces {
+            // The location itself is not in the snapshot (its tree is what is inside):
+            // PostgreSQL wants it as CREATE TABLESPACE leaves it, the cluster's, mode 0700.
+            let loc_fd = dirfd::open_dir_path(loc).map_err(io_at(loc))?;
+            dirfd::set_mode(&loc_fd, 0o700).map_err(io_at(loc))?;
+            if let Some((uid, gid)) = own {
+                dirfd::set_owner(&loc_fd, uid, gid).map_err(io_at(loc))?;
+            }
             let name = oid.to_string();
             let n = OsStr::new(&name);
             dirfd::remove_entry(&ts, n).map_err(io_in(&ts_path, &name))?;
@@ -447,7 +454,6 @@ impl ServerSettings {
             ("dynamic_library_path", "$libdir".into()),
             ("jit_provider", "llvmjit".into()),
             ("ssl_passphrase_command", String::new()),
-            ("external_pid_file", String::new()),
             ("primary_conninfo", String::new()),
             ("primary_slot_name", String::new()),
             ("recovery_target", String::new()),

@@ -77,7 +77,11 @@ fn repository_from_env_and_password_file() {
         .run()
         .expect(1)
         .stderr_has(&pwfile.display().to_string());
-    assert!(out.stderr.contains("readable"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("other users can read"),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]
