@@ -239,13 +239,15 @@ fn a_started_copy_runs_no_command_and_loads_no_library_its_configuration_names()
     rows_backup_more(&env, &c, 10, 5);
 
     let (r, out) = restore_start(&env, &env.path("restored"), &[]);
-    assert!(out.contains("shared_preload_libraries"), "{out}");
-    assert_eq!(r.sql("show shared_preload_libraries"), "");
-    assert!(r.sql("show archive_command").contains("wal-push"));
     // The promoted copy archives its timeline history and a switched segment: with the
     // archive_command backupd gave it, into the repository.
     let seg = r.sql("select pg_walfile_name(pg_switch_wal())");
     r.wait_archived(&seg);
+    let ran: Vec<_> = fs::read_dir(&pwned).unwrap().collect();
+    assert!(ran.is_empty(), "commands from the snapshot ran: {ran:?}");
+    assert_eq!(r.sql("show shared_preload_libraries"), "");
+    assert!(r.sql("show archive_command").contains("wal-push"));
+    assert!(out.contains("shared_preload_libraries"), "{out}");
     r.stop();
     let sysid_dirs: Vec<_> = fs::read_dir(env.repo.join("wal")).unwrap().collect();
     assert_eq!(sysid_dirs.len(), 1);
@@ -300,14 +302,14 @@ fn a_password_from_the_environment_never_reaches_the_restored_servers_environmen
         .run()
         .ok()
         .all_text();
-    assert!(out.contains("backupd-recovery.password"), "{out}");
     let r = PgCluster::adopt(target.clone(), port);
-    assert_eq!(r.count("select count(*) from t"), 15);
     let pid = fs::read_to_string(target.join("postmaster.pid")).unwrap();
     let pid = pid.lines().next().unwrap().to_string();
     let e = environ(&pid);
     assert!(!e.contains("BACKUPD_PASSWORD="), "{e}");
     assert!(!e.contains(password));
+    assert_eq!(r.count("select count(*) from t"), 15);
+    assert!(out.contains("backupd-recovery.password"), "{out}");
     assert!(!target.join("backupd-recovery.password").exists());
     r.stop();
     drop(r);
