@@ -380,17 +380,33 @@ pub fn set_owner(fd: impl AsFd, uid: u32, gid: u32) -> io::Result<()> {
     .map_err(io_err)
 }
 
-/// Sets owner and group of `name` in `dir` itself (a symlink, not what it points to).
+/// Sets owner and group of the symlink `name` in `dir`: the link is opened with
+/// `O_PATH | O_NOFOLLOW` and checked to be a symlink first, so a name swapped for a hard
+/// link to some other file in between is not chowned.
 ///
 /// # Errors
-/// I/O failures.
-pub fn set_owner_at(dir: impl AsFd, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
-    rfs::chownat(
+/// Not a symlink, or I/O failures.
+pub fn set_link_owner(dir: impl AsFd, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
+    let fd = rfs::openat(
         dir,
         name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io_err)?;
+    let st = fstat(&fd)?;
+    if file_type(&st) != FileType::Symlink {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is no longer a symlink", name.to_string_lossy()),
+        ));
+    }
+    rfs::chownat(
+        &fd,
+        "",
         Some(rfs::Uid::from_raw(uid)),
         Some(rfs::Gid::from_raw(gid)),
-        AtFlags::SYMLINK_NOFOLLOW,
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
     )
     .map_err(io_err)
 }
@@ -478,11 +494,6 @@ impl DirTable {
                 tick: 0,
             }),
         })
-    }
-
-    /// The root directory.
-    pub fn root(&self) -> &Arc<OwnedFd> {
-        &self.root
     }
 
     /// Records the directory `name` of directory `parent`, open as `fd`; returns its index.
@@ -658,8 +669,6 @@ mod tests {
         std::fs::rename(t.path().join("d0"), t.path().join("moved")).unwrap();
         std::fs::create_dir(outside.path().join("d0")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("d0"), t.path().join("d0")).unwrap();
-        let fresh = DirTable::new(open_dir_path(t.path()).unwrap(), t.path().to_path_buf());
-        drop(fresh);
         table.open.lock().unwrap().fds.clear();
         assert!(table.open(1).is_err());
         std::fs::remove_file(t.path().join("d0")).unwrap();

@@ -67,7 +67,12 @@ pub struct RestoreReport {
     pub bytes_unchanged: u64,
     /// Files that could not be restored completely, with why.
     pub failed: Vec<(String, String)>,
+    /// The symlinks restored (their paths in the target, at most [`LINKS_LISTED`]).
+    pub links: Vec<std::path::PathBuf>,
 }
+
+/// How many restored symlinks [`RestoreReport::links`] lists.
+pub const LINKS_LISTED: usize = 1000;
 
 /// Filters by glob on the path inside the snapshot.
 #[derive(Default)]
@@ -81,6 +86,11 @@ pub struct RestoreFilter {
     /// differ are fetched and written; files are cut to their size; entries the snapshot
     /// does not have are removed.
     pub delta: bool,
+    /// A database cluster: every entry gets this owner (uid, gid; as root) and loses its
+    /// set-id bits, whatever the snapshot says. A data directory never holds other owners
+    /// or set-id files, and a snapshot forged by someone holding the key (the database's
+    /// OS user does) must not make a root restore produce them.
+    pub force_owner: Option<(u32, u32)>,
 }
 
 struct PlannedFile {
@@ -144,9 +154,11 @@ fn open_target(target: &Path, delta: bool) -> Result<DirTable, RestoreError> {
         source,
     };
     match fs::symlink_metadata(target) {
-        Ok(_) => {
-            let fd = dirfd::open_dir_path(target)
-                .map_err(|_| RestoreError::TargetNotEmpty(target.display().to_string()))?;
+        Ok(md) => {
+            if !md.is_dir() && !md.file_type().is_symlink() {
+                return Err(RestoreError::TargetNotEmpty(target.display().to_string()));
+            }
+            let fd = dirfd::open_dir_path(target).map_err(io)?;
             if !delta && !dirfd::list(&fd).map_err(io)?.is_empty() {
                 return Err(RestoreError::TargetNotEmpty(target.display().to_string()));
             }
@@ -237,19 +249,19 @@ pub fn restore(
         }
         report.files += 1;
         report.bytes += f.node.size;
-        if let Err(e) = file_metadata(&plan, f) {
+        if let Err(e) = file_metadata(&plan, f, filter.force_owner) {
             report
                 .failed
                 .push((f.snap_path.clone(), format!("metadata: {e}")));
         }
     }
     for l in &plan.links {
-        let _ = link_metadata(&plan.table, l);
+        let _ = link_metadata(&plan.table, l, filter.force_owner);
     }
     // Deepest first, so restoring a child does not change its parent's mtime afterwards.
     plan.dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
     for d in &plan.dirs {
-        dir_metadata(&plan.table, d).map_err(|e| RestoreError::Io {
+        dir_metadata(&plan.table, d, filter.force_owner).map_err(|e| RestoreError::Io {
             path: plan.table.path(d.idx).display().to_string(),
             source: e,
         })?;
@@ -388,6 +400,9 @@ fn plan_tree(
                 }
                 dirfd::symlink_at(&target, &*dfd, name_os).map_err(|e| err(&plan.table, e))?;
                 report.symlinks += 1;
+                if report.links.len() < LINKS_LISTED {
+                    report.links.push(plan.table.path(dir).join(name_os));
+                }
                 plan.links.push(PlannedLink { dir, name, node });
             }
             NodeKind::File => {
@@ -416,7 +431,14 @@ fn plan_tree(
                 // In a delta restore, an existing regular file is kept and compared.
                 let existing = if filter.delta {
                     match dirfd::lstat_at(&*dfd, name_os).map_err(|e| err(&plan.table, e))? {
-                        Some(st) if dirfd::file_type(&st) == FileType::RegularFile => true,
+                        // A file with other names may be a hard link to a file outside
+                        // the target, planted in an older copy: made anew instead.
+                        Some(st)
+                            if dirfd::file_type(&st) == FileType::RegularFile
+                                && st.st_nlink == 1 =>
+                        {
+                            true
+                        }
                         Some(_) => {
                             dirfd::remove_entry(&*dfd, name_os).map_err(|e| err(&plan.table, e))?;
                             false
@@ -427,7 +449,15 @@ fn plan_tree(
                     false
                 };
                 let (f, st) = if existing {
-                    dirfd::open_file_write(&*dfd, name_os, true).map_err(|e| err(&plan.table, e))?
+                    let (f, st) = dirfd::open_file_write(&*dfd, name_os, true)
+                        .map_err(|e| err(&plan.table, e))?;
+                    if st.st_nlink != 1 {
+                        return Err(err(
+                            &plan.table,
+                            io::Error::other("gained a hard link during the restore"),
+                        ));
+                    }
+                    (f, st)
                 } else {
                     let f = dirfd::create_file(&*dfd, name_os, 0o600)
                         .map_err(|e| err(&plan.table, e))?;
@@ -668,29 +698,44 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// The owner and mode an entry gets: the snapshot's, or for a cluster the forced owner
+/// and no set-id bits.
+fn owner_and_mode(node: &Node, force: Option<(u32, u32)>) -> ((u32, u32), u32) {
+    match force {
+        Some(o) => (o, node.mode & 0o1777),
+        None => ((node.uid, node.gid), node.mode),
+    }
+}
+
 /// Owner (as root), mode, then times — in that order, since `chown` clears set-id bits —
 /// on the open file itself.
-fn apply_to_fd(fd: &impl std::os::fd::AsFd, node: &Node) -> io::Result<()> {
+fn apply_to_fd(
+    fd: &impl std::os::fd::AsFd,
+    node: &Node,
+    force: Option<(u32, u32)>,
+) -> io::Result<()> {
+    let ((uid, gid), mode) = owner_and_mode(node, force);
     if is_root() {
-        dirfd::set_owner(fd, node.uid, node.gid)?;
+        dirfd::set_owner(fd, uid, gid)?;
     }
-    dirfd::set_mode(fd, node.mode)?;
+    dirfd::set_mode(fd, mode)?;
     dirfd::set_times(fd, node.mtime_ns)
 }
 
-fn file_metadata(plan: &Plan, f: &PlannedFile) -> io::Result<()> {
-    apply_to_fd(&open_planned(plan, f)?, &f.node)
+fn file_metadata(plan: &Plan, f: &PlannedFile, force: Option<(u32, u32)>) -> io::Result<()> {
+    apply_to_fd(&open_planned(plan, f)?, &f.node, force)
 }
 
-fn dir_metadata(table: &DirTable, d: &PlannedDir) -> io::Result<()> {
-    apply_to_fd(&*table.open(d.idx)?, &d.node)
+fn dir_metadata(table: &DirTable, d: &PlannedDir, force: Option<(u32, u32)>) -> io::Result<()> {
+    apply_to_fd(&*table.open(d.idx)?, &d.node, force)
 }
 
-fn link_metadata(table: &DirTable, l: &PlannedLink) -> io::Result<()> {
+fn link_metadata(table: &DirTable, l: &PlannedLink, force: Option<(u32, u32)>) -> io::Result<()> {
     let dir = table.open(l.dir)?;
     let name = OsStr::from_bytes(&l.name);
     if is_root() {
-        dirfd::set_owner_at(&*dir, name, l.node.uid, l.node.gid)?;
+        let ((uid, gid), _) = owner_and_mode(&l.node, force);
+        dirfd::set_link_owner(&*dir, name, uid, gid)?;
     }
     dirfd::set_times_at(&*dir, name, l.node.mtime_ns)
 }
@@ -872,6 +917,36 @@ mod tests {
             "{:?}",
             report.failed
         );
+    }
+
+    #[test]
+    fn a_cluster_restore_gives_everything_to_its_owner_without_set_id_bits() {
+        use std::os::unix::fs::MetadataExt;
+        let mut f = Fixture::new();
+        // A forged base backup: a set-uid root program inside the data directory.
+        let mut x = f.file("x", b"#!/bin/sh\n");
+        x.mode = 0o4755;
+        x.uid = 0;
+        let mut d = f.dir("base", vec![x]);
+        d.mode = 0o2755;
+        let root = f.tree(vec![d]);
+        let index = f.finish();
+        let target = tempfile::tempdir().unwrap();
+        let t = target.path().join("t");
+        let owner = (4242, 4343);
+        let filter = RestoreFilter {
+            force_owner: Some(owner),
+            ..RestoreFilter::default()
+        };
+        let report = restore(&f.repo, &index, &root, &t, &filter, 2, &AtomicU64::new(0)).unwrap();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        for (p, mode) in [(t.join("base/x"), 0o755), (t.join("base"), 0o755)] {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            assert_eq!(m.mode() & 0o7777, mode, "{}", p.display());
+            if rustix::process::geteuid().is_root() {
+                assert_eq!((m.uid(), m.gid()), owner, "{}", p.display());
+            }
+        }
     }
 
     #[test]

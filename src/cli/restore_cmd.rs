@@ -65,6 +65,11 @@ pub struct RestoreArgs {
         default_value = ""
     )]
     shared_preload_libraries: String,
+    /// PostgreSQL: the OS user that owns the restored cluster and runs it (as root;
+    /// default `postgres`). Every restored file gets this owner and no set-id bits,
+    /// whatever the snapshot recorded.
+    #[arg(long = "pg-owner", value_name = "USER")]
+    pg_owner: Option<String>,
     /// PostgreSQL: the cluster, when the repository holds several.
     #[arg(long = "pg-system-id", value_name = "ID")]
     pg_system_id: Option<u64>,
@@ -77,36 +82,60 @@ pub struct RestoreArgs {
     /// Parallel pack fetches (default 3 on a local disk; on S3 --s3-connections, at most 8).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: Option<u64>,
-    /// A restore test: a started server listens on 127.0.0.1 only.
+    /// A restore test: a started server listens on 127.0.0.1 only, without a server log
+    /// collector, and its command-line settings are not kept for a restart.
     #[arg(skip)]
     test: bool,
 }
 
+/// The PostgreSQL side of a restore test.
+pub(crate) struct PgTest {
+    /// Port of the restored server.
+    pub port: u16,
+    /// The cluster, when the repository holds several.
+    pub system_id: Option<u64>,
+    /// Who owns and runs it (`--pg-owner`).
+    pub owner: Option<String>,
+    /// `--shared-preload-libraries`.
+    pub shared_preload_libraries: String,
+}
+
 impl RestoreArgs {
     /// A restore test's arguments: the newest snapshot `snapshot` (or, for PostgreSQL, the
-    /// newest base backup replayed to the end of the archive and started on `pg_port`
+    /// newest base backup replayed to the end of the archive and started on `pg.port`
     /// with archiving off).
     pub(crate) fn for_test(
         snapshot: Option<String>,
         target: PathBuf,
-        pg: Option<(u16, Option<u64>)>,
+        pg: Option<PgTest>,
         tablespace_map: Vec<String>,
     ) -> Self {
+        let is_pg = pg.is_some();
+        let (port, system_id, owner, preload) = match pg {
+            Some(p) => (
+                Some(p.port),
+                p.system_id,
+                p.owner,
+                p.shared_preload_libraries,
+            ),
+            None => (None, None, None, String::new()),
+        };
         RestoreArgs {
-            snapshot: if pg.is_some() { None } else { snapshot },
+            snapshot: if is_pg { None } else { snapshot },
             target,
-            at: pg.map(|_| "latest".to_string()),
-            start: pg.is_some(),
+            at: is_pg.then(|| "latest".to_string()),
+            start: is_pg,
             delta: false,
             tablespace_map,
-            pg_port: pg.map(|(port, _)| port),
+            pg_port: port,
             archive_mode: "off".into(),
-            pg_system_id: pg.and_then(|(_, id)| id),
+            pg_system_id: system_id,
             include: vec![],
             exclude: vec![],
             workers: None,
             waldir: None,
-            shared_preload_libraries: String::new(),
+            shared_preload_libraries: preload,
+            pg_owner: owner,
             test: true,
         }
     }
@@ -127,7 +156,7 @@ pub struct DumpArgs {
 /// Repository errors, a non-empty target, or files that could not be restored.
 pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
     let (repo, password) = g.open_on_with_password(g.backend()?)?;
-    let (id, snap, pg) = match (&a.at, &a.snapshot) {
+    let (id, snap, pg, segments) = match (&a.at, &a.snapshot) {
         (Some(_), Some(_)) => bail!("give a snapshot or --at, not both"),
         (None, None) => {
             bail!("give a snapshot (id, prefix or `latest`), or --at TIME for PostgreSQL")
@@ -154,58 +183,59 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
                     }
                 );
             }
-            (plan.snapshot_id, plan.snapshot, Some(stop_at))
+            (
+                plan.snapshot_id,
+                plan.snapshot,
+                Some(stop_at),
+                plan.segments,
+            )
         }
         (None, Some(spec)) => {
             let (id, snap) = repo.resolve_snapshot(spec)?;
             let pg = snap.postgres.is_some().then_some(StopAt::Consistent);
-            (id, snap, pg)
+            let segments = snap
+                .postgres
+                .as_ref()
+                .map(crate::postgres::plan::backup_segments)
+                .unwrap_or_default();
+            (id, snap, pg, segments)
         }
     };
     if pg.is_none()
-        && (a.start || !a.tablespace_map.is_empty() || a.pg_port.is_some() || a.waldir.is_some())
+        && (a.start
+            || !a.tablespace_map.is_empty()
+            || a.pg_port.is_some()
+            || a.waldir.is_some()
+            || a.pg_owner.is_some())
     {
         bail!(
-            "--start, --tablespace-map, --pg-port and --waldir apply to PostgreSQL snapshots only"
+            "--start, --tablespace-map, --pg-port, --waldir and --pg-owner apply to PostgreSQL snapshots only"
         );
     }
-    // Everything PostgreSQL will run is known (and refused if it cannot be written safely)
-    // before anything is restored.
     let target = std::path::absolute(&a.target)?;
-    let access = match pg {
-        Some(_) => Some(wal_access(g, &target, &password)?),
-        None => None,
-    };
     let waldir = a.waldir.as_deref().map(std::path::absolute).transpose()?;
     let index = repo.load_index()?;
-    let filter = RestoreFilter {
+    let mut filter = RestoreFilter {
         include: glob_set(&a.include)?,
         exclude: glob_set(&a.exclude)?,
         delta: a.delta,
+        force_owner: None,
     };
     if pg.is_some() && (filter.include.is_some() || filter.exclude.is_some()) {
         bail!("--include/--exclude would leave a PostgreSQL data directory incomplete");
     }
-    let tablespaces = match (&pg, &snap.postgres) {
-        (Some(_), Some(m)) => tablespace_targets(m, &a.tablespace_map, a.delta)?,
-        _ => vec![],
-    };
-    if !g.quiet && !g.json {
-        // Locations come from the snapshot: say where each goes before writing there.
-        for (t, (_, loc)) in snap
-            .postgres
-            .iter()
-            .flat_map(|m| &m.tablespaces)
-            .zip(&tablespaces)
-        {
-            println!(
-                "tablespace {} (oid {}) is restored to {}",
-                t.name,
-                t.oid,
-                loc.display()
-            );
+    // For PostgreSQL, everything the restored cluster will run and everything outside the
+    // target it would touch is decided, and refused if unsafe, before anything is written.
+    let checked = match (pg, &snap.postgres) {
+        (Some(stop_at), Some(meta)) => {
+            let c = pg_checks(
+                g, &a, &repo, meta, stop_at, &segments, &target, &password, &index, snap.tree,
+            )?;
+            filter.force_owner = Some((c.owner.uid, c.owner.gid));
+            Some(c)
         }
-    }
+        _ => None,
+    };
     let counter = Arc::new(AtomicU64::new(0));
     let progress = Progress::start(
         !g.json && !g.quiet && !g.no_progress,
@@ -228,7 +258,8 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
     let mut report = do_restore(
         &repo, &index, &snap.tree, &a.target, &filter, workers, &counter,
     );
-    for (tree, location) in &tablespaces {
+    let tablespaces = checked.as_ref().map_or(&[][..], |c| &c.tablespaces[..]);
+    for (tree, location) in tablespaces {
         let Ok(r) = &mut report else { break };
         match do_restore(&repo, &index, tree, location, &filter, workers, &counter) {
             Ok(more) => {
@@ -238,6 +269,7 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
                 r.bytes += more.bytes;
                 r.bytes_unchanged += more.bytes_unchanged;
                 r.failed.extend(more.failed);
+                r.links.extend(more.links);
             }
             Err(e) => report = Err(e),
         }
@@ -245,120 +277,10 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
     drop(progress);
     let report = report?;
     let secs = started.elapsed().as_secs_f64();
-    let mut reached = None;
-    if let (Some(stop_at), Some(meta), true, Some(access)) =
-        (pg, &snap.postgres, report.failed.is_empty(), &access)
+    if let (Some(stop_at), Some(meta), true, Some(c)) =
+        (pg, &snap.postgres, report.failed.is_empty(), &checked)
     {
-        let archive_off = a.archive_mode == "off";
-        if a.start && !archive_off && !access.secrets.is_empty() {
-            bail!(
-                "the started server would archive its WAL with the repository password, which came from {}: after recovery the temporary copy is removed; set BACKUPD_PASSWORD_FILE or BACKUPD_PASSWORD_COMMAND (or a policy's password_file/password_command), or give --archive-mode off",
-                access.secret_origin
-            );
-        }
-        let settings = RecoverySettings {
-            stop_at,
-            restore_command: access.command("wal-fetch %f %p"),
-            archive_off,
-            port: a.pg_port,
-            waldir: waldir.clone(),
-            recovery_end_command: access.remove_secrets_command(&target),
-        };
-        let links: Vec<(u32, PathBuf)> = meta
-            .tablespaces
-            .iter()
-            .zip(&tablespaces)
-            .map(|(t, (_, loc))| (t.oid, loc.clone()))
-            .collect();
-        let secrets: Vec<(&str, &[u8])> = access
-            .secrets
-            .iter()
-            .map(|(n, b)| (*n, b.as_slice()))
-            .collect();
-        let prepared = recovery::prepare(&target, meta, &links, &settings, &secrets)?;
-        for w in &prepared.warnings {
-            eprintln!("backupd: warning: {w}");
-        }
-        if !access.secrets.is_empty() && !g.quiet && !g.json {
-            println!(
-                "restore_command reads the repository password from {} (mode 0600, owned by the cluster's owner), since it came from {}, which the server does not inherit; {}",
-                target.join(SECRET_PASSWORD_FILE).display(),
-                access.secret_origin,
-                if a.start {
-                    "it is removed once the server has promoted"
-                } else {
-                    "recovery_end_command removes it when recovery ends"
-                }
-            );
-        }
-        if !g.quiet && !g.json {
-            println!(
-                "restored base backup {} to {} ({} files, {} bytes{}) in {:.2} s; recovery settings in postgresql.auto.conf",
-                id.short(),
-                a.target.display(),
-                report.files,
-                report.bytes,
-                if a.delta {
-                    format!(", {} bytes already in place", report.bytes_unchanged)
-                } else {
-                    String::new()
-                },
-                secs
-            );
-        }
-        if a.start {
-            let archive_command = (!archive_off).then(|| access.command("wal-push %p"));
-            let mut server = recovery::ServerSettings::for_recovery(
-                &target,
-                &settings,
-                archive_command.as_deref(),
-                &a.shared_preload_libraries,
-                a.test,
-            );
-            server.remove_after_promotion =
-                access.secrets.iter().map(|(n, _)| n.to_string()).collect();
-            if a.shared_preload_libraries.is_empty() && !g.quiet && !g.json {
-                if let Some(libs) = recovery::configured_preload(&target) {
-                    println!(
-                        "note: the snapshot's configuration sets shared_preload_libraries = {libs:?}; the server starts without them (a configuration inside a snapshot does not choose the code backupd runs): give --shared-preload-libraries {libs:?} to load them"
-                    );
-                }
-            }
-            let r = recovery::start_and_wait(&target, meta, &server, waldir.as_deref())?;
-            if !g.quiet && !g.json {
-                println!(
-                    "server promoted after {:.2} s: last transaction replayed at {}, redo done at {}, now on timeline {}{}",
-                    r.seconds,
-                    r.last_completed.as_deref().unwrap_or("(none)"),
-                    r.redo_done_at.as_deref().unwrap_or("?"),
-                    r.timeline.map_or("?".into(), |t| t.to_string()),
-                    r.stopped.as_ref().map(|s| format!(" ({s})")).unwrap_or_default(),
-                );
-            }
-            reached = Some(r);
-        } else if !g.quiet && !g.json {
-            println!(
-                "start it with: pg_ctl -D {} start (as the owner of the directory)",
-                a.target.display()
-            );
-        }
-        if g.json {
-            println!(
-                "{}",
-                json!({
-                    "snapshot_id": id.to_hex(),
-                    "target": a.target.display().to_string(),
-                    "files": report.files,
-                    "bytes": report.bytes,
-                    "bytes_unchanged": report.bytes_unchanged,
-                    "duration_secs": secs,
-                    "promoted_after_secs": reached.as_ref().map(|r| r.seconds),
-                    "last_transaction": reached.as_ref().and_then(|r| r.last_completed.clone()),
-                    "redo_done_at": reached.as_ref().and_then(|r| r.redo_done_at.clone()),
-                    "timeline": reached.as_ref().and_then(|r| r.timeline),
-                })
-            );
-        }
+        finish_pg(g, &a, meta, stop_at, c, &report, &id, &target, waldir, secs)?;
         return Ok(EXIT_OK);
     }
     if g.json {
@@ -401,6 +323,277 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
         ),
     }
     .into())
+}
+
+/// What a PostgreSQL restore settled before writing anything.
+struct PgChecked {
+    /// Who owns and runs the restored cluster.
+    owner: recovery::ClusterOwner,
+    /// How its restore_command reaches the repository.
+    access: WalAccess,
+    /// Each tablespace's tree and where it goes.
+    tablespaces: Vec<(BlobId, PathBuf)>,
+}
+
+/// The checks of a PostgreSQL restore that must pass before anything is written: the
+/// server version, the cluster's owner, the WAL commands and their secrets, where each
+/// tablespace goes, and tablespaces the WAL creates outside the target.
+#[allow(clippy::too_many_arguments)]
+fn pg_checks(
+    g: &GlobalArgs,
+    a: &RestoreArgs,
+    repo: &crate::repo::Repository,
+    meta: &PostgresMeta,
+    stop_at: StopAt,
+    segments: &[String],
+    target: &Path,
+    password: &str,
+    index: &crate::repo::Index,
+    snap_tree: BlobId,
+) -> Result<PgChecked> {
+    if meta.server_version_num < 120000 {
+        bail!(
+            "base backup of PostgreSQL {} : restoring clusters older than 12 (recovery.conf) is not supported",
+            meta.server_version
+        );
+    }
+    let owner = recovery::cluster_owner(a.pg_owner.as_deref())?;
+    let access = wal_access(g, target, password)?;
+    if a.start && a.archive_mode != "off" && !access.secrets.is_empty() {
+        bail!(
+            "the started server would archive its WAL into the repository with the credentials that came from {}, and the temporary copies backupd gives recovery are removed when it promotes: give them as files or commands (BACKUPD_PASSWORD_FILE or BACKUPD_PASSWORD_COMMAND, BACKUPD_S3_CREDENTIALS_FILE, or a policy's password_file/password_command and s3_credentials_file), or --archive-mode off",
+            access.secret_origin
+        );
+    }
+    let tablespaces = tablespace_targets(meta, &a.tablespace_map, a.delta)?;
+    // pg_tblspc may only hold the tablespaces the backup recorded (a link to any other
+    // place would have the restored server write there).
+    if let Ok(node) = crate::restore::find_node(repo, index, &snap_tree, "/pg_tblspc") {
+        if let Some(sub) = node.subtree {
+            for n in repo.load_tree(index, &sub)?.nodes {
+                let known = n
+                    .name
+                    .parse::<u32>()
+                    .is_ok_and(|oid| meta.tablespaces.iter().any(|t| t.oid == oid));
+                if !known {
+                    bail!(
+                        "the base backup holds pg_tblspc/{} but records no such tablespace (created while the backup ran?): not restoring a cluster that would use it; take a new base backup",
+                        n.name
+                    );
+                }
+            }
+        }
+    }
+    if !g.quiet && !g.json {
+        // Locations come from the snapshot: say where each goes before writing there.
+        for (t, (_, loc)) in meta.tablespaces.iter().zip(&tablespaces) {
+            println!(
+                "tablespace {} (oid {}) is restored to {}",
+                t.name,
+                t.oid,
+                loc.display()
+            );
+        }
+    }
+    // Replaying CREATE TABLESPACE writes at the location the WAL names, on this host,
+    // removing what is there; no setting redirects it.
+    let until = match stop_at {
+        StopAt::Time(t) => Some(t),
+        _ => None,
+    };
+    let created =
+        crate::postgres::plan::tablespaces_created(repo, meta.system_identifier, segments, until)?;
+    for t in &created {
+        let in_use = std::fs::read_dir(&t.location).is_ok_and(|mut d| d.next().is_some());
+        if in_use || a.test {
+            bail!(
+                "the WAL to replay creates tablespace oid {} at {} (segment {}), after base backup {}: recovery would remove and recreate {}/PG_{}_* on this host{}; take a new base backup (it records the tablespace) and restore from it, or restore on another host",
+                t.oid,
+                t.location,
+                t.segment,
+                meta.label,
+                t.location,
+                meta.server_version_num / 10000,
+                if in_use { ", where it is in use" } else { "" }
+            );
+        }
+        if !g.quiet && !g.json {
+            eprintln!(
+                "backupd: warning: WAL replay creates tablespace oid {} at {} on this host (segment {})",
+                t.oid, t.location, t.segment
+            );
+        }
+    }
+    Ok(PgChecked {
+        owner,
+        access,
+        tablespaces,
+    })
+}
+
+/// After the files of a PostgreSQL restore: the recovery settings, then with `--start`
+/// the server, and the report.
+#[allow(clippy::too_many_arguments)]
+fn finish_pg(
+    g: &GlobalArgs,
+    a: &RestoreArgs,
+    meta: &PostgresMeta,
+    stop_at: StopAt,
+    c: &PgChecked,
+    report: &crate::restore::RestoreReport,
+    id: &BlobId,
+    target: &Path,
+    waldir: Option<PathBuf>,
+    secs: f64,
+) -> Result<()> {
+    let access = &c.access;
+    let archive_off = a.archive_mode == "off";
+    let settings = RecoverySettings {
+        stop_at,
+        restore_command: access.command("wal-fetch %f %p"),
+        archive_off,
+        port: a.pg_port,
+        waldir: waldir.clone(),
+        recovery_end_command: access.remove_secrets_command(target),
+        delta: a.delta,
+    };
+    let links: Vec<(u32, PathBuf)> = meta
+        .tablespaces
+        .iter()
+        .zip(&c.tablespaces)
+        .map(|(t, (_, loc))| (t.oid, loc.clone()))
+        .collect();
+    let secrets: Vec<(&str, &[u8])> = access
+        .secrets
+        .iter()
+        .map(|(n, b)| (*n, b.as_slice()))
+        .collect();
+    let prepared = recovery::prepare(target, meta, &links, &settings, &secrets, c.owner)?;
+    for w in &prepared.warnings {
+        eprintln!("backupd: warning: {w}");
+    }
+    if !access.secrets.is_empty() && !g.quiet && !g.json {
+        println!(
+            "restore_command reads {} from {} (mode 0600, owned by the cluster's owner), since they came from {}, which the server does not inherit; {}",
+            access.secret_names(),
+            access
+                .secrets
+                .iter()
+                .map(|(n, _)| target.join(n).display().to_string())
+                .collect::<Vec<_>>()
+                .join(" and "),
+            access.secret_origin,
+            if a.start {
+                "they are removed once the server has promoted"
+            } else {
+                "recovery_end_command removes them when recovery ends"
+            }
+        );
+    }
+    if !g.quiet && !g.json {
+        println!(
+            "restored base backup {} to {} ({} files, {} bytes{}) in {:.2} s; recovery settings in postgresql.auto.conf",
+            id.short(),
+            a.target.display(),
+            report.files,
+            report.bytes,
+            if a.delta {
+                format!(", {} bytes already in place", report.bytes_unchanged)
+            } else {
+                String::new()
+            },
+            secs
+        );
+    }
+    let mut reached = None;
+    if a.start {
+        // Links that lead out of the data directory would have the started server write
+        // there (pg_basebackup keeps them too, and the user may want them; backupd does not
+        // start a server on them).
+        // (The recovery files, pg_tblspc/<oid> and the emptied directories were just
+        // made what they must be: only links still there count.)
+        let tblspc = target.join("pg_tblspc");
+        let outside: Vec<String> = report
+            .links
+            .iter()
+            .filter(|p| p.parent() != Some(tblspc.as_path()))
+            .filter(|p| !(waldir.is_some() && **p == target.join("pg_wal")))
+            // (made anew when the server starts)
+            .filter(|p| **p != target.join(recovery::RECOVERY_LOG))
+            .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()))
+            .map(|p| p.display().to_string())
+            .collect();
+        if !outside.is_empty() {
+            bail!(
+                "the restored data directory holds symlinks that lead out of it ({}); the server was not started: check them, then start it yourself (pg_ctl -D {} start)",
+                outside
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                a.target.display()
+            );
+        }
+        let archive_command = (!archive_off).then(|| access.command("wal-push %p"));
+        let mut server = recovery::ServerSettings::for_recovery(
+            target,
+            &settings,
+            archive_command.as_deref(),
+            &a.shared_preload_libraries,
+            a.test,
+            meta.server_version_num,
+        );
+        server.remove_after_promotion = access.secrets.iter().map(|(n, _)| n.to_string()).collect();
+        server.forget_on_restart = !a.test;
+        if a.shared_preload_libraries.is_empty() && !g.quiet && !g.json {
+            if let Some(libs) = recovery::configured_preload(target) {
+                println!(
+                    "note: the snapshot's configuration sets shared_preload_libraries = {libs:?}; the server starts without them (a configuration inside a snapshot does not choose the code backupd runs): give --shared-preload-libraries {libs:?} to load them"
+                );
+            }
+        }
+        let r = recovery::start_and_wait(target, meta, &server, waldir.as_deref())?;
+        if !g.quiet && !g.json {
+            println!(
+                "server promoted after {:.2} s: last transaction replayed at {}, redo done at {}, now on timeline {}{}",
+                r.seconds,
+                r.last_completed.as_deref().unwrap_or("(none)"),
+                r.redo_done_at.as_deref().unwrap_or("?"),
+                r.timeline.map_or("?".into(), |t| t.to_string()),
+                r.stopped.as_ref().map(|s| format!(" ({s})")).unwrap_or_default(),
+            );
+            if !a.test {
+                println!(
+                    "it runs with archive_command, restore_command, shared_preload_libraries and the other command settings backupd chose; a restart (pg_ctl restart) uses postgresql.conf again"
+                );
+            }
+        }
+        reached = Some(r);
+    } else if !g.quiet && !g.json {
+        println!(
+            "start it with: pg_ctl -D {} start (as the owner of the directory)",
+            a.target.display()
+        );
+    }
+    if g.json {
+        println!(
+            "{}",
+            json!({
+                "snapshot_id": id.to_hex(),
+                "target": a.target.display().to_string(),
+                "files": report.files,
+                "bytes": report.bytes,
+                "bytes_unchanged": report.bytes_unchanged,
+                "duration_secs": secs,
+                "promoted_after_secs": reached.as_ref().map(|r| r.seconds),
+                "last_transaction": reached.as_ref().and_then(|r| r.last_completed.clone()),
+                "redo_done_at": reached.as_ref().and_then(|r| r.redo_done_at.clone()),
+                "timeline": reached.as_ref().and_then(|r| r.timeline),
+            })
+        );
+    }
+    Ok(())
 }
 
 /// Runs `dump`.
@@ -502,10 +695,23 @@ fn tablespace_targets(
     }
     let mut out = vec![];
     for t in &meta.tablespaces {
-        let loc = pairs
+        let mapped = pairs
             .iter()
             .find(|(old, _)| *old == t.name || *old == t.oid.to_string() || *old == t.location)
-            .map_or_else(|| PathBuf::from(&t.location), |(_, n)| n.clone());
+            .map(|(_, n)| n.clone());
+        let loc = mapped.clone().unwrap_or_else(|| PathBuf::from(&t.location));
+        // A location the snapshot names (a forger can name any path) is used only if it
+        // does not exist yet, or when --tablespace-map names it, or for --delta.
+        if mapped.is_none() && !delta && std::fs::symlink_metadata(&loc).is_ok() {
+            bail!(
+                "tablespace {} (oid {}) would be restored to {}, which exists; give --tablespace-map {}={} to restore into it (it must be empty), or another directory",
+                t.name,
+                t.oid,
+                loc.display(),
+                t.name,
+                loc.display()
+            );
+        }
         let busy = std::fs::read_dir(&loc).is_ok_and(|mut d| d.next().is_some());
         if busy && !delta {
             bail!(
@@ -521,11 +727,9 @@ fn tablespace_targets(
     Ok(out)
 }
 
-/// The file a restored cluster's `restore_command` reads the repository password from
-/// when the password came from the environment or a prompt.
-const SECRET_PASSWORD_FILE: &str = "backupd-recovery.password";
-/// Likewise for S3 keys that came from `AWS_SECRET_ACCESS_KEY`.
-const SECRET_S3_FILE: &str = "backupd-recovery.s3-credentials";
+use recovery::{
+    RECOVERY_PASSWORD_FILE as SECRET_PASSWORD_FILE, RECOVERY_S3_FILE as SECRET_S3_FILE,
+};
 
 /// How a restored cluster's `restore_command` (and, when backupd starts it with archiving
 /// on, its `archive_command`) reach the repository: this binary, this repository, and the
@@ -545,6 +749,18 @@ impl WalAccess {
     /// The command for a WAL verb (`wal-fetch %f %p`).
     fn command(&self, verb: &str) -> String {
         format!("{} {verb}", self.prefix)
+    }
+
+    /// What the secret files hold, for messages.
+    fn secret_names(&self) -> String {
+        self.secrets
+            .iter()
+            .map(|(n, _)| match *n {
+                SECRET_PASSWORD_FILE => "the repository password",
+                _ => "the S3 keys",
+            })
+            .collect::<Vec<_>>()
+            .join(" and ")
     }
 
     /// `recovery_end_command` removing the secret files, if there are any.
@@ -596,7 +812,9 @@ fn wal_access(g: &GlobalArgs, target: &Path, password: &str) -> Result<WalAccess
             "BACKUPD_PASSWORD_FILE",
             target.join(SECRET_PASSWORD_FILE).display().to_string(),
         ));
-        let mut bytes = zeroize::Zeroizing::new(password.as_bytes().to_vec());
+        // Sized once: no reallocation leaves a copy behind.
+        let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(password.len() + 1));
+        bytes.extend_from_slice(password.as_bytes());
         bytes.push(b'\n');
         secrets.push((SECRET_PASSWORD_FILE, bytes));
     };
@@ -656,11 +874,30 @@ fn wal_access(g: &GlobalArgs, target: &Path, password: &str) -> Result<WalAccess
             std::env::var("AWS_ACCESS_KEY_ID"),
             std::env::var("AWS_SECRET_ACCESS_KEY"),
         ) {
-            let mut text = zeroize::Zeroizing::new(format!(
-                "[default]\naws_access_key_id = {id}\naws_secret_access_key = {secret}\n"
-            ));
-            if let Ok(token) = std::env::var("AWS_SESSION_TOKEN") {
-                text.push_str(&format!("aws_session_token = {token}\n"));
+            let secret = zeroize::Zeroizing::new(secret);
+            let token = std::env::var("AWS_SESSION_TOKEN")
+                .ok()
+                .map(zeroize::Zeroizing::new);
+            // Sized once and filled piece by piece: no temporary or reallocated copy of a
+            // key is left behind.
+            let parts: [&str; 8] = [
+                "[default]\naws_access_key_id = ",
+                &id,
+                "\naws_secret_access_key = ",
+                &secret,
+                "\n",
+                if token.is_some() {
+                    "aws_session_token = "
+                } else {
+                    ""
+                },
+                token.as_deref().map_or("", |t| t.as_str()),
+                if token.is_some() { "\n" } else { "" },
+            ];
+            let mut text =
+                zeroize::Zeroizing::new(String::with_capacity(parts.iter().map(|p| p.len()).sum()));
+            for p in parts {
+                text.push_str(p);
             }
             vars.retain(|(k, _)| *k != "BACKUPD_S3_PROFILE");
             vars.push((

@@ -45,6 +45,24 @@ pub struct VerifyArgs {
     /// (`backupd-verify-<random>`, mode 0711) removed afterwards.
     #[arg(long, value_name = "DIR", env = "BACKUPD_SCRATCH_DIR")]
     scratch: Option<PathBuf>,
+    /// PostgreSQL: the OS user that owns and runs the restored cluster (default: the
+    /// policy's `cluster_owner`, else `postgres`).
+    #[arg(long = "pg-owner", value_name = "USER")]
+    pg_owner: Option<String>,
+    /// PostgreSQL: the shared_preload_libraries the restored server starts with (default:
+    /// the policy's, else none).
+    #[arg(long = "shared-preload-libraries", value_name = "LIST")]
+    shared_preload_libraries: Option<String>,
+}
+
+/// Where and how a restore test runs.
+struct TestSetup<'a> {
+    /// The base of its scratch directory.
+    scratch: &'a Path,
+    /// `--pg-owner`.
+    owner: Option<String>,
+    /// `--shared-preload-libraries`.
+    preload: String,
 }
 
 /// The outcome of one verification.
@@ -141,7 +159,6 @@ fn process_start(pid: u32) -> Option<u64> {
 
 impl Scratch {
     fn new(base: &Path) -> Result<Scratch> {
-        use std::os::unix::fs::DirBuilderExt;
         std::fs::create_dir_all(base)
             .with_context(|| format!("scratch directory {}", base.display()))?;
         let base_fd = crate::dirfd::open_dir_path(base)
@@ -154,10 +171,17 @@ impl Scratch {
             );
             let name = format!("{SCRATCH_PREFIX}{}", hex::encode(r));
             let dir = base.join(&name);
-            match std::fs::DirBuilder::new().mode(0o711).create(&dir) {
+            match rustix::fs::mkdirat(
+                &base_fd,
+                name.as_str(),
+                rustix::fs::Mode::from_raw_mode(0o711),
+            ) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => {
+                    return Err(std::io::Error::from(e))
+                        .with_context(|| format!("creating {}", dir.display()))
+                }
             }
             let fd = crate::dirfd::open_subdir(&base_fd, std::ffi::OsStr::new(&name))
                 .with_context(|| format!("opening {}", dir.display()))?;
@@ -236,7 +260,13 @@ fn clean_stale(base: &Path) {
         else {
             continue;
         };
-        if process_start(owner.0).is_some_and(|s| s == owner.1) {
+        // Its process still runs (the same one: same start time; when the start time
+        // could not be read, any process with that pid counts).
+        let alive = match process_start(owner.0) {
+            Some(s) => owner.1 == 0 || s == owner.1,
+            None => false,
+        };
+        if alive {
             continue;
         }
         let path = base.join(name);
@@ -301,10 +331,11 @@ fn restore_test(
     repo: &crate::repo::Repository,
     pol: Option<&Policy>,
     spec: Option<&VerifySpec>,
-    scratch: &Path,
+    setup: &TestSetup<'_>,
     r: &mut Report,
     stop: &CancelToken,
 ) -> Result<()> {
+    let (scratch, owner, preload) = (setup.scratch, &setup.owner, &setup.preload);
     let snaps = repo.snapshots()?;
     let newest = snaps
         .iter()
@@ -372,7 +403,12 @@ fn restore_test(
         let args = super::restore_cmd::RestoreArgs::for_test(
             None,
             target.clone(),
-            Some((port, Some(sysid))),
+            Some(super::restore_cmd::PgTest {
+                port,
+                system_id: Some(sysid),
+                owner: owner.clone(),
+                shared_preload_libraries: preload.clone(),
+            }),
             ts_map,
         );
         let restored = super::restore_cmd::restore(&quiet, args);
@@ -382,7 +418,7 @@ fn restore_test(
         t.bytes = bytes;
         if let Err(e) = restored {
             // A server that started but did not finish recovery must not be left running.
-            if target.join("postmaster.pid").exists() {
+            if std::fs::symlink_metadata(target.join("postmaster.pid")).is_ok() {
                 let _ = recovery::stop(&target, meta);
             }
             r.problems.push(format!(
@@ -538,7 +574,19 @@ fn verify_one(g: &GlobalArgs, a: &VerifyArgs, pol: Option<&Policy>, stop: &Cance
     r.problems.extend(c.errors);
     if a.restore_test || spec.is_some_and(|v| v.restore_test) {
         let base = a.scratch.clone().unwrap_or_else(std::env::temp_dir);
-        if let Err(e) = restore_test(&g, &repo, pol, spec, &base, &mut r, stop) {
+        let setup = TestSetup {
+            scratch: &base,
+            owner: a
+                .pg_owner
+                .clone()
+                .or_else(|| spec.and_then(|v| v.cluster_owner.clone())),
+            preload: a
+                .shared_preload_libraries
+                .clone()
+                .or_else(|| spec.and_then(|v| v.shared_preload_libraries.clone()))
+                .unwrap_or_default(),
+        };
+        if let Err(e) = restore_test(&g, &repo, pol, spec, &setup, &mut r, stop) {
             r.problems
                 .push(format!("restore test: {}", super::error_chain(&e)));
         }
@@ -661,7 +709,11 @@ fn amcheck_command(
         "--install-missing",
         "--no-password",
     ])
-    .stdin(std::process::Stdio::null());
+    .stdin(std::process::Stdio::null())
+    .env(
+        "PGOPTIONS",
+        crate::postgres::checks::RESTORED_SESSION_OPTIONS,
+    );
     crate::secret_env::scrub(&mut cmd);
     let passfile = match password {
         Some(pw) => {

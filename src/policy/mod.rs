@@ -185,6 +185,11 @@ pub struct VerifySpec {
     pub sql_checks: Vec<SqlCheck>,
     /// InfluxQL/SQL-free checks for InfluxDB: measurements that must exist.
     pub measurements: Vec<String>,
+    /// PostgreSQL: the `shared_preload_libraries` the restored server starts with (none
+    /// unless given: the snapshot's configuration does not choose the code verify runs).
+    pub shared_preload_libraries: Option<String>,
+    /// PostgreSQL: the OS user that owns and runs the restored cluster (`postgres`).
+    pub cluster_owner: Option<String>,
 }
 
 /// Hooks run around a backup (each through `sh -c`).

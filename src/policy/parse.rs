@@ -788,6 +788,20 @@ impl Validator<'_> {
                 }
             }
         }
+        let shared_preload_libraries = s
+            .string(
+                p,
+                "shared_preload_libraries",
+                "the libraries the restored server loads, as in postgresql.conf",
+            )
+            .map(|v| v.value);
+        let cluster_owner = s
+            .string(
+                p,
+                "cluster_owner",
+                "the OS user owning and running the restored cluster",
+            )
+            .map(|v| v.value);
         let measurements = s
             .strings(p, "measurements", "an array of measurement names")
             .unwrap_or_default();
@@ -806,6 +820,8 @@ impl Validator<'_> {
             restore_test,
             sql_checks,
             measurements: measurements.into_iter().map(|m| m.value).collect(),
+            shared_preload_libraries,
+            cluster_owner,
         })
     }
 

@@ -397,18 +397,14 @@ pub struct PgWalkPolicy {
     pub tablespace_dir: Option<String>,
 }
 
-const EXCLUDE_CONTENTS: [&str; 8] = [
-    "pg_wal",
-    "pg_replslot",
-    "pg_dynshmem",
-    "pg_notify",
-    "pg_serial",
-    "pg_snapshots",
-    "pg_subtrans",
-    "pg_stat_tmp",
-];
+/// The directories whose contents a base backup leaves out (one list with the restore,
+/// which makes them real directories).
+const EXCLUDE_CONTENTS: [&str; 8] = super::recovery::EMPTIED_DIRS;
 
-const EXCLUDE_ROOT_FILES: [&str; 9] = [
+const EXCLUDE_ROOT_FILES: [&str; 11] = [
+    // What backupd's own restore leaves there for recovery (secrets).
+    super::recovery::RECOVERY_PASSWORD_FILE,
+    super::recovery::RECOVERY_S3_FILE,
     "postmaster.pid",
     "postmaster.opts",
     "backup_label",

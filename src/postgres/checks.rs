@@ -7,6 +7,12 @@ use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 use crate::policy::{SqlCheck, SqlExpect};
 
+/// Session options for connections to a restored copy: per-role or per-database settings
+/// stored in its catalog (`ALTER ROLE ... SET session_preload_libraries`) do not choose
+/// the code its sessions load.
+pub const RESTORED_SESSION_OPTIONS: &str =
+    "-c session_preload_libraries= -c local_preload_libraries= -c dynamic_library_path=$libdir";
+
 /// The outcome of one check.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct SqlCheckResult {
@@ -76,6 +82,7 @@ async fn one(t: &Target<'_>, c: &SqlCheck) -> SqlCheckResult {
         .user(t.user)
         .dbname(&db)
         .application_name("backupd verify")
+        .options(RESTORED_SESSION_OPTIONS)
         .connect_timeout(Duration::from_secs(30));
     if let Some(p) = t.password {
         cfg.password(p);

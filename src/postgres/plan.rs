@@ -72,6 +72,8 @@ pub struct RestorePlan {
     pub gap: Option<String>,
     /// Earliest time any usable base backup allows.
     pub earliest: DateTime<Utc>,
+    /// The segments recovery reads, in order, up to `last_segment`.
+    pub segments: Vec<String>,
 }
 
 impl RestorePlan {
@@ -209,6 +211,7 @@ pub fn plan(
         reach,
         gap: walk.gap.clone(),
         earliest,
+        segments: walk.segments.clone(),
     };
     let range = format!("from {} to before {}", fmt_time(earliest), fmt_time(reach));
     if walk.segments.is_empty() || walk.needed_missing.is_some() {
@@ -388,4 +391,90 @@ fn reach_time(
         }
     }
     Ok(floor)
+}
+
+/// The segments replay reads to make base backup `meta` consistent (its start to its
+/// stop), for a restore of that backup alone.
+pub fn backup_segments(meta: &PostgresMeta) -> Vec<String> {
+    let seg_size = meta.wal_segment_size;
+    let first = Segment::of(meta.timeline, meta.start_lsn, seg_size);
+    let last = Segment::of(
+        meta.timeline,
+        Lsn(meta.stop_lsn.0.saturating_sub(1).max(meta.start_lsn.0)),
+        seg_size,
+    );
+    std::iter::successors(Some(first), |s| Some(s.next()))
+        .take_while(|s| s.number <= last.number)
+        .map(|s| s.name(seg_size))
+        .collect()
+}
+
+/// A tablespace that WAL replay creates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TablespaceCreated {
+    /// Its oid.
+    pub oid: u32,
+    /// The location the WAL names (the source host's path).
+    pub location: String,
+    /// The segment holding the record.
+    pub segment: String,
+}
+
+/// The `CREATE TABLESPACE` records in `segments` (read in parallel, reported in WAL
+/// order). Replaying one makes `pg_tblspc/<oid>` a link to its location *on this host*
+/// and removes and recreates the location's version directory there (PostgreSQL's redo
+/// does so): a write outside the restore that no setting redirects. With `until`, segments
+/// after the first one holding a transaction later than it are not read (recovery stops
+/// there).
+///
+/// # Errors
+/// A segment that cannot be fetched or opened.
+pub fn tablespaces_created(
+    repo: &Repository,
+    system_id: u64,
+    segments: &[String],
+    until: Option<DateTime<Utc>>,
+) -> Result<Vec<TablespaceCreated>, PgError> {
+    let archive = WalArchive::new(repo, system_id);
+    let mut found = vec![];
+    // A few at a time: each is a fetch, a decryption and a decompression.
+    for chunk in segments.chunks(8) {
+        let scans: Vec<Result<Option<(String, super::walscan::SegmentScan)>, PgError>> =
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|name| {
+                        let archive = &archive;
+                        sc.spawn(move || -> Result<_, PgError> {
+                            let bytes = archive.fetch(name).map_err(PgError::from)?;
+                            Ok(bytes
+                                .and_then(|b| scan_segment(&b))
+                                .map(|s| (name.clone(), s)))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(PgError::Server("a WAL scan thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
+        for scan in scans {
+            let Some((name, scan)) = scan? else { continue };
+            for (oid, location) in scan.tablespaces_created {
+                found.push(TablespaceCreated {
+                    oid,
+                    location,
+                    segment: name.clone(),
+                });
+            }
+            if until.is_some_and(|t| scan.xact_times.iter().any(|x| *x > t)) {
+                return Ok(found);
+            }
+        }
+    }
+    Ok(found)
 }

@@ -14,6 +14,7 @@
 
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -51,6 +52,8 @@ pub struct RecoverySettings {
     pub waldir: Option<PathBuf>,
     /// `recovery_end_command` (removing the temporary secret files when recovery ends).
     pub recovery_end_command: Option<String>,
+    /// A `--delta` restore over an older copy: what `waldir` holds is replaced.
+    pub delta: bool,
 }
 
 /// The owner of a restored cluster (of its `PG_VERSION`).
@@ -146,8 +149,6 @@ pub const EMPTIED_DIRS: [&str; 8] = [
 /// What [`prepare`] noticed and did not refuse.
 #[derive(Clone, Debug, Default)]
 pub struct Prepared {
-    /// The cluster's owner.
-    pub owner: Option<ClusterOwner>,
     /// Things the user should know (a symlink replaced, ...).
     pub warnings: Vec<String>,
 }
@@ -156,14 +157,10 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// The owner of the cluster in the open data directory: its `PG_VERSION`, which must be a
-/// regular file.
-fn owner_of(root: &OwnedFd, dir: &Path) -> Result<ClusterOwner, PgError> {
+/// Checks the open directory holds a restored cluster: its `PG_VERSION` is a regular file.
+fn check_cluster(root: &OwnedFd, dir: &Path) -> Result<(), PgError> {
     match dirfd::lstat_at(root, OsStr::new("PG_VERSION")).map_err(io_in(dir, "PG_VERSION"))? {
-        Some(st) if dirfd::file_type(&st) == FileType::RegularFile => Ok(ClusterOwner {
-            uid: st.st_uid,
-            gid: st.st_gid,
-        }),
+        Some(st) if dirfd::file_type(&st) == FileType::RegularFile => Ok(()),
         Some(st) => Err(PgError::Server(format!(
             "{}: a {}, not a regular file: not a restored data directory",
             dir.join("PG_VERSION").display(),
@@ -174,6 +171,46 @@ fn owner_of(root: &OwnedFd, dir: &Path) -> Result<ClusterOwner, PgError> {
             dir.join("PG_VERSION").display()
         ))),
     }
+}
+
+/// The OS user a restored cluster belongs to and runs as: `name` (as root; never root
+/// itself), or this process's own user (not root: nothing else is possible). Decided on
+/// the restoring host, never by the snapshot, whose recorded owner a forger chooses.
+///
+/// # Errors
+/// No such user, root, or another user asked for without being root.
+pub fn cluster_owner(name: Option<&str>) -> Result<ClusterOwner, PgError> {
+    use nix::unistd::{getegid, geteuid, User};
+    if !is_root() {
+        let me = ClusterOwner {
+            uid: geteuid().as_raw(),
+            gid: getegid().as_raw(),
+        };
+        if let Some(n) = name {
+            let u = User::from_name(n).ok().flatten();
+            if u.as_ref().map(|u| u.uid.as_raw()) != Some(me.uid) {
+                return Err(PgError::Unsupported(format!(
+                    "--pg-owner {n}: only root can restore a cluster for another user"
+                )));
+            }
+        }
+        return Ok(me);
+    }
+    let n = name.unwrap_or("postgres");
+    let u = User::from_name(n).ok().flatten().ok_or_else(|| {
+        PgError::Unsupported(format!(
+            "no user {n:?} on this host to own and run the restored cluster; give --pg-owner USER"
+        ))
+    })?;
+    if u.uid.is_root() {
+        return Err(PgError::Unsupported(format!(
+            "--pg-owner {n}: a PostgreSQL cluster never belongs to root"
+        )));
+    }
+    Ok(ClusterOwner {
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+    })
 }
 
 /// Makes `name` in `parent` a real directory (replacing a symlink or file) owned by
@@ -216,19 +253,34 @@ pub fn prepare(
     tablespaces: &[(u32, PathBuf)],
     settings: &RecoverySettings,
     secrets: &[(&str, &[u8])],
+    owner: ClusterOwner,
 ) -> Result<Prepared, PgError> {
     let root = dirfd::open_dir_path(dir).map_err(io_at(dir))?;
-    let owner = owner_of(&root, dir)?;
+    check_cluster(&root, dir)?;
     let own = is_root().then_some((owner.uid, owner.gid));
     let mut warnings = vec![];
     let write = |name: &str, data: &[u8]| -> Result<(), PgError> {
         dirfd::write_replace(&root, OsStr::new(name), data, 0o600, own).map_err(io_in(dir, name))
     };
     write("backup_label", meta.backup_label.as_bytes())?;
-    // The links in pg_tblspc point where the tablespaces were restored.
-    if !tablespaces.is_empty() {
+    // The links in pg_tblspc point where the tablespaces were restored; any other entry
+    // there (a tablespace the backup did not record) would lead the server elsewhere.
+    {
         let ts = real_dir(&root, "pg_tblspc", own, dir, &mut warnings)?;
         let ts_path = dir.join("pg_tblspc");
+        for (name, _) in dirfd::list(&ts).map_err(io_at(&ts_path))? {
+            let known = std::str::from_utf8(&name)
+                .ok()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|oid| tablespaces.iter().any(|(o, _)| *o == oid));
+            if !known {
+                return Err(PgError::Unsupported(format!(
+                    "{}/{} is not a tablespace this base backup recorded (one created while it ran?): refusing to start a cluster that would use it; take a new base backup",
+                    ts_path.display(),
+                    String::from_utf8_lossy(&name)
+                )));
+            }
+        }
         for (oid, loc) in tablespaces {
             // The location itself is not in the snapshot (its tree is what is inside):
             // PostgreSQL wants it as CREATE TABLESPACE leaves it, the cluster's, mode 0700.
@@ -243,7 +295,7 @@ pub fn prepare(
             dirfd::symlink_at(loc.as_os_str().as_encoded_bytes(), &ts, n)
                 .map_err(io_in(&ts_path, &name))?;
             if let Some((uid, gid)) = own {
-                dirfd::set_owner_at(&ts, n, uid, gid).map_err(io_in(&ts_path, &name))?;
+                dirfd::set_link_owner(&ts, n, uid, gid).map_err(io_in(&ts_path, &name))?;
             }
         }
     }
@@ -262,7 +314,7 @@ pub fn prepare(
             )?;
         }
         Some(waldir) => {
-            let wal = open_waldir(waldir, own)?;
+            let wal = open_waldir(waldir, own, settings.delta)?;
             real_dir(&wal, "archive_status", own, waldir, &mut warnings)?;
             dirfd::remove_entry(&root, OsStr::new("pg_wal")).map_err(io_in(dir, "pg_wal"))?;
             dirfd::symlink_at(
@@ -272,7 +324,7 @@ pub fn prepare(
             )
             .map_err(io_in(dir, "pg_wal"))?;
             if let Some((uid, gid)) = own {
-                dirfd::set_owner_at(&root, OsStr::new("pg_wal"), uid, gid)
+                dirfd::set_link_owner(&root, OsStr::new("pg_wal"), uid, gid)
                     .map_err(io_in(dir, "pg_wal"))?;
             }
         }
@@ -316,6 +368,11 @@ pub fn prepare(
         text.push_str(&format!("port = {p}\n"));
     }
     write(auto, text.as_bytes())?;
+    let names: Vec<String> = secrets.iter().map(|(n, _)| n.to_string()).collect();
+    let guard = SecretFiles {
+        root: &root,
+        names: &names,
+    };
     for (name, data) in secrets {
         write(name, data)?;
     }
@@ -323,10 +380,9 @@ pub fn prepare(
     if let Some((uid, gid)) = own {
         dirfd::set_owner(&root, uid, gid).map_err(io_at(dir))?;
     }
-    Ok(Prepared {
-        owner: Some(owner),
-        warnings,
-    })
+    // Written and in place: they stay for recovery.
+    std::mem::forget(guard);
+    Ok(Prepared { warnings })
 }
 
 /// The recovery settings proper, as (key, value).
@@ -348,9 +404,10 @@ fn recovery_lines(settings: &RecoverySettings) -> Vec<(&'static str, String)> {
     v
 }
 
-/// Opens (making it if missing) the `--waldir` directory, which must be empty, and gives it
-/// to the cluster's owner with mode 0700.
-fn open_waldir(waldir: &Path, own: Option<(u32, u32)>) -> Result<OwnedFd, PgError> {
+/// Opens (making it if missing) the `--waldir` directory, which must be empty (with
+/// `delta`, it is emptied: it held an older copy's WAL), and gives it to the cluster's
+/// owner with mode 0700.
+fn open_waldir(waldir: &Path, own: Option<(u32, u32)>, delta: bool) -> Result<OwnedFd, PgError> {
     if !waldir.is_absolute() {
         return Err(PgError::Unsupported(format!(
             "--waldir {}: give an absolute path",
@@ -370,7 +427,11 @@ fn open_waldir(waldir: &Path, own: Option<(u32, u32)>) -> Result<OwnedFd, PgErro
     })?;
     let (fd, _) = dirfd::ensure_dir(&pfd, name, 0o700, false).map_err(io_at(waldir))?;
     let entries = dirfd::list(&fd).map_err(io_at(waldir))?;
-    if entries.iter().any(|(n, _)| n != b"archive_status") {
+    if delta {
+        for (n, _) in &entries {
+            dirfd::remove_entry(&fd, OsStr::from_bytes(n)).map_err(io_at(waldir))?;
+        }
+    } else if entries.iter().any(|(n, _)| n != b"archive_status") {
         return Err(PgError::Unsupported(format!(
             "--waldir {} is not empty; give an empty or new directory",
             waldir.display()
@@ -394,7 +455,7 @@ pub fn configured_preload(dir: &Path) -> Option<String> {
             continue;
         };
         for line in String::from_utf8_lossy(&b).lines() {
-            let line = line.split('#').next().unwrap_or("").trim();
+            let line = strip_comment(line).trim();
             let Some((k, v)) = line.split_once('=') else {
                 continue;
             };
@@ -407,6 +468,19 @@ pub fn configured_preload(dir: &Path) -> Option<String> {
     found
 }
 
+/// A configuration line without its comment (a `#` outside quotes).
+fn strip_comment(line: &str) -> &str {
+    let mut quoted = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '#' if !quoted => return &line[..i],
+            _ => {}
+        }
+    }
+    line
+}
+
 /// Settings given to a server backupd starts on its command line (`-c name=value`), which
 /// outrank `postgresql.conf` and `postgresql.auto.conf`: whatever a snapshot's
 /// configuration says, the server runs no command and loads no library backupd did not
@@ -417,6 +491,10 @@ pub struct ServerSettings {
     pub settings: Vec<(&'static str, String)>,
     /// Files in the data directory removed once the server has promoted (secrets).
     pub remove_after_promotion: Vec<String>,
+    /// After promotion, rewrite `postmaster.opts` without these settings, so a later
+    /// `pg_ctl restart` starts the server from its configuration files (a restored
+    /// production server), not with backupd's overrides for good.
+    pub forget_on_restart: bool,
 }
 
 impl ServerSettings {
@@ -429,6 +507,7 @@ impl ServerSettings {
         archive_command: Option<&str>,
         shared_preload_libraries: &str,
         listen_local: bool,
+        server_version_num: u32,
     ) -> Self {
         let mut v: Vec<(&'static str, String)> = vec![
             ("data_directory", dir.display().to_string()),
@@ -442,7 +521,6 @@ impl ServerSettings {
                 .into(),
             ),
             ("archive_command", archive_command.unwrap_or("").to_string()),
-            ("archive_library", String::new()),
             ("archive_cleanup_command", String::new()),
             ("recovery_end_command", String::new()),
             (
@@ -463,6 +541,9 @@ impl ServerSettings {
             ("recovery_target_lsn", String::new()),
             ("recovery_target_inclusive", "on".into()),
         ];
+        if server_version_num >= 150000 {
+            v.push(("archive_library", String::new()));
+        }
         // Ours win over the blanks above.
         for (k, val) in recovery_lines(settings) {
             v.retain(|(n, _)| *n != k);
@@ -475,10 +556,13 @@ impl ServerSettings {
             // TCP on loopback only, and no Unix socket in a directory the snapshot names.
             v.push(("listen_addresses", "127.0.0.1".into()));
             v.push(("unix_socket_directories", String::new()));
+            // The log goes where pg_ctl sends it, not to a directory the snapshot names.
+            v.push(("logging_collector", "off".into()));
         }
         ServerSettings {
             settings: v,
             remove_after_promotion: vec![],
+            forget_on_restart: false,
         }
     }
 
@@ -530,6 +614,12 @@ pub fn find_pg_bin_of(major: u32, name: &str) -> PathBuf {
         })
         .unwrap_or_else(|| PathBuf::from(name))
 }
+
+/// The file a restored cluster's `restore_command` reads the repository password from
+/// when the password came from the environment or a prompt (base backups leave it out).
+pub const RECOVERY_PASSWORD_FILE: &str = "backupd-recovery.password";
+/// Likewise for S3 keys that came from `AWS_SECRET_ACCESS_KEY`.
+pub const RECOVERY_S3_FILE: &str = "backupd-recovery.s3-credentials";
 
 /// The server log `restore --start` and restore tests write, in the data directory.
 pub const RECOVERY_LOG: &str = "backupd-recovery.log";
@@ -608,22 +698,12 @@ fn stop_major(dir: &Path, major: u32) -> Result<(), PgError> {
     Ok(())
 }
 
-/// Makes the server log (a regular file owned by the cluster's owner, never a link).
+/// Makes the server log anew: a new regular file owned by the cluster's owner (an old
+/// one, or whatever a link or hard link at its name leads to, is not opened).
 fn make_log(root: &OwnedFd, dir: &Path) -> Result<(), PgError> {
     let name = OsStr::new(RECOVERY_LOG);
-    let f = match dirfd::lstat_at(root, name).map_err(io_in(dir, RECOVERY_LOG))? {
-        Some(st) if dirfd::file_type(&st) == FileType::RegularFile => {
-            dirfd::open_file_write(root, name, false)
-                .map(|(f, _)| f)
-                .map_err(io_in(dir, RECOVERY_LOG))?
-        }
-        other => {
-            if other.is_some() {
-                dirfd::remove_entry(root, name).map_err(io_in(dir, RECOVERY_LOG))?;
-            }
-            dirfd::create_file(root, name, 0o600).map_err(io_in(dir, RECOVERY_LOG))?
-        }
-    };
+    dirfd::remove_entry(root, name).map_err(io_in(dir, RECOVERY_LOG))?;
+    let f = dirfd::create_file(root, name, 0o600).map_err(io_in(dir, RECOVERY_LOG))?;
     if is_root() {
         let st = dirfd::fstat(root).map_err(io_at(dir))?;
         dirfd::set_owner(&f, st.st_uid, st.st_gid).map_err(io_in(dir, RECOVERY_LOG))?;
@@ -646,6 +726,11 @@ pub fn start_and_wait(
     waldir: Option<&Path>,
 ) -> Result<Reached, PgError> {
     let root = dirfd::open_dir_path(dir).map_err(io_at(dir))?;
+    // However this ends, the temporary secrets do not outlive it.
+    let secrets = SecretFiles {
+        root: &root,
+        names: &server.remove_after_promotion,
+    };
     make_log(&root, dir)?;
     let log = dir.join(RECOVERY_LOG);
     let (mut cmd, pg_ctl) = pg_ctl(dir, &root, meta.server_version_num / 10000)?;
@@ -659,17 +744,10 @@ pub fn start_and_wait(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     let started = Instant::now();
-    let remove_secrets = || {
-        for name in &server.remove_after_promotion {
-            let _ = dirfd::remove_entry(&root, OsStr::new(name));
-        }
-    };
-    let status = cmd.status().map_err(|e| {
-        remove_secrets();
-        PgError::Server(format!("running {}: {e}", pg_ctl.display()))
-    })?;
+    let status = cmd
+        .status()
+        .map_err(|e| PgError::Server(format!("running {}: {e}", pg_ctl.display())))?;
     if !status.success() {
-        remove_secrets();
         return Err(PgError::Server(format!(
             "{} start failed ({status}); server log {}:\n{}",
             pg_ctl.display(),
@@ -688,7 +766,6 @@ pub fn start_and_wait(
             dirfd::lstat_at(&root, OsStr::new("postmaster.pid")),
             Ok(Some(_))
         ) {
-            remove_secrets();
             return Err(PgError::Server(format!(
                 "the server stopped during recovery; server log {}:\n{}",
                 log.display(),
@@ -697,7 +774,10 @@ pub fn start_and_wait(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    remove_secrets();
+    drop(secrets);
+    if server.forget_on_restart {
+        forget_options(&root, dir)?;
+    }
     // Segments fetched ahead that recovery did not need.
     let wal = match waldir {
         Some(w) => dirfd::open_dir_path(w),
@@ -729,6 +809,43 @@ pub fn start_and_wait(
         }
     }
     Ok(r)
+}
+
+/// Removes the temporary secret files of a recovery when dropped.
+struct SecretFiles<'a> {
+    root: &'a OwnedFd,
+    names: &'a [String],
+}
+
+impl Drop for SecretFiles<'_> {
+    fn drop(&mut self) {
+        for name in self.names {
+            if let Err(e) = dirfd::remove_entry(self.root, OsStr::new(name)) {
+                tracing::warn!("removing the temporary secret file {name}: {e}");
+            }
+        }
+    }
+}
+
+/// Rewrites `postmaster.opts` (what `pg_ctl restart` starts the server with) to the
+/// server program and the data directory only.
+fn forget_options(root: &OwnedFd, dir: &Path) -> Result<(), PgError> {
+    let name = OsStr::new("postmaster.opts");
+    let Some(text) =
+        dirfd::read_file(root, name, 1 << 20).map_err(io_in(dir, "postmaster.opts"))?
+    else {
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(&text);
+    let program = text.split(" \"").next().unwrap_or("").trim();
+    if program.is_empty() {
+        return Ok(());
+    }
+    let st = dirfd::fstat(root).map_err(io_at(dir))?;
+    let own = is_root().then_some((st.st_uid, st.st_gid));
+    let opts = format!("{program} \"-D\" \"{}\"\n", dir.display());
+    dirfd::write_replace(root, name, opts.as_bytes(), 0o600, own)
+        .map_err(io_in(dir, "postmaster.opts"))
 }
 
 /// `DBState::DB_IN_PRODUCTION` in pg_control.
@@ -782,6 +899,13 @@ mod tests {
         }
     }
 
+    fn me() -> ClusterOwner {
+        ClusterOwner {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        }
+    }
+
     fn settings() -> RecoverySettings {
         RecoverySettings {
             stop_at: StopAt::Latest,
@@ -790,6 +914,7 @@ mod tests {
             port: Some(5999),
             waldir: None,
             recovery_end_command: None,
+            delta: false,
         }
     }
 
@@ -814,7 +939,7 @@ mod tests {
         symlink(outside.join("wal"), data.join("pg_wal")).unwrap();
         symlink(outside.join("wal"), data.join("pg_replslot")).unwrap();
         let secret = [("backupd-recovery.password", &b"pw\n"[..])];
-        let p = prepare(&data, &meta(), &[], &settings(), &secret).unwrap();
+        let p = prepare(&data, &meta(), &[], &settings(), &secret, me()).unwrap();
         for v in victims {
             let m = std::fs::metadata(outside.join(v)).unwrap();
             assert_eq!(
@@ -874,6 +999,31 @@ mod tests {
     }
 
     #[test]
+    fn a_pg_tblspc_entry_the_backup_did_not_record_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        std::fs::create_dir_all(data.join("pg_tblspc")).unwrap();
+        std::fs::write(data.join("PG_VERSION"), "15\n").unwrap();
+        symlink("/srv/production/ts", data.join("pg_tblspc/16999")).unwrap();
+        let e = prepare(&data, &meta(), &[], &settings(), &[], me()).unwrap_err();
+        assert!(e.to_string().contains("pg_tblspc/16999"), "{e}");
+    }
+
+    #[test]
+    fn the_cluster_owner_is_never_root_nor_chosen_by_the_snapshot() {
+        if rustix::process::geteuid().is_root() {
+            assert!(cluster_owner(Some("root")).is_err());
+            assert!(cluster_owner(Some("no-such-user-backupd")).is_err());
+            let pg = cluster_owner(Some("postgres")).unwrap();
+            assert_ne!(pg.uid, 0);
+            assert_eq!(cluster_owner(None).unwrap(), pg);
+        } else {
+            assert_eq!(cluster_owner(None).unwrap(), me());
+            assert!(cluster_owner(Some("root")).is_err());
+        }
+    }
+
+    #[test]
     fn waldir_must_be_empty_and_becomes_the_link_target() {
         let t = tempfile::tempdir().unwrap();
         let data = t.path().join("data");
@@ -884,11 +1034,11 @@ mod tests {
         std::fs::write(wal.join("000000010000000000000001"), b"x").unwrap();
         let mut s = settings();
         s.waldir = Some(wal.clone());
-        let e = prepare(&data, &meta(), &[], &s, &[]).unwrap_err();
+        let e = prepare(&data, &meta(), &[], &s, &[], me()).unwrap_err();
         assert!(e.to_string().contains("not empty"), "{e}");
         let wal = t.path().join("new/wal");
         s.waldir = Some(wal.clone());
-        prepare(&data, &meta(), &[], &s, &[]).unwrap();
+        prepare(&data, &meta(), &[], &s, &[], me()).unwrap();
         assert_eq!(std::fs::read_link(data.join("pg_wal")).unwrap(), wal);
         assert!(wal.join("archive_status").is_dir());
         assert_eq!(std::fs::metadata(&wal).unwrap().mode() & 0o777, 0o700);
@@ -898,7 +1048,7 @@ mod tests {
     fn server_command_line_overrides_what_runs_commands_or_loads_code() {
         let mut s = settings();
         s.stop_at = StopAt::Consistent;
-        let srv = ServerSettings::for_recovery(Path::new("/d"), &s, None, "", true);
+        let srv = ServerSettings::for_recovery(Path::new("/d"), &s, None, "", true, 150000);
         let get = |k: &str| {
             srv.settings
                 .iter()
@@ -915,6 +1065,10 @@ mod tests {
         assert_eq!(get("restore_command"), ["backupd wal-fetch %f %p"]);
         assert_eq!(get("recovery_target"), ["immediate"]);
         assert_eq!(get("listen_addresses"), ["127.0.0.1"]);
+        assert_eq!(get("logging_collector"), ["off"]);
+        let old = ServerSettings::for_recovery(Path::new("/d"), &s, None, "", false, 140000);
+        assert!(!old.settings.iter().any(|(k, _)| *k == "archive_library"));
+        assert!(!old.settings.iter().any(|(k, _)| *k == "listen_addresses"));
         let opts = srv.pg_ctl_options();
         assert!(
             opts.contains("-c 'restore_command=backupd wal-fetch %f %p'"),

@@ -1,6 +1,7 @@
 //! Reads just enough of a WAL segment to plan a point-in-time restore: the system
-//! identifier in its long page header, and the timestamps of its transaction commit and
-//! abort records (the only records `recovery_target_time` looks at).
+//! identifier in its long page header, the timestamps of its transaction commit and
+//! abort records (the only records `recovery_target_time` looks at), and its
+//! `CREATE TABLESPACE` records (whose replay writes outside the data directory).
 //!
 //! The layout is PostgreSQL's (`access/xlog_internal.h`, `access/xlogrecord.h`): 8 KiB
 //! pages, each with a 24-byte header (40 at the start of a segment) carrying how many bytes
@@ -18,6 +19,8 @@ const LONG_HEADER: usize = 40;
 const RECORD_HEADER: usize = 24;
 const RM_XLOG_ID: u8 = 0;
 const RM_XACT_ID: u8 = 1;
+const RM_TBLSPC_ID: u8 = 5;
+const XLOG_TBLSPC_CREATE: u8 = 0x00;
 const XLOG_SWITCH: u8 = 0x40;
 const XLOG_XACT_OPMASK: u8 = 0x70;
 const XLOG_XACT_COMMIT: u8 = 0x00;
@@ -75,11 +78,13 @@ pub fn pg_time(us_since_2000: i64) -> Option<DateTime<Utc>> {
     Utc.timestamp_micros(unix_us).single()
 }
 
-/// Commit and abort times in one segment, in WAL order.
+/// What one segment says, in WAL order.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct SegmentTimes {
+pub struct SegmentScan {
     /// Time of each commit or abort record that starts in the segment.
     pub xact_times: Vec<DateTime<Utc>>,
+    /// Each `CREATE TABLESPACE` record: (tablespace oid, location).
+    pub tablespaces_created: Vec<(u32, String)>,
     /// True when the scan reached an `XLOG_SWITCH` record or the end of valid records
     /// before the end of the segment.
     pub ended_early: bool,
@@ -88,13 +93,13 @@ pub struct SegmentTimes {
 /// Scans a whole segment. Records continuing from the previous segment are skipped;
 /// records running past its end are not reported (they start here but their main data,
 /// which holds the time, is in the next segment).
-pub fn scan_segment(seg: &[u8]) -> Option<SegmentTimes> {
+pub fn scan_segment(seg: &[u8]) -> Option<SegmentScan> {
     let hdr = segment_header(seg)?;
     let page = hdr.page_size as usize;
     if seg.len() != hdr.segment_size as usize {
         return None;
     }
-    let mut out = SegmentTimes::default();
+    let mut out = SegmentScan::default();
     // One buffer for every record's bytes, sized by records that are really there.
     let mut head = Vec::with_capacity(RECORD_HEADER);
     let mut record = Vec::new();
@@ -163,6 +168,17 @@ pub fn scan_segment(seg: &[u8]) -> Option<SegmentTimes> {
                     if let Some(t) = pg_time(t as i64) {
                         out.xact_times.push(t);
                     }
+                }
+            }
+        }
+        if rmid == RM_TBLSPC_ID && xl_info & 0xF0 == XLOG_TBLSPC_CREATE {
+            // xl_tblspc_create_rec: the oid, then the location, NUL-terminated.
+            if let Some(m) = main_data(&record) {
+                if let Some(oid) = u32_at(m, 0) {
+                    let path = &m[4..];
+                    let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+                    out.tablespaces_created
+                        .push((oid, String::from_utf8_lossy(&path[..end]).into_owned()));
                 }
             }
         }
@@ -319,6 +335,38 @@ mod tests {
         r[16] = XLOG_XACT_COMMIT;
         r[17] = RM_XACT_ID;
         r
+    }
+
+    fn tablespace_create(oid: u32, path: &str) -> Vec<u8> {
+        let mut main = oid.to_le_bytes().to_vec();
+        main.extend_from_slice(path.as_bytes());
+        main.push(0);
+        let mut r = vec![0u8; RECORD_HEADER];
+        r.push(255);
+        r.push(main.len() as u8);
+        r.extend_from_slice(&main);
+        let len = r.len() as u32;
+        r[0..4].copy_from_slice(&len.to_le_bytes());
+        r[16] = XLOG_TBLSPC_CREATE;
+        r[17] = RM_TBLSPC_ID;
+        r
+    }
+
+    #[test]
+    fn finds_tablespace_creation_records() {
+        let t0 = 815_000_000_000_000i64;
+        let recs = vec![
+            commit(t0, 10),
+            tablespace_create(16390, "/srv/pg/ts_fast"),
+            commit(t0 + 1, 10),
+        ];
+        let seg = segment_with(&recs, 1024, 16384);
+        let scan = scan_segment(&seg).unwrap();
+        assert_eq!(
+            scan.tablespaces_created,
+            [(16390, "/srv/pg/ts_fast".to_string())]
+        );
+        assert_eq!(scan.xact_times.len(), 2);
     }
 
     #[test]

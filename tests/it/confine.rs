@@ -474,3 +474,90 @@ fn stale_looking_scratch_directories_are_left_alone_and_the_live_server_keeps_ru
     // Only the three planted entries remain: the test's own directory is gone.
     assert_eq!(fs::read_dir(&scratch).unwrap().count(), 3);
 }
+
+#[test]
+fn a_tablespace_created_after_the_base_backup_is_refused_before_replay_can_remove_the_live_one() {
+    let env = PgEnv::new();
+    let c = env.cluster("src");
+    rows_backup_more(&env, &c, 10, 5);
+    // After the base backup: a tablespace on this host, in use.
+    let ts = env.path("ts-live");
+    fs::create_dir_all(&ts).unwrap();
+    std::process::Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(&ts)
+        .status()
+        .unwrap();
+    c.sql(&format!(
+        "create tablespace tslive location '{}'",
+        ts.display()
+    ));
+    c.sql("create table tl tablespace tslive as select generate_series(1, 100) g");
+    c.switch_and_wait_archived();
+    let before = fingerprint(&ts);
+    assert!(!before.is_empty());
+
+    let target = env.path("restored");
+    env.cmd()
+        .args(["restore", "--at", "latest", "--start", "--target"])
+        .arg(&target)
+        .arg("--pg-port")
+        .arg(free_port().to_string())
+        .run()
+        .expect(1)
+        .stderr_has("creates tablespace");
+    assert!(!target.exists(), "refused before anything was written");
+    let v = env
+        .cmd()
+        .args(["verify", "--restore-test", "--json", "--scratch"])
+        .arg(env.path("scratch"))
+        .run()
+        .expect(1)
+        .json();
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v.to_string().contains("creates tablespace"), "{v}");
+    assert_eq!(fingerprint(&ts), before, "the live tablespace was touched");
+    assert_eq!(c.count("select count(*) from tl"), 100);
+}
+
+#[test]
+fn links_leading_out_of_the_data_directory_stop_a_start_and_a_restart_uses_the_configuration() {
+    let env = PgEnv::new();
+    let c = env.cluster("src");
+    let elsewhere = env.path("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, c.data.join("extra-link")).unwrap();
+    rows_backup_more(&env, &c, 10, 5);
+    let target = env.path("restored");
+    env.cmd()
+        .args([
+            "restore",
+            "--at",
+            "latest",
+            "--start",
+            "--archive-mode",
+            "off",
+            "--target",
+        ])
+        .arg(&target)
+        .arg("--pg-port")
+        .arg(free_port().to_string())
+        .run()
+        .expect(1)
+        .stderr_has("extra-link");
+    assert!(
+        fs::symlink_metadata(target.join("postmaster.pid")).is_err(),
+        "not started"
+    );
+    fs::remove_file(c.data.join("extra-link")).unwrap();
+    backup(&env, &c);
+    c.sql("insert into t values (1)");
+    c.switch_and_wait_archived();
+    let (r, _) = restore_start(&env, &env.path("restored2"), &["--archive-mode", "off"]);
+    // backupd's command-line settings hold for this run only: a restart starts from the
+    // configuration files.
+    let opts = fs::read_to_string(r.data.join("postmaster.opts")).unwrap();
+    assert!(!opts.contains("-c"), "{opts}");
+    assert!(opts.contains("\"-D\""), "{opts}");
+    r.stop();
+}
