@@ -420,12 +420,12 @@ pub struct TablespaceCreated {
     pub segment: String,
 }
 
-/// The `CREATE TABLESPACE` records in `segments` (read in parallel, reported in WAL
+/// The `CREATE TABLESPACE` records in `segments` (read by two workers, reported in WAL
 /// order). Replaying one makes `pg_tblspc/<oid>` a link to its location *on this host*
 /// and removes and recreates the location's version directory there (PostgreSQL's redo
 /// does so): a write outside the restore that no setting redirects. With `until`, segments
-/// after the first one holding a transaction later than it are not read (recovery stops
-/// there).
+/// after the first one holding a transaction later than it are not needed (recovery stops
+/// there). Each worker holds one segment at a time (16 MiB by default).
 ///
 /// # Errors
 /// A segment that cannot be fetched or opened.
@@ -435,45 +435,53 @@ pub fn tablespaces_created(
     segments: &[String],
     until: Option<DateTime<Utc>>,
 ) -> Result<Vec<TablespaceCreated>, PgError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    type Scan = Option<super::walscan::SegmentScan>;
     let archive = WalArchive::new(repo, system_id);
-    let mut found = vec![];
-    // A few at a time: each is a fetch, a decryption and a decompression.
-    for chunk in segments.chunks(8) {
-        let scans: Vec<Result<Option<(String, super::walscan::SegmentScan)>, PgError>> =
-            std::thread::scope(|sc| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|name| {
-                        let archive = &archive;
-                        sc.spawn(move || -> Result<_, PgError> {
-                            let bytes = archive.fetch(name).map_err(PgError::from)?;
-                            Ok(bytes
-                                .and_then(|b| scan_segment(&b))
-                                .map(|s| (name.clone(), s)))
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(PgError::Server("a WAL scan thread panicked".into()))
-                        })
-                    })
-                    .collect()
+    let next = AtomicUsize::new(0);
+    // The first segment recovery stops in (a transaction after `until`): nothing after it
+    // is read.
+    let stop_at = AtomicUsize::new(usize::MAX);
+    let results: Mutex<Vec<Option<Result<Scan, PgError>>>> =
+        Mutex::new((0..segments.len()).map(|_| None).collect());
+    std::thread::scope(|sc| {
+        for _ in 0..2 {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= segments.len() || i > stop_at.load(Ordering::Relaxed) {
+                    return;
+                }
+                let r = archive
+                    .fetch(&segments[i])
+                    .map_err(PgError::from)
+                    .map(|b| b.and_then(|b| scan_segment(&b)));
+                if let Ok(Some(scan)) = &r {
+                    if until.is_some_and(|t| scan.xact_times.iter().any(|x| *x > t)) {
+                        stop_at.fetch_min(i, Ordering::Relaxed);
+                    }
+                }
+                let mut g = results.lock().unwrap_or_else(|p| p.into_inner());
+                g[i] = Some(r);
             });
-        for scan in scans {
-            let Some((name, scan)) = scan? else { continue };
-            for (oid, location) in scan.tablespaces_created {
-                found.push(TablespaceCreated {
-                    oid,
-                    location,
-                    segment: name.clone(),
-                });
-            }
-            if until.is_some_and(|t| scan.xact_times.iter().any(|x| *x > t)) {
-                return Ok(found);
-            }
+        }
+    });
+    let last = stop_at.load(Ordering::Relaxed);
+    let mut found = vec![];
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (i, r) in results.into_iter().enumerate() {
+        if i > last {
+            break;
+        }
+        let Some(scan) = r.transpose()?.flatten() else {
+            continue;
+        };
+        for (oid, location) in scan.tablespaces_created {
+            found.push(TablespaceCreated {
+                oid,
+                location,
+                segment: segments[i].clone(),
+            });
         }
     }
     Ok(found)
