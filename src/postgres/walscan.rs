@@ -320,36 +320,33 @@ mod tests {
         seg
     }
 
+    /// A record of resource manager `rmid` with `info` and this main data.
+    fn record(rmid: u8, info: u8, main: &[u8]) -> Vec<u8> {
+        let mut r = vec![0u8; RECORD_HEADER];
+        r.push(255);
+        r.push(main.len() as u8);
+        r.extend_from_slice(main);
+        let len = r.len() as u32;
+        r[0..4].copy_from_slice(&len.to_le_bytes());
+        r[16] = info;
+        r[17] = rmid;
+        r
+    }
+
     fn commit(time_us: i64, pad: usize) -> Vec<u8> {
         let main: Vec<u8> = time_us
             .to_le_bytes()
             .into_iter()
             .chain(std::iter::repeat_n(0, pad))
             .collect();
-        let mut r = vec![0u8; RECORD_HEADER];
-        r.push(255);
-        r.push(main.len() as u8);
-        r.extend_from_slice(&main);
-        let len = r.len() as u32;
-        r[0..4].copy_from_slice(&len.to_le_bytes());
-        r[16] = XLOG_XACT_COMMIT;
-        r[17] = RM_XACT_ID;
-        r
+        record(RM_XACT_ID, XLOG_XACT_COMMIT, &main)
     }
 
     fn tablespace_create(oid: u32, path: &str) -> Vec<u8> {
         let mut main = oid.to_le_bytes().to_vec();
         main.extend_from_slice(path.as_bytes());
         main.push(0);
-        let mut r = vec![0u8; RECORD_HEADER];
-        r.push(255);
-        r.push(main.len() as u8);
-        r.extend_from_slice(&main);
-        let len = r.len() as u32;
-        r[0..4].copy_from_slice(&len.to_le_bytes());
-        r[16] = XLOG_TBLSPC_CREATE;
-        r[17] = RM_TBLSPC_ID;
-        r
+        record(RM_TBLSPC_ID, XLOG_TBLSPC_CREATE, &main)
     }
 
     #[test]

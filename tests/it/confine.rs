@@ -11,24 +11,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::common::{free_port, Repo};
+use super::common::{free_port, Repo, Run};
 use super::pgserver::{PgCluster, PgEnv};
 
 fn backup(env: &PgEnv, c: &PgCluster) {
-    env.cmd()
-        .args([
-            "backup",
-            "--postgres",
-            "--json",
-            "--pg-host",
-            "127.0.0.1",
-            "--pg-user",
-            "postgres",
-        ])
-        .arg("--pg-port")
-        .arg(c.port.to_string())
-        .run()
-        .ok();
+    super::pg::backup(env, c, &[]);
 }
 
 /// A table with `rows` rows, a base backup, `more` rows after it, and the segment holding
@@ -75,9 +62,13 @@ fn fingerprint(dir: &Path) -> BTreeMap<PathBuf, (u32, u64, i64, String)> {
 }
 
 fn restore_start(env: &PgEnv, target: &Path, extra: &[&str]) -> (PgCluster, String) {
+    restore_start_with(env.cmd(), target, extra)
+}
+
+/// `restore --at latest --start` into `target` on a free port, run as `run` says.
+fn restore_start_with(run: Run, target: &Path, extra: &[&str]) -> (PgCluster, String) {
     let port = free_port();
-    let out = env
-        .cmd()
+    let out = run
         .args(["restore", "--at", "latest", "--start"])
         .arg("--target")
         .arg(target)
@@ -285,24 +276,7 @@ fn a_password_from_the_environment_never_reaches_the_restored_servers_environmen
 
     // Started by backupd: the password goes to a 0600 file for recovery, removed after.
     let target = env.path("restored");
-    let port = free_port();
-    let out = with_env()
-        .args([
-            "restore",
-            "--at",
-            "latest",
-            "--start",
-            "--archive-mode",
-            "off",
-        ])
-        .arg("--target")
-        .arg(&target)
-        .arg("--pg-port")
-        .arg(port.to_string())
-        .run()
-        .ok()
-        .all_text();
-    let r = PgCluster::adopt(target.clone(), port);
+    let (r, out) = restore_start_with(with_env(), &target, &["--archive-mode", "off"]);
     let pid = fs::read_to_string(target.join("postmaster.pid")).unwrap();
     let pid = pid.lines().next().unwrap().to_string();
     let e = environ(&pid);
@@ -381,27 +355,11 @@ fn percent_signs_in_the_repository_path_restore_and_control_characters_are_refus
     // go into a setting at all.
     let odd = env.path("re%ppo");
     fs::rename(&env.repo, &odd).unwrap();
-    let port = free_port();
-    let target = env.path("restored");
-    super::common::backupd()
+    let run = super::common::backupd()
         .arg("--repo")
         .arg(&odd)
-        .env("BACKUPD_PASSWORD_FILE", &env.password_file)
-        .args([
-            "restore",
-            "--at",
-            "latest",
-            "--start",
-            "--archive-mode",
-            "off",
-        ])
-        .arg("--target")
-        .arg(&target)
-        .arg("--pg-port")
-        .arg(port.to_string())
-        .run()
-        .ok();
-    let r = PgCluster::adopt(target, port);
+        .env("BACKUPD_PASSWORD_FILE", &env.password_file);
+    let (r, _) = restore_start_with(run, &env.path("restored"), &["--archive-mode", "off"]);
     assert_eq!(r.count("select count(*) from t"), 15);
     r.stop();
     let bad = env.path("re\npo");

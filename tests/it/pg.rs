@@ -11,7 +11,8 @@ use serde_json::Value;
 use super::common::free_port;
 use super::pgserver::{PgCluster, PgEnv};
 
-fn backup(env: &PgEnv, c: &PgCluster, extra: &[&str]) -> Value {
+/// `backup --postgres` of `c` with `extra` arguments; its JSON summary.
+pub(super) fn backup(env: &PgEnv, c: &PgCluster, extra: &[&str]) -> Value {
     env.cmd()
         .args([
             "backup",
