@@ -13,7 +13,9 @@ use crate::pipeline::BlobId;
 use crate::postgres::basebackup::{wait_for_wal, PgSession, PgWalkPolicy};
 use crate::postgres::PgError;
 use crate::repo::{BackupSummary, PgTablespace, PostgresMeta, RepoError, Repository, Snapshot};
-use crate::source::files::{backup_files, Excludes, FilesError, FilesJob, FilesStats, Layout};
+use crate::source::files::{
+    backup_files, Excludes, FilesError, FilesJob, FilesStats, Layout, WalkOptions,
+};
 use crate::source::stream::{backup_stream, StreamError, StreamSource};
 use crate::source::CancelToken;
 
@@ -69,6 +71,8 @@ pub enum BackupSource {
         paths: Vec<PathBuf>,
         /// Exclude globs.
         excludes: Vec<String>,
+        /// Walk options (`format2` is set from the repository).
+        options: WalkOptions,
     },
     /// A single stream.
     Stream {
@@ -115,15 +119,36 @@ pub struct BackupReport {
     pub unreadable: Vec<(String, String)>,
     /// Special files skipped.
     pub skipped_special: Vec<String>,
+    /// Files that changed while they were read (backed up as read).
+    pub changed: Vec<String>,
+    /// What a version-1 repository could not hold.
+    pub not_kept: Vec<String>,
 }
 
-/// Root tree, unreadable paths (with why), skipped special files, PostgreSQL facts.
-type SourceOutcome = (
-    BlobId,
-    Vec<(String, String)>,
-    Vec<String>,
-    Option<PostgresMeta>,
-);
+/// What a source produced.
+struct SourceOutcome {
+    tree: BlobId,
+    unreadable: Vec<(String, String)>,
+    skipped_special: Vec<String>,
+    postgres: Option<PostgresMeta>,
+    changed: Vec<String>,
+    not_kept: Vec<String>,
+    features: std::collections::BTreeSet<&'static str>,
+}
+
+impl SourceOutcome {
+    fn tree_only(tree: BlobId) -> Self {
+        SourceOutcome {
+            tree,
+            unreadable: vec![],
+            skipped_special: vec![],
+            postgres: None,
+            changed: vec![],
+            not_kept: vec![],
+            features: Default::default(),
+        }
+    }
+}
 
 fn paths_key(paths: &[String]) -> Vec<String> {
     let mut p = paths.to_vec();
@@ -226,6 +251,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         BackupSource::Files {
             ref paths,
             ref excludes,
+            ref options,
         } => (|| {
             let job = FilesJob {
                 repo,
@@ -240,9 +266,21 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                 parent_time_ns: None,
                 layout: Layout::Absolute,
                 policy: None,
+                options: WalkOptions {
+                    format2: repo.config().is_v2(),
+                    ..options.clone()
+                },
             };
             let out = backup_files(job, saver.clone())?;
-            Ok((out.tree, out.unreadable, out.skipped_special, None))
+            Ok(SourceOutcome {
+                tree: out.tree,
+                unreadable: out.unreadable,
+                skipped_special: out.skipped_special,
+                postgres: None,
+                changed: out.changed,
+                not_kept: out.not_kept,
+                features: out.features,
+            })
         })(),
         BackupSource::Postgres(ref pg) => (|| {
             let info = &pg.session.info;
@@ -251,7 +289,14 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
             let walk = |dir: PathBuf,
                         tablespace_dir: Option<String>,
                         parent_tree: Option<BlobId>|
-             -> Result<(BlobId, Vec<String>), BackupError> {
+             -> Result<
+                (
+                    BlobId,
+                    Vec<String>,
+                    std::collections::BTreeSet<&'static str>,
+                ),
+                BackupError,
+            > {
                 let job = FilesJob {
                     repo,
                     index: index.clone(),
@@ -264,6 +309,10 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                     parent_time_ns,
                     layout: Layout::Contents,
                     policy: Some(Arc::new(PgWalkPolicy { tablespace_dir })),
+                    options: WalkOptions {
+                        format2: repo.config().is_v2(),
+                        ..WalkOptions::default()
+                    },
                 };
                 let out = backup_files(job, saver.clone())?;
                 if !out.unreadable.is_empty() {
@@ -274,9 +323,9 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                         .collect();
                     return Err(BackupError::PgUnreadable(list.join(", ")));
                 }
-                Ok((out.tree, out.skipped_special))
+                Ok((out.tree, out.skipped_special, out.features))
             };
-            let (tree, mut skipped) = walk(
+            let (tree, mut skipped, mut features) = walk(
                 info.data_directory.clone(),
                 None,
                 parent.as_ref().map(|(_, s)| s.tree),
@@ -289,8 +338,9 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                         .find(|t| t.oid == *oid && t.location == location.display().to_string())
                         .map(|t| t.tree)
                 });
-                let (t, s) = walk(location.clone(), Some(info.tablespace_version_dir()), ptree)?;
+                let (t, s, f) = walk(location.clone(), Some(info.tablespace_version_dir()), ptree)?;
                 skipped.extend(s);
+                features.extend(f);
                 tablespaces.push(PgTablespace {
                     oid: *oid,
                     name: name.clone(),
@@ -315,7 +365,12 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                 tablespace_map: stopped.tablespace_map,
                 tablespaces,
             };
-            Ok((tree, vec![], skipped, Some(meta)))
+            Ok(SourceOutcome {
+                skipped_special: skipped,
+                postgres: Some(meta),
+                features,
+                ..SourceOutcome::tree_only(tree)
+            })
         })(),
         BackupSource::Stream {
             ref source,
@@ -325,7 +380,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
             backup_stream(repo, &saver, source, name, &req.cancel, &stats.bytes_read)
                 .map(|(tree, size)| {
                     stats.bytes_total.fetch_add(size, Ordering::Relaxed);
-                    (tree, vec![], vec![], None)
+                    SourceOutcome::tree_only(tree)
                 })
                 .map_err(BackupError::from)
         }
@@ -342,7 +397,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
     if req.cancel.is_cancelled() {
         return Err(BackupError::Interrupted);
     }
-    let (tree, unreadable, skipped_special, postgres) = match (result, save_err) {
+    let out = match (result, save_err) {
         (_, Some(e)) => return Err(e.into()),
         (Err(BackupError::Files(FilesError::Interrupted)), _)
         | (Err(BackupError::Stream(StreamError::Interrupted)), _) => {
@@ -351,7 +406,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         (Err(e), None) => return Err(e),
         (Ok(r), None) => r,
     };
-    if let (Some(meta), BackupSource::Postgres(pg)) = (&postgres, &req.source) {
+    if let (Some(meta), BackupSource::Postgres(pg)) = (&out.postgres, &req.source) {
         // The backup restores only with its WAL: commit it once that is archived.
         wait_for_wal(
             repo,
@@ -381,18 +436,19 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         duration_secs: started.elapsed().as_secs_f64(),
     };
     let snapshot = Snapshot {
+        features: out.features.iter().map(|f| f.to_string()).collect(),
         time,
         host: req.host,
         username: crate::cli::current_username(),
         paths,
         tags: req.tags,
-        tree,
+        tree: out.tree,
         parent: parent.map(|(id, _)| id),
         source: source_kind.into(),
         command,
         policy: req.policy,
         summary,
-        postgres,
+        postgres: out.postgres,
         program_version: env!("CARGO_PKG_VERSION").into(),
     };
     if !lock.is_fresh() {
@@ -403,7 +459,9 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
     Ok(BackupReport {
         snapshot_id,
         snapshot,
-        unreadable,
-        skipped_special,
+        unreadable: out.unreadable,
+        skipped_special: out.skipped_special,
+        changed: out.changed,
+        not_kept: out.not_kept,
     })
 }

@@ -217,7 +217,7 @@ pub fn affected_by(repo: &Repository, index: &Index, damaged: &HashSet<BlobId>) 
                             out.push(format!("snapshot {}: {p}", sid.short()));
                         }
                     }
-                    NodeKind::Symlink => {}
+                    _ => {}
                 }
             }
         }
@@ -277,7 +277,11 @@ fn check_tree(
                     }
                 }
             }
-            NodeKind::Symlink => {}
+            NodeKind::Unknown => errors.push(format!(
+                "snapshot {}: {p}: a node of a kind this backupd does not know",
+                &snap[..8]
+            )),
+            _ => {}
         }
     }
 }

@@ -295,24 +295,89 @@ pub fn remove_entry(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
 }
 
 /// Removes the directory `name` of `dir` and everything in it, never following a
-/// symlink: each level is opened with `O_NOFOLLOW` relative to its parent.
+/// symlink: each level is opened with `O_NOFOLLOW` relative to its parent. Only two
+/// descriptors are open at a time, however deep the tree: going back up is `..` of the
+/// directory just emptied, checked to be the directory it was entered from (device and
+/// inode), so a directory moved during the removal stops it instead of leading elsewhere.
 ///
 /// # Errors
-/// I/O failures (what could be removed is removed).
+/// I/O failures, or a directory moved while it is removed (what could be removed is).
 pub fn remove_tree(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
-    let dir = dir.as_fd();
-    let sub = match open_subdir(dir, name) {
+    let top = dir.as_fd();
+    let first = match open_subdir(top, name) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    for (child, _) in list(&sub)? {
-        remove_entry(&sub, OsStr::from_bytes(&child))?;
-    }
-    drop(sub);
-    match rfs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
-        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-        Err(e) => Err(io_err(e)),
+    // The path from `top` down: each level's name and (device, inode).
+    let top_st = fstat(top)?;
+    let st = fstat(&first)?;
+    let mut stack: Vec<(Vec<u8>, (u64, u64))> =
+        vec![(name.as_bytes().to_vec(), (st.st_dev, st.st_ino))];
+    let mut cur = first;
+    loop {
+        // Remove what is not a directory; descend into the first directory found.
+        let mut sub = None;
+        for (child, _) in list(&cur)? {
+            let c = OsStr::from_bytes(&child);
+            match lstat_at(&cur, c)? {
+                Some(st) if file_type(&st) == FileType::Directory => {
+                    sub = Some((child, (st.st_dev, st.st_ino)));
+                    break;
+                }
+                Some(_) => match rfs::unlinkat(&cur, c, AtFlags::empty()) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => return Err(io_err(e)),
+                },
+                None => {}
+            }
+        }
+        if let Some((child, id)) = sub {
+            let next = open_subdir(&cur, OsStr::from_bytes(&child))?;
+            let st = fstat(&next)?;
+            if (st.st_dev, st.st_ino) != id {
+                return Err(io::Error::other(format!(
+                    "{} changed while it was being removed",
+                    String::from_utf8_lossy(&child)
+                )));
+            }
+            stack.push((child, id));
+            cur = next;
+            continue;
+        }
+        // Empty now: go up and remove it.
+        let (done, _) = stack.pop().expect("the stack holds the current directory");
+        let parent_id = stack
+            .last()
+            .map_or((top_st.st_dev, top_st.st_ino), |(_, id)| *id);
+        let parent = if stack.is_empty() {
+            None
+        } else {
+            let up = rfs::openat(
+                &cur,
+                "..",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io_err)?;
+            let st = fstat(&up)?;
+            if (st.st_dev, st.st_ino) != parent_id {
+                return Err(io::Error::other(format!(
+                    "{} was moved while it was being removed",
+                    String::from_utf8_lossy(&done)
+                )));
+            }
+            Some(up)
+        };
+        let parent_fd = parent.as_ref().map_or(top, |p| p.as_fd());
+        match rfs::unlinkat(parent_fd, OsStr::from_bytes(&done), AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        match parent {
+            Some(p) => cur = p,
+            None => return Ok(()),
+        }
     }
 }
 
@@ -333,6 +398,81 @@ pub fn list(dir: impl AsFd) -> io::Result<Vec<(Vec<u8>, FileType)>> {
         out.push((name.to_vec(), e.file_type()));
     }
     Ok(out)
+}
+
+/// Makes the FIFO `name` in `dir` (mode 0600 until its metadata is applied).
+///
+/// # Errors
+/// The name exists, or I/O failures.
+pub fn mkfifo_at(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
+    rfs::mkfifoat(dir, name, Mode::from_raw_mode(0o600)).map_err(io_err)
+}
+
+/// Makes the character (`block` false) or block device `name` in `dir`, mode 0600 until
+/// its metadata is applied.
+///
+/// # Errors
+/// Not permitted (devices need root), the name exists, or I/O failures.
+pub fn mknod_at(dir: impl AsFd, name: &OsStr, block: bool, rdev: u64) -> io::Result<()> {
+    let kind = if block {
+        FileType::BlockDevice
+    } else {
+        FileType::CharacterDevice
+    };
+    rfs::mknodat(dir, name, kind, Mode::from_raw_mode(0o600), rdev).map_err(io_err)
+}
+
+/// Opens `name` in `dir` as an `O_PATH` descriptor (not opened for reading or writing: a
+/// FIFO does not block, a device is not touched), never following a symlink.
+///
+/// # Errors
+/// Missing, or I/O failures.
+pub fn open_path(dir: impl AsFd, name: &OsStr) -> io::Result<OwnedFd> {
+    rfs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io_err)
+}
+
+/// Owner and group of the inode an `O_PATH` descriptor holds.
+///
+/// # Errors
+/// I/O failures (not permitted).
+pub fn set_owner_path_fd(fd: impl AsFd, uid: u32, gid: u32) -> io::Result<()> {
+    rfs::chownat(
+        fd,
+        "",
+        Some(rfs::Uid::from_raw(uid)),
+        Some(rfs::Gid::from_raw(gid)),
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(io_err)
+}
+
+/// Permission bits of the inode an `O_PATH` descriptor holds (through procfs, which
+/// reaches that inode itself: it is not a symlink that could lead elsewhere).
+///
+/// # Errors
+/// I/O failures.
+pub fn set_mode_path_fd(fd: impl AsFd, mode: u32) -> io::Result<()> {
+    rfs::chmod(crate::fsattr::proc_fd_path(&fd), Mode::from_raw_mode(mode)).map_err(io_err)
+}
+
+/// Access and modification time of the inode an `O_PATH` descriptor holds.
+///
+/// # Errors
+/// I/O failures.
+pub fn set_times_path_fd(fd: impl AsFd, mtime_ns: i64) -> io::Result<()> {
+    rfs::utimensat(
+        rfs::CWD,
+        crate::fsattr::proc_fd_path(&fd),
+        &timestamps(mtime_ns),
+        AtFlags::empty(),
+    )
+    .map_err(io_err)
 }
 
 /// Makes the symlink `name` in `dir` pointing at `target`.
@@ -642,6 +782,23 @@ mod tests {
         remove_tree(&fd, OsStr::new("a")).unwrap();
         assert!(!t.path().join("a").exists());
         assert!(outside.path().join("precious").exists());
+    }
+
+    #[test]
+    fn remove_tree_goes_deeper_than_the_descriptor_limit_allows_open_at_once() {
+        let (t, fd) = root();
+        // 1,500 levels: more than a default soft limit of 1,024 descriptors.
+        let mut cur = open_dir_path(t.path()).unwrap();
+        let (first, _) = ensure_dir(&cur, OsStr::new("top"), 0o700, false).unwrap();
+        cur = first;
+        for _ in 0..1500 {
+            std::fs::write(crate::fsattr::proc_fd_path(&cur).join("f"), b"x").unwrap();
+            let (next, _) = ensure_dir(&cur, OsStr::new("d"), 0o700, false).unwrap();
+            cur = next;
+        }
+        drop(cur);
+        remove_tree(&fd, OsStr::new("top")).unwrap();
+        assert!(!t.path().join("top").exists());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod crypto;
 pub mod dirfd;
 pub mod error;
+pub mod fsattr;
 pub mod pipeline;
 pub mod policy;
 pub mod postgres;

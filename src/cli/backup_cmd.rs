@@ -13,7 +13,7 @@ use super::{human, interrupt_token};
 use crate::backup::{run_backup, BackupRequest, BackupSource, PgSource};
 use crate::error::{EXIT_OK, EXIT_PARTIAL};
 use crate::postgres::basebackup::PgSession;
-use crate::source::files::FilesStats;
+use crate::source::files::{FilesStats, WalkOptions};
 use crate::source::stream::StreamSource;
 use crate::source::CancelToken;
 
@@ -28,6 +28,18 @@ pub struct BackupArgs {
     /// Read exclude globs from a file, one per line (`#` comments).
     #[arg(long = "exclude-file", value_name = "FILE")]
     exclude_file: Vec<PathBuf>,
+    /// Leave out files and directories marked nodump (`chattr +d`).
+    #[arg(long = "exclude-nodump")]
+    exclude_nodump: bool,
+    /// Stay on the file systems of the given paths (a mount point below is kept, empty).
+    #[arg(long = "one-file-system", short = 'x')]
+    one_file_system: bool,
+    /// Leave out the contents of directories holding a valid CACHEDIR.TAG (the tag stays).
+    #[arg(long = "exclude-caches")]
+    exclude_caches: bool,
+    /// Leave out directories that hold an entry with this name (repeatable).
+    #[arg(long = "exclude-if-present", value_name = "NAME")]
+    exclude_if_present: Vec<String>,
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag")]
     tag: Vec<String>,
@@ -174,7 +186,17 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
                 std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?,
             );
         }
-        BackupSource::Files { paths, excludes }
+        BackupSource::Files {
+            paths,
+            excludes,
+            options: WalkOptions {
+                format2: false,
+                exclude_nodump: a.exclude_nodump,
+                one_file_system: a.one_file_system,
+                exclude_caches: a.exclude_caches,
+                exclude_if_present: a.exclude_if_present.iter().map(Into::into).collect(),
+            },
+        }
     };
     let name_check = match &source {
         BackupSource::Stream { name, .. } => Some(name.clone()),
@@ -262,9 +284,14 @@ fn run_policy(g: &GlobalArgs, a: &BackupArgs, name: &str) -> Result<i32> {
 fn policy_source(pol: &crate::policy::Policy) -> Result<BackupSource> {
     use crate::policy::SourceSpec;
     Ok(match &pol.source {
-        SourceSpec::Files { paths, exclude } => BackupSource::Files {
+        SourceSpec::Files {
+            paths,
+            exclude,
+            options,
+        } => BackupSource::Files {
             paths: paths.clone(),
             excludes: exclude.clone(),
+            options: options.clone(),
         },
         SourceSpec::Command { argv, filename } => BackupSource::Stream {
             source: StreamSource::Command(argv.clone()),
@@ -330,6 +357,12 @@ fn execute(
     for p in &report.skipped_special {
         eprintln!("backupd: skipped special file {p}");
     }
+    for p in &report.changed {
+        eprintln!("backupd: warning: {p} changed while it was read; backed up as read (marked in the snapshot)");
+    }
+    for what in &report.not_kept {
+        eprintln!("backupd: warning: not kept: {what}");
+    }
     let s = &report.snapshot.summary;
     if g.json {
         let mut v = serde_json::to_value(s)?;
@@ -344,6 +377,9 @@ fn execute(
                 json!(report.unreadable.iter().map(|(p, _)| p).collect::<Vec<_>>()),
             );
             o.insert("skipped_special".into(), json!(report.skipped_special));
+            o.insert("changed_while_read".into(), json!(report.changed));
+            o.insert("not_kept".into(), json!(report.not_kept));
+            o.insert("features".into(), json!(report.snapshot.features));
             o.insert("requests".into(), json!(g.requests.stats()));
         }
         println!("{v}");
@@ -395,13 +431,29 @@ fn execute(
             r.delete
         );
     }
-    if report.unreadable.is_empty() {
+    if report.unreadable.is_empty() && report.changed.is_empty() && report.not_kept.is_empty() {
         Ok((EXIT_OK, Some(report.snapshot_id)))
     } else {
+        let mut what = vec![];
+        if !report.unreadable.is_empty() {
+            what.push(format!(
+                "{} path(s) could not be read",
+                report.unreadable.len()
+            ));
+        }
+        if !report.changed.is_empty() {
+            what.push(format!(
+                "{} file(s) changed while they were read",
+                report.changed.len()
+            ));
+        }
+        if !report.not_kept.is_empty() {
+            what.push("some attributes were not kept (listed)".to_string());
+        }
         eprintln!(
-            "backupd: snapshot {} was saved, but {} path(s) could not be read",
+            "backupd: snapshot {} was saved, but {}",
             report.snapshot_id.short(),
-            report.unreadable.len()
+            what.join(", ")
         );
         Ok((EXIT_PARTIAL, Some(report.snapshot_id)))
     }

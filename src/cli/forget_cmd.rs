@@ -238,7 +238,7 @@ pub fn run(g: &GlobalArgs, a: ForgetArgs) -> Result<i32> {
         bail!("no keep-* option and no snapshot id: nothing would be kept, so nothing is removed (give --keep-last 1 to keep only the newest)");
     }
     let repo = g.open()?;
-    let all = repo.snapshots()?;
+    let all = repo.all_snapshots()?;
     let mut by_id = vec![];
     for spec in &a.snapshots {
         let (id, _) = repo.resolve_snapshot(spec)?;

@@ -173,6 +173,7 @@ fn print_node(p: &str, n: &Node, json_out: bool) {
                 println!("{p} -> {}", n.link_target.as_deref().unwrap_or(""))
             }
             NodeKind::File => println!("{p}"),
+            k => println!("{p} ({})", k.word()),
         }
     }
 }

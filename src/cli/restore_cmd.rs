@@ -82,6 +82,15 @@ pub struct RestoreArgs {
     /// Parallel pack fetches (default 3 on a local disk; on S3 --s3-connections, at most 8).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: Option<u64>,
+    /// Also write long runs of zeros of any file as holes (files that had holes when they
+    /// were backed up get them back anyway).
+    #[arg(long)]
+    sparse: bool,
+    /// Set file flags (chattr: immutable, append-only, nodump, noatime, ...) as recorded,
+    /// after everything else. Off by default: an immutable file blocks a later --delta,
+    /// cleanup, and verify's scratch removal.
+    #[arg(long = "file-flags")]
+    file_flags: bool,
     /// A restore test: a started server listens on 127.0.0.1 only, without a server log
     /// collector, and its command-line settings are not kept for a restart.
     #[arg(skip)]
@@ -136,6 +145,8 @@ impl RestoreArgs {
             waldir: None,
             shared_preload_libraries: preload,
             pg_owner: owner,
+            sparse: false,
+            file_flags: false,
             test: true,
         }
     }
@@ -220,6 +231,8 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
         exclude: glob_set(&a.exclude)?,
         delta: a.delta,
         force_owner: None,
+        sparse: a.sparse,
+        file_flags: a.file_flags,
     };
     if pg.is_some() && (filter.include.is_some() || filter.exclude.is_some()) {
         bail!("--include/--exclude would leave a PostgreSQL data directory incomplete");
@@ -262,15 +275,7 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
     for (tree, location) in tablespaces {
         let Ok(r) = &mut report else { break };
         match do_restore(&repo, &index, tree, location, &filter, workers, &counter) {
-            Ok(more) => {
-                r.files += more.files;
-                r.dirs += more.dirs;
-                r.symlinks += more.symlinks;
-                r.bytes += more.bytes;
-                r.bytes_unchanged += more.bytes_unchanged;
-                r.failed.extend(more.failed);
-                r.links.extend(more.links);
-            }
+            Ok(more) => r.merge(more),
             Err(e) => report = Err(e),
         }
     }
@@ -292,25 +297,53 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
                 "files": report.files,
                 "dirs": report.dirs,
                 "symlinks": report.symlinks,
+                "specials": report.specials,
                 "bytes": report.bytes,
                 "duration_secs": secs,
                 "failed": report.failed.iter().map(|(p, why)| json!({"path": p, "error": why})).collect::<Vec<_>>(),
+                "warnings": report.warnings.iter().map(|(p, why)| json!({"path": p, "warning": why})).collect::<Vec<_>>(),
+                "flags_not_set": report.flags_not_set,
             })
         );
     } else if !g.quiet {
         println!(
-            "restored snapshot {} to {}: {} files, {} directories, {} symlinks, {} bytes in {:.2} s",
+            "restored snapshot {} to {}: {} files, {} directories, {} symlinks, {} special files, {} bytes in {:.2} s",
             id.short(),
             a.target.display(),
             report.files,
             report.dirs,
             report.symlinks,
+            report.specials,
             report.bytes,
             secs
         );
+        if report.flags_not_set > 0 {
+            println!(
+                "{} entries have file flags (chattr) that were not set: restore --file-flags sets them",
+                report.flags_not_set
+            );
+        }
+    }
+    for (p, why) in &report.warnings {
+        eprintln!("backupd: warning: {p}: {why}");
+    }
+    if report.failed.is_empty() && report.warnings.is_empty() {
+        return Ok(EXIT_OK);
     }
     if report.failed.is_empty() {
-        return Ok(EXIT_OK);
+        return Err(ExitWith {
+            code: crate::error::EXIT_PARTIAL,
+            message: format!(
+                "warning: {} entr{} restored but not exactly (listed above)",
+                report.warnings.len(),
+                if report.warnings.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                }
+            ),
+        }
+        .into());
     }
     for (p, why) in &report.failed {
         eprintln!("backupd: could not restore {p}: {why}");

@@ -56,6 +56,8 @@ pub enum SourceSpec {
         paths: Vec<PathBuf>,
         /// Exclude globs.
         exclude: Vec<String>,
+        /// `one_file_system`, `exclude_caches`, `exclude_nodump`, `exclude_if_present`.
+        options: crate::source::files::WalkOptions,
     },
     /// A PostgreSQL base backup (WAL archived by `archive_command`).
     Postgres(PostgresSpec),

@@ -465,6 +465,18 @@ impl Validator<'_> {
                 let exclude = s
                     .strings(p, "exclude", "an array of glob patterns")
                     .unwrap_or_default();
+                let options = crate::source::files::WalkOptions {
+                    format2: false,
+                    one_file_system: s.boolean(p, "one_file_system").unwrap_or(false),
+                    exclude_caches: s.boolean(p, "exclude_caches").unwrap_or(false),
+                    exclude_nodump: s.boolean(p, "exclude_nodump").unwrap_or(false),
+                    exclude_if_present: s
+                        .strings(p, "exclude_if_present", "an array of file names")
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|v| v.value.into())
+                        .collect(),
+                };
                 for g in &exclude {
                     if let Err(e) = globset::Glob::new(&g.value) {
                         p.add(
@@ -492,6 +504,7 @@ impl Validator<'_> {
                         ok.then(|| SourceSpec::Files {
                             paths: list.into_iter().map(|v| PathBuf::from(v.value)).collect(),
                             exclude: exclude.into_iter().map(|v| v.value).collect(),
+                            options,
                         })
                     }
                     Some(_) => {

@@ -87,8 +87,30 @@ pub enum RepoError {
         source: KeyFileError,
     },
     /// Unsupported format version.
-    #[error("repository format version {0} is not supported by this backupd")]
+    #[error("repository format version {0} is not supported by this backupd (it reads versions 1 and 2): upgrade backupd")]
     UnsupportedVersion(u32),
+    /// The repository needs a feature this build does not know.
+    #[error("this repository needs the format feature {0:?}, which this backupd does not know: upgrade backupd")]
+    UnsupportedFeature(String),
+    /// A snapshot needs a feature this build does not know.
+    #[error("{object} needs the format feature {feature:?}, which this backupd does not know: upgrade backupd to restore it")]
+    SnapshotFeature {
+        /// `snapshots/<id>`.
+        object: String,
+        /// The feature.
+        feature: String,
+    },
+    /// An authentic object whose contents this build cannot decode (written by a newer
+    /// backupd, most likely).
+    #[error(
+        "{object}: authentic but not readable by this backupd ({why}): written by a newer version?"
+    )]
+    Undecodable {
+        /// Which object.
+        object: String,
+        /// The decoder's message.
+        why: String,
+    },
 }
 
 /// Path of an object for messages.
@@ -217,6 +239,7 @@ impl Repository {
             chunker: ChunkerParams::default(),
             zstd_level,
             pack_size: 16 * 1024 * 1024,
+            features: vec![],
         };
         let kf = KeyFile::create(&keys, password, host, username).map_err(|source| {
             RepoError::KeyFile {
@@ -352,8 +375,11 @@ impl Repository {
                 object: "config".into(),
                 why: e.to_string(),
             })?;
-        if config.version != config::FORMAT_VERSION {
+        if !(config::OLDEST_VERSION..=config::FORMAT_VERSION).contains(&config.version) {
             return Err(RepoError::UnsupportedVersion(config.version));
+        }
+        if let Some(f) = config.unknown_feature() {
+            return Err(RepoError::UnsupportedFeature(f.to_string()));
         }
         if !config.chunker.is_valid() {
             return Err(RepoError::CorruptOrTampered {
@@ -578,17 +604,44 @@ impl Repository {
     /// A damaged snapshot (named), or backend failures.
     pub fn load_snapshot(&self, name: &str) -> Result<Snapshot, RepoError> {
         let plain = self.load_object(ObjectType::Snapshot, ObjectKind::Snapshot, name)?;
-        serde_json::from_slice(&plain).map_err(|e| RepoError::CorruptOrTampered {
-            object: object_path(ObjectType::Snapshot, name),
-            why: e.to_string(),
-        })
+        let object = object_path(ObjectType::Snapshot, name);
+        // Authentic (the seal held): what does not decode was written by a newer build.
+        let snap: Snapshot =
+            serde_json::from_slice(&plain).map_err(|e| RepoError::Undecodable {
+                object: object.clone(),
+                why: e.to_string(),
+            })?;
+        if let Some(f) = snap.unknown_feature() {
+            return Err(RepoError::SnapshotFeature {
+                object,
+                feature: f.to_string(),
+            });
+        }
+        Ok(snap)
     }
 
-    /// All snapshots, oldest first. A damaged snapshot is an error naming it.
+    /// All snapshots this build can read, oldest first. One written by a newer backupd (a
+    /// feature this build lacks, or contents it cannot decode) is skipped with a warning
+    /// naming it, so one new snapshot does not stop every older agent sharing the
+    /// repository; a damaged one is an error naming it. Whatever must see every snapshot
+    /// (prune, forget, check) uses [`Repository::all_snapshots`].
     ///
     /// # Errors
     /// A damaged snapshot, or backend failures.
     pub fn snapshots(&self) -> Result<Vec<(BlobId, Snapshot)>, RepoError> {
+        self.snapshots_with(true)
+    }
+
+    /// Every snapshot, oldest first; one this build cannot read is an error naming it and
+    /// the feature (prune must not free what such a snapshot uses).
+    ///
+    /// # Errors
+    /// A damaged or unreadable snapshot, or backend failures.
+    pub fn all_snapshots(&self) -> Result<Vec<(BlobId, Snapshot)>, RepoError> {
+        self.snapshots_with(false)
+    }
+
+    fn snapshots_with(&self, skip_newer: bool) -> Result<Vec<(BlobId, Snapshot)>, RepoError> {
         let mut out = vec![];
         let listed = self.backend.list(ObjectType::Snapshot)?;
         if let Some(cache) = &self.cache {
@@ -602,7 +655,15 @@ impl Repository {
                 object: object_path(ObjectType::Snapshot, &name),
                 why: "name is not a 64-digit hex id".into(),
             })?;
-            out.push((id, self.load_snapshot(&name)?));
+            match self.load_snapshot(&name) {
+                Ok(s) => out.push((id, s)),
+                Err(e @ (RepoError::SnapshotFeature { .. } | RepoError::Undecodable { .. }))
+                    if skip_newer =>
+                {
+                    tracing::warn!("skipping {e}");
+                }
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)

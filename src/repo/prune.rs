@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::index::IndexedPack;
 use super::lock::{list_locks, LockError, LockKind, LockRecord, RepoLock};
 use super::pack::{self, PackBuilder};
-use super::{Index, NodeKind, RepoError, Repository, Snapshot};
+use super::{Index, RepoError, Repository, Snapshot};
 use crate::backend::{BackendError, ObjectType};
 use crate::crypto::ObjectKind;
 use crate::pipeline::{blob, BlobId};
@@ -184,20 +184,17 @@ fn used_blobs(
             .load_tree(index, &tree)
             .map_err(|e| PruneError::Damaged(format!("snapshot {snap}: tree {tree}: {e}")))?;
         for n in t.nodes {
-            match n.kind {
-                NodeKind::Dir => {
-                    if let Some(sub) = n.subtree {
-                        stack.push((sub, snap.clone()));
-                    }
-                }
-                NodeKind::File => {
-                    used.extend(n.content_lists.iter().copied());
-                    let ids = repo.file_content(index, &n).map_err(|e| {
-                        PruneError::Damaged(format!("snapshot {snap}: {}: {e}", n.name))
-                    })?;
-                    used.extend(ids);
-                }
-                NodeKind::Symlink => {}
+            // Whatever a node references is used, whatever its kind (a kind a newer
+            // build wrote included): a subtree, and content.
+            if let Some(sub) = n.subtree {
+                stack.push((sub, snap.clone()));
+            }
+            if !n.content.is_empty() || !n.content_lists.is_empty() {
+                used.extend(n.content_lists.iter().copied());
+                let ids = repo.file_content(index, &n).map_err(|e| {
+                    PruneError::Damaged(format!("snapshot {snap}: {}: {e}", n.name))
+                })?;
+                used.extend(ids);
             }
         }
     }
@@ -250,7 +247,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
         .collect();
     let now = Utc::now();
     let mut report = PruneReport::default();
-    let snaps = repo.snapshots()?;
+    let snaps = repo.all_snapshots()?;
     let mut index_files: Vec<(String, Vec<IndexedPack>)> = vec![];
     for (name, _) in backend.list(ObjectType::Index)? {
         let packs = repo.load_index_file(&name)?;

@@ -36,9 +36,26 @@ pub struct BackupSummary {
     pub duration_secs: f64,
 }
 
-/// A snapshot as stored in `snapshots/<id>`.
+/// Snapshot features this build knows: what a snapshot's trees may use that a reader must
+/// understand to restore it (format version 2).
+pub const KNOWN_SNAPSHOT_FEATURES: &[&str] = &[
+    FEATURE_XATTRS,
+    FEATURE_SPECIAL_FILES,
+    FEATURE_SPARSE,
+    FEATURE_FILE_FLAGS,
+];
+/// Nodes carry extended attributes (ACLs, capabilities, labels).
+pub const FEATURE_XATTRS: &str = "xattrs";
+/// FIFOs and devices.
+pub const FEATURE_SPECIAL_FILES: &str = "special-files";
+/// Files with holes: data extents.
+pub const FEATURE_SPARSE: &str = "sparse";
+/// File flags (`chattr`).
+pub const FEATURE_FILE_FLAGS: &str = "file-flags";
+
+/// A snapshot as stored in `snapshots/<id>`. Unknown fields are ignored (format version 2:
+/// what is not safe to ignore is named in `features`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Snapshot {
     /// When the backup started.
     pub time: DateTime<Utc>,
@@ -74,9 +91,20 @@ pub struct Snapshot {
     pub postgres: Option<PostgresMeta>,
     /// backupd version that wrote it.
     pub program_version: String,
+    /// Format features its trees use, which a reader must know to restore it (sorted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 impl Snapshot {
+    /// The first feature this build does not know, if any.
+    pub fn unknown_feature(&self) -> Option<&str> {
+        self.features
+            .iter()
+            .map(String::as_str)
+            .find(|f| !KNOWN_SNAPSHOT_FEATURES.contains(f))
+    }
+
     /// The trees it holds: the root, then each PostgreSQL tablespace's (with its name).
     pub fn trees(&self) -> impl Iterator<Item = (BlobId, Option<&str>)> + '_ {
         std::iter::once((self.tree, None)).chain(

@@ -1,6 +1,6 @@
 //! The files source: walks directory trees, reads new and changed files on a pool of
-//! reader threads, reuses the content of unchanged files from the parent snapshot, and
-//! writes one tree blob per directory.
+//! reader threads ([`super::reader`]), reuses the content of unchanged files from the
+//! parent snapshot, and writes one tree blob per directory.
 //!
 //! Absolute source paths are kept: `/etc/app` is stored as `etc` -> `app` under the root
 //! tree, with the real metadata of each intermediate directory.
@@ -10,31 +10,44 @@
 //! read only if the inode opened is a regular file in that directory (when it is not the
 //! inode stat'ed, it was replaced in between, and what was read is recorded with the
 //! metadata of what was read). A symlink swapped in for a directory or file is never
-//! followed out of the tree.
+//! followed out of the tree. Neither depth nor path length is bounded by `PATH_MAX` or
+//! the descriptor limit: while a subdirectory is walked its parent's descriptor is closed
+//! (files of the parent still being read hold their own), and it is reopened as the
+//! subdirectory's `..`, checked to be the same directory; the walk runs on a thread with a
+//! large stack.
+//!
+//! Format 2 records more: extended attributes (ACLs, capabilities, labels), FIFOs and
+//! devices, the data extents of sparse files (holes are neither read nor hashed), file
+//! flags, and files that changed while they were read. A version-1 repository cannot hold
+//! them: what was left out is reported.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
-use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver};
 use globset::{Glob, GlobSet, GlobSetBuilder};
-
 use rustix::fs::FileType;
 
 use super::meta::{node_from_stat, NameCache};
+use super::reader::{read_job, FileContent, FileJobMsg, ReadFailure};
 use super::CancelToken;
 use crate::dirfd::{self, EntryStat};
+use crate::fsattr;
 use crate::pipeline::chunker::Cutter;
 use crate::pipeline::stages::{BlobSaver, SaveError};
-use crate::pipeline::{BlobId, BlobKind, Chunker};
-use crate::repo::tree::{encode_content_list, INLINE_CONTENT_MAX};
+use crate::pipeline::BlobId;
+use crate::repo::snapshot::{
+    FEATURE_FILE_FLAGS, FEATURE_SPARSE, FEATURE_SPECIAL_FILES, FEATURE_XATTRS,
+};
+use crate::repo::tree::Xattr;
 use crate::repo::{Index, Node, NodeKind, RepoError, Repository, Tree};
+
+pub use super::reader::save_stream;
 
 /// Why a files backup stopped (unreadable files are not errors: they are listed).
 #[derive(Debug, thiserror::Error)]
@@ -161,8 +174,14 @@ pub struct FilesOutcome {
     pub tree: BlobId,
     /// Files that could not be read, with why.
     pub unreadable: Vec<(String, String)>,
-    /// Special files skipped.
+    /// Special files skipped (sockets; FIFOs and devices in a version-1 repository).
     pub skipped_special: Vec<String>,
+    /// Files that changed while they were read (backed up as read, marked in the snapshot).
+    pub changed: Vec<String>,
+    /// What a version-1 repository could not hold, one line per kind of attribute.
+    pub not_kept: Vec<String>,
+    /// Snapshot features its trees use.
+    pub features: BTreeSet<&'static str>,
 }
 
 /// What to do with one directory entry (see [`WalkPolicy`]).
@@ -188,7 +207,9 @@ pub trait WalkPolicy: Send + Sync {
     fn fixed_chunk_size(&self, rel: &Path) -> Option<usize>;
 
     /// True when a file that disappears between listing and reading is simply left out
-    /// (a database dropping a table during its backup), not reported as unreadable.
+    /// (a database dropping a table during its backup), not reported as unreadable; and
+    /// when a file that changes while it is read is expected to (WAL replay repairs it),
+    /// not reported as changed.
     fn vanished_ok(&self) -> bool;
 }
 
@@ -200,6 +221,25 @@ pub enum Layout {
     /// The root tree is the contents of the one source directory.
     Contents,
 }
+
+/// How a files backup walks, beyond excludes.
+#[derive(Clone, Debug, Default)]
+pub struct WalkOptions {
+    /// Record format-2 attributes (the repository is version 2).
+    pub format2: bool,
+    /// Leave out files and directories marked nodump (`chattr +d`).
+    pub exclude_nodump: bool,
+    /// Stay on the file systems of the source paths: a directory on another one (a mount
+    /// point) is kept, empty.
+    pub one_file_system: bool,
+    /// Keep only `CACHEDIR.TAG` of a directory holding a valid one.
+    pub exclude_caches: bool,
+    /// Leave out directories that hold an entry of one of these names.
+    pub exclude_if_present: Vec<OsString>,
+}
+
+/// The signature a `CACHEDIR.TAG` starts with (bford.info/cachedir).
+const CACHEDIR_SIGNATURE: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55";
 
 /// Inputs of a files backup.
 pub struct FilesJob<'a> {
@@ -229,6 +269,8 @@ pub struct FilesJob<'a> {
     pub layout: Layout,
     /// Source-specific rules.
     pub policy: Option<Arc<dyn WalkPolicy>>,
+    /// Walk options.
+    pub options: WalkOptions,
 }
 
 #[derive(Default)]
@@ -276,32 +318,6 @@ fn build_virtual(paths: &[PathBuf]) -> VDir {
     root
 }
 
-struct FileContent {
-    content: Vec<BlobId>,
-    lists: Vec<BlobId>,
-    size: u64,
-    /// The status of the inode read, when it is not the one the walk stat'ed (the file was
-    /// replaced in between): the node takes its metadata.
-    replaced: Option<EntryStat>,
-}
-
-enum ReadFailure {
-    Unreadable(String),
-    Vanished,
-    Stopped,
-}
-
-struct FileJobMsg {
-    /// The file's directory, open.
-    dir: Arc<OwnedFd>,
-    /// Its name there.
-    name: OsString,
-    /// Device and inode the walk stat'ed.
-    expect: (u64, u64),
-    fixed_chunk: Option<usize>,
-    reply: Sender<Result<FileContent, ReadFailure>>,
-}
-
 enum Pending {
     Ready(Node),
     Waiting(Node, PathBuf, Receiver<Result<FileContent, ReadFailure>>),
@@ -311,16 +327,35 @@ struct Walker<'a> {
     repo: &'a Repository,
     index: Arc<Index>,
     saver: BlobSaver,
-    jobs: Sender<FileJobMsg>,
+    jobs: crossbeam_channel::Sender<FileJobMsg>,
     names: NameCache,
     excludes: Excludes,
     cancel: CancelToken,
     stats: Arc<FilesStats>,
     unreadable: Vec<(String, String)>,
     skipped: Vec<String>,
+    changed: Vec<String>,
+    features: BTreeSet<&'static str>,
+    /// Format-2 attributes met in a version-1 repository: kind -> count.
+    lost: BTreeMap<&'static str, u64>,
     root: PathBuf,
     policy: Option<Arc<dyn WalkPolicy>>,
     racy_after_ns: Option<i64>,
+    options: WalkOptions,
+    /// The device of the source path being walked (`--one-file-system`).
+    source_dev: Option<u64>,
+}
+
+/// The stack of the walking thread: the walk recurses once per directory level, and a
+/// tree may be deeper than any `PATH_MAX` (reserved address space; only what a walk
+/// touches is committed).
+const WALK_STACK: usize = 1 << 30;
+
+/// The directory being walked: its descriptor while it is held (it is let go while a
+/// subdirectory is walked), its identity, and its path for messages.
+struct DirSlot {
+    fd: Option<Arc<OwnedFd>>,
+    id: (u64, u64),
 }
 
 /// Runs the walk and returns the root tree; the caller owns the saver and commits.
@@ -328,6 +363,17 @@ struct Walker<'a> {
 /// # Errors
 /// Interrupt, pipeline failure, bad patterns, or no readable path.
 pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome, FilesError> {
+    std::thread::scope(|s| {
+        let t = std::thread::Builder::new()
+            .name("walk".into())
+            .stack_size(WALK_STACK)
+            .spawn_scoped(s, || walk(job, saver))
+            .map_err(|e| FilesError::NoPaths(format!("starting the walk: {e}")))?;
+        t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+fn walk(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome, FilesError> {
     let cutter = Cutter::new(job.repo.config().chunker, job.repo.keys().gear_table());
     let min_size = job.repo.config().chunker.min_size as u64;
     let readers = job.readers.max(1);
@@ -344,14 +390,7 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
                 .name(format!("read-{i}"))
                 .spawn(move || {
                     for m in rx {
-                        let r = open_checked(&m).and_then(|(file, replaced)| {
-                            let mut c = match m.fixed_chunk {
-                                Some(n) => read_fixed(file, n, &saver, &cancel, &stats),
-                                None => read_file(file, &saver, &cutter, min_size, &cancel, &stats),
-                            }?;
-                            c.replaced = replaced;
-                            Ok(c)
-                        });
+                        let r = read_job(&m, &saver, &cutter, min_size, &cancel, &stats);
                         let _ = m.reply.send(r);
                     }
                 })
@@ -379,12 +418,17 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
         stats: job.stats.clone(),
         unreadable: missing.clone(),
         skipped: vec![],
+        changed: vec![],
+        features: BTreeSet::new(),
+        lost: BTreeMap::new(),
         root: match job.layout {
             Layout::Contents => job.paths.first().cloned().unwrap_or_default(),
             Layout::Absolute => PathBuf::from("/"),
         },
         policy: job.policy.clone(),
         racy_after_ns: job.parent_time_ns.map(|t| t.saturating_sub(1_000_000_000)),
+        options: job.options,
+        source_dev: None,
     };
     let result = if present.is_empty() {
         Err(FilesError::NoPaths(
@@ -405,8 +449,18 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
             }
             Layout::Contents => {
                 let root = walker.root.clone();
-                match dirfd::open_dir_path(&root) {
-                    Ok(fd) => walker.walk_dir(Arc::new(fd), &root, parent, false),
+                match dirfd::open_dir_path(&root).and_then(|fd| {
+                    let st = dirfd::fstat(&fd)?;
+                    Ok((fd, st))
+                }) {
+                    Ok((fd, st)) => {
+                        walker.source_dev = Some(st.st_dev);
+                        let mut slot = DirSlot {
+                            fd: Some(Arc::new(fd)),
+                            id: (st.st_dev, st.st_ino),
+                        };
+                        walker.walk_dir(&mut slot, &root, parent, false)
+                    }
                     Err(e) => Err(FilesError::NoPaths(format!("{}: {e}", root.display()))),
                 }
             }
@@ -416,6 +470,9 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
         jobs,
         unreadable,
         skipped,
+        changed,
+        features,
+        lost,
         ..
     } = walker;
     drop(jobs);
@@ -423,10 +480,19 @@ pub fn backup_files(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome,
         let _ = h.join();
     }
     let tree = result?;
+    let not_kept = lost
+        .iter()
+        .map(|(what, n)| {
+            format!("{what} of {n} entr{} (the repository is format 1: `backupd upgrade` makes it format 2)", if *n == 1 { "y" } else { "ies" })
+        })
+        .collect();
     Ok(FilesOutcome {
         tree,
         unreadable,
         skipped_special: skipped,
+        changed,
+        not_kept,
+        features,
     })
 }
 
@@ -434,6 +500,11 @@ fn parent_children(parent: Option<Tree>) -> HashMap<Vec<u8>, Node> {
     parent
         .map(|t| t.nodes.into_iter().map(|n| (n.name_bytes(), n)).collect())
         .unwrap_or_default()
+}
+
+/// Xattrs as stored: sorted by name.
+fn to_xattrs(x: fsattr::Xattrs) -> Vec<Xattr> {
+    x.iter().map(|(n, v)| Xattr::new(n, v)).collect()
 }
 
 impl Walker<'_> {
@@ -455,6 +526,67 @@ impl Walker<'_> {
         self.repo.load_tree(&self.index, p.subtree.as_ref()?).ok()
     }
 
+    /// Records what a node holds: attributes a version-1 repository cannot keep are
+    /// dropped and counted, the others name the snapshot's features.
+    fn settle(&mut self, node: &mut Node) {
+        if self.options.format2 {
+            if !node.xattrs.is_empty() {
+                self.features.insert(FEATURE_XATTRS);
+            }
+            if !node.extents.is_empty() {
+                self.features.insert(FEATURE_SPARSE);
+            }
+            if node.flags != 0 {
+                self.features.insert(FEATURE_FILE_FLAGS);
+            }
+            if node.kind.is_special() {
+                self.features.insert(FEATURE_SPECIAL_FILES);
+            }
+            return;
+        }
+        if !node.xattrs.is_empty() {
+            *self
+                .lost
+                .entry("extended attributes (ACLs, capabilities)")
+                .or_default() += 1;
+            node.xattrs.clear();
+        }
+        if node.flags != 0 {
+            *self.lost.entry("file flags").or_default() += 1;
+            node.flags = 0;
+        }
+        node.changed = false;
+    }
+
+    /// The xattrs and flags of an open directory (format 2).
+    fn dir_attributes(&mut self, fd: &OwnedFd, abs: &Path, node: &mut Node) {
+        if !self.options.format2 {
+            return;
+        }
+        node.flags = fsattr::read_flags(fd);
+        match fsattr::read_xattrs_fd(fd) {
+            Ok(x) => node.xattrs = to_xattrs(x),
+            Err(e) => self.unreadable.push((
+                abs.display().to_string(),
+                format!("extended attributes: {e}"),
+            )),
+        }
+    }
+
+    /// The xattrs of `name` in `dir` itself (a symlink, a FIFO, a device).
+    fn entry_xattrs(&mut self, dir: &OwnedFd, name: &OsStr, abs: &Path, node: &mut Node) {
+        if !self.options.format2 {
+            return;
+        }
+        match fsattr::read_xattrs_at(dir, name) {
+            Ok(x) => node.xattrs = to_xattrs(x),
+            Err(e) => self.unreadable.push((
+                abs.display().to_string(),
+                format!("extended attributes: {e}"),
+            )),
+        }
+    }
+
     fn walk_virtual(
         &mut self,
         vdir: &VDir,
@@ -464,7 +596,7 @@ impl Walker<'_> {
         let mut parents = parent_children(parent);
         let mut pending = vec![];
         // The directory holding this level's sources, opened by the path the user gave.
-        let mut dir_fd: Option<Arc<OwnedFd>> = None;
+        let mut slot: Option<DirSlot> = None;
         for (name, entry) in &vdir.children {
             self.check()?;
             let name_os = OsStr::from_bytes(name);
@@ -472,31 +604,57 @@ impl Walker<'_> {
             let pnode = parents.remove(name);
             match entry {
                 VEntry::Source => {
-                    let fd = match &dir_fd {
-                        Some(fd) => fd.clone(),
-                        None => match dirfd::open_dir_path(path) {
-                            Ok(fd) => dir_fd.insert(Arc::new(fd)).clone(),
+                    if slot.as_ref().is_none_or(|s| s.fd.is_none()) {
+                        match dirfd::open_dir_path(path).and_then(|fd| {
+                            let st = dirfd::fstat(&fd)?;
+                            Ok((fd, st))
+                        }) {
+                            Ok((fd, st)) => {
+                                slot = Some(DirSlot {
+                                    fd: Some(Arc::new(fd)),
+                                    id: (st.st_dev, st.st_ino),
+                                })
+                            }
                             Err(e) => {
                                 self.unreadable
                                     .push((abs.display().to_string(), e.to_string()));
                                 continue;
                             }
-                        },
-                    };
-                    self.entry(&fd, &abs, name_os, pnode.as_ref(), &mut pending)?
+                        }
+                    }
+                    let s = slot.as_mut().expect("opened above");
+                    // Each source path's own file system (for --one-file-system).
+                    self.source_dev = dirfd::lstat_at(&**s.fd.as_ref().expect("held"), name_os)
+                        .ok()
+                        .flatten()
+                        .map(|st| st.st_dev);
+                    self.entry_with(
+                        s,
+                        &abs,
+                        name_os,
+                        pnode.as_ref(),
+                        &mut pending,
+                        EntryRule::Keep,
+                    )?;
                 }
                 VEntry::Dir(sub) => {
                     let st = match rustix::fs::lstat(&abs) {
                         Ok(st) => st,
                         Err(e) => {
-                            self.unreadable
-                                .push((abs.display().to_string(), io::Error::from(e).to_string()));
+                            self.unreadable.push((
+                                abs.display().to_string(),
+                                std::io::Error::from(e).to_string(),
+                            ));
                             continue;
                         }
                     };
                     let ptree = self.subtree_of(pnode.as_ref());
                     let id = self.walk_virtual(sub, &abs, ptree)?;
                     let mut node = node_from_stat(name_os, NodeKind::Dir, &st, &mut self.names);
+                    if let Ok(fd) = dirfd::open_dir_path(&abs) {
+                        self.dir_attributes(&fd, &abs, &mut node);
+                    }
+                    self.settle(&mut node);
                     node.subtree = Some(id);
                     self.stats.dirs.fetch_add(1, Ordering::Relaxed);
                     pending.push(Pending::Ready(node));
@@ -506,9 +664,36 @@ impl Walker<'_> {
         self.finish_dir(pending)
     }
 
+    /// The directory's descriptor, reopened from `child` (its subdirectory, just walked)
+    /// when it was let go: `..` of the child, checked to be this directory.
+    fn regain(slot: &mut DirSlot, child: &OwnedFd) -> std::io::Result<Arc<OwnedFd>> {
+        if let Some(fd) = &slot.fd {
+            return Ok(fd.clone());
+        }
+        let up = rustix::fs::openat(
+            child,
+            "..",
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(std::io::Error::from)?;
+        let st = dirfd::fstat(&up)?;
+        if (st.st_dev, st.st_ino) != slot.id {
+            return Err(std::io::Error::other(
+                "moved during the backup; the rest of it was not read",
+            ));
+        }
+        let fd = Arc::new(up);
+        slot.fd = Some(fd.clone());
+        Ok(fd)
+    }
+
     fn walk_dir(
         &mut self,
-        dir: Arc<OwnedFd>,
+        slot: &mut DirSlot,
         path: &Path,
         parent: Option<Tree>,
         empty: bool,
@@ -517,6 +702,7 @@ impl Walker<'_> {
             return self.finish_dir(vec![]);
         }
         let mut parents = parent_children(parent);
+        let dir = slot.fd.clone().expect("a walked directory is held");
         let mut names: Vec<OsString> = match dirfd::list(&*dir) {
             Ok(entries) => entries
                 .into_iter()
@@ -528,11 +714,20 @@ impl Walker<'_> {
                 vec![]
             }
         };
+        drop(dir);
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        let rules = match &self.policy {
+        let mut rules = match &self.policy {
             Some(p) => p.rules(path.strip_prefix(&self.root).unwrap_or(path), &names),
             None => vec![EntryRule::Keep; names.len()],
         };
+        // A valid CACHEDIR.TAG: only the tag is kept.
+        if self.options.exclude_caches && self.is_cache_dir(slot, &names) {
+            for (n, r) in names.iter().zip(rules.iter_mut()) {
+                if n.as_bytes() != b"CACHEDIR.TAG" {
+                    *r = EntryRule::Skip;
+                }
+            }
+        }
         let mut pending = vec![];
         for (name, rule) in names.into_iter().zip(rules) {
             self.check()?;
@@ -540,37 +735,43 @@ impl Walker<'_> {
             if rule == EntryRule::Skip || self.excludes.is_excluded(&abs, &name) {
                 continue;
             }
+            if slot.fd.is_none() {
+                // Lost while a subdirectory was walked (moved away): said once.
+                continue;
+            }
             let pnode = parents.remove(name.as_bytes());
-            self.entry_with(&dir, &abs, &name, pnode.as_ref(), &mut pending, rule)?;
+            self.entry_with(slot, &abs, &name, pnode.as_ref(), &mut pending, rule)?;
         }
         self.finish_dir(pending)
     }
 
-    fn entry(
-        &mut self,
-        dir: &Arc<OwnedFd>,
-        abs: &Path,
-        name: &OsStr,
-        parent: Option<&Node>,
-        pending: &mut Vec<Pending>,
-    ) -> Result<(), FilesError> {
-        self.entry_with(dir, abs, name, parent, pending, EntryRule::Keep)
+    fn is_cache_dir(&self, slot: &DirSlot, names: &[OsString]) -> bool {
+        if !names.iter().any(|n| n.as_bytes() == b"CACHEDIR.TAG") {
+            return false;
+        }
+        let Some(dir) = &slot.fd else { return false };
+        dirfd::read_file(&**dir, OsStr::new("CACHEDIR.TAG"), 4096)
+            .ok()
+            .flatten()
+            .is_some_and(|b| b.starts_with(CACHEDIR_SIGNATURE))
     }
 
     fn vanished_ok(&self) -> bool {
         self.policy.as_ref().is_some_and(|p| p.vanished_ok())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn entry_with(
         &mut self,
-        dir: &Arc<OwnedFd>,
+        slot: &mut DirSlot,
         abs: &Path,
         name: &OsStr,
         parent: Option<&Node>,
         pending: &mut Vec<Pending>,
         rule: EntryRule,
     ) -> Result<(), FilesError> {
-        let st = match dirfd::lstat_at(&**dir, name) {
+        let dir = slot.fd.clone().expect("held while its entries are read");
+        let st = match dirfd::lstat_at(&*dir, name) {
             Ok(Some(st)) => st,
             Ok(None) if self.vanished_ok() => return Ok(()),
             Ok(None) => {
@@ -598,80 +799,184 @@ impl Walker<'_> {
             pending.push(Pending::Ready(node));
             return Ok(());
         }
-        if ft == FileType::Directory {
-            let empty = rule == EntryRule::EmptyDir;
-            let (sub, st) = match dirfd::open_subdir(&**dir, name).and_then(|fd| {
-                // What was opened is what is recorded (it may have been replaced since the
-                // lstat; opened without following, it is this directory's entry).
-                let st = dirfd::fstat(&fd)?;
-                Ok((fd, st))
-            }) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && self.vanished_ok() => {
-                    return Ok(())
-                }
-                Err(e) => {
-                    self.unreadable
-                        .push((abs.display().to_string(), e.to_string()));
-                    return Ok(());
-                }
-            };
-            let ptree = if empty { None } else { self.subtree_of(parent) };
-            let id = self.walk_dir(Arc::new(sub), abs, ptree, empty)?;
-            let mut node = node_from_stat(name, NodeKind::Dir, &st, &mut self.names);
-            node.subtree = Some(id);
-            self.stats.dirs.fetch_add(1, Ordering::Relaxed);
-            pending.push(Pending::Ready(node));
-        } else if ft == FileType::Symlink {
-            let target = match dirfd::read_link_at(&**dir, name) {
-                Ok(t) => t,
-                Err(e) => {
-                    self.unreadable
-                        .push((abs.display().to_string(), e.to_string()));
-                    return Ok(());
-                }
-            };
-            let mut node = node_from_stat(name, NodeKind::Symlink, &st, &mut self.names);
-            let (t, raw) = super::meta::encode_name(OsStr::from_bytes(&target));
-            node.link_target = Some(t);
-            node.raw_link_target = raw;
-            pending.push(Pending::Ready(node));
-        } else if ft == FileType::RegularFile {
-            let mut node = node_from_stat(name, NodeKind::File, &st, &mut self.names);
-            if let Some(p) = parent.filter(|p| self.unchanged(p, &node)) {
-                node.content = p.content.clone();
-                node.content_lists = p.content_lists.clone();
-                self.stats.files_unchanged.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .bytes_total
-                    .fetch_add(node.size, Ordering::Relaxed);
+        match ft {
+            FileType::Directory => self.directory(slot, dir, abs, name, &st, parent, pending, rule),
+            FileType::Symlink => {
+                let target = match dirfd::read_link_at(&*dir, name) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.unreadable
+                            .push((abs.display().to_string(), e.to_string()));
+                        return Ok(());
+                    }
+                };
+                let mut node = node_from_stat(name, NodeKind::Symlink, &st, &mut self.names);
+                let (t, raw) = super::meta::encode_name(OsStr::from_bytes(&target));
+                node.link_target = Some(t);
+                node.raw_link_target = raw;
+                self.entry_xattrs(&dir, name, abs, &mut node);
+                self.settle(&mut node);
                 pending.push(Pending::Ready(node));
+                Ok(())
+            }
+            FileType::RegularFile => self.file(&dir, abs, name, &st, parent, pending),
+            FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice
+                if self.options.format2 =>
+            {
+                let kind = match ft {
+                    FileType::Fifo => NodeKind::Fifo,
+                    FileType::CharacterDevice => NodeKind::CharDevice,
+                    _ => NodeKind::BlockDevice,
+                };
+                let mut node = node_from_stat(name, kind, &st, &mut self.names);
+                if kind != NodeKind::Fifo {
+                    node.rdev = Some(fsattr::split_rdev(st.st_rdev));
+                }
+                self.entry_xattrs(&dir, name, abs, &mut node);
+                self.settle(&mut node);
+                pending.push(Pending::Ready(node));
+                Ok(())
+            }
+            FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice => {
+                *self
+                    .lost
+                    .entry("FIFOs and devices (not backed up)")
+                    .or_default() += 1;
+                self.skipped
+                    .push(format!("{} ({})", abs.display(), dirfd::kind_word(ft)));
+                Ok(())
+            }
+            _ => {
+                // Sockets are recreated by the program that listens on them (as tar does).
+                self.skipped
+                    .push(format!("{} ({})", abs.display(), dirfd::kind_word(ft)));
+                Ok(())
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn directory(
+        &mut self,
+        slot: &mut DirSlot,
+        dir: Arc<OwnedFd>,
+        abs: &Path,
+        name: &OsStr,
+        st: &EntryStat,
+        parent: Option<&Node>,
+        pending: &mut Vec<Pending>,
+        rule: EntryRule,
+    ) -> Result<(), FilesError> {
+        let mut empty = rule == EntryRule::EmptyDir;
+        let opened = dirfd::open_subdir(&*dir, name).and_then(|fd| {
+            // What was opened is what is recorded (it may have been replaced since the
+            // lstat; opened without following, it is this directory's entry).
+            let st = dirfd::fstat(&fd)?;
+            Ok((fd, st))
+        });
+        drop(dir);
+        let (sub, st) = match opened {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.vanished_ok() => {
+                return Ok(())
+            }
+            Err(e) => {
+                let _ = st;
+                self.unreadable
+                    .push((abs.display().to_string(), e.to_string()));
                 return Ok(());
             }
-            if parent.is_some_and(|p| p.kind == NodeKind::File) {
-                self.stats.files_changed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.stats.files_new.fetch_add(1, Ordering::Relaxed);
-            }
-            let (tx, rx) = bounded(1);
-            let fixed_chunk = self
-                .policy
-                .as_ref()
-                .and_then(|p| p.fixed_chunk_size(abs.strip_prefix(&self.root).unwrap_or(abs)));
-            self.jobs
-                .send(FileJobMsg {
-                    dir: dir.clone(),
-                    name: name.to_os_string(),
-                    expect: (st.st_dev, st.st_ino),
-                    fixed_chunk,
-                    reply: tx,
-                })
-                .map_err(|_| FilesError::Save(SaveError::Stopped))?;
-            pending.push(Pending::Waiting(node, abs.to_path_buf(), rx));
-        } else {
-            self.skipped
-                .push(format!("{} ({})", abs.display(), dirfd::kind_word(ft)));
+        };
+        let mut node = node_from_stat(name, NodeKind::Dir, &st, &mut self.names);
+        self.dir_attributes(&sub, abs, &mut node);
+        if self.options.exclude_nodump && node.flags & fsattr::nodump_flag() != 0 {
+            return Ok(());
         }
+        for marker in &self.options.exclude_if_present {
+            if matches!(dirfd::lstat_at(&sub, marker), Ok(Some(_))) {
+                return Ok(());
+            }
+        }
+        if self.options.one_file_system && self.source_dev.is_some_and(|d| d != st.st_dev) {
+            // Another file system mounted here: the mount point is kept, empty.
+            empty = true;
+        }
+        let ptree = if empty { None } else { self.subtree_of(parent) };
+        let sub = Arc::new(sub);
+        let mut child = DirSlot {
+            fd: Some(sub.clone()),
+            id: (st.st_dev, st.st_ino),
+        };
+        // While the subdirectory is walked, this directory's descriptor is let go (files
+        // of it still being read hold their own), so depth costs no descriptors.
+        slot.fd = None;
+        let id = self.walk_dir(&mut child, abs, ptree, empty);
+        drop(child);
+        if let Err(e) = Self::regain(slot, &sub) {
+            self.unreadable.push((
+                abs.parent().unwrap_or(abs).display().to_string(),
+                e.to_string(),
+            ));
+        }
+        let id = id?;
+        self.settle(&mut node);
+        node.subtree = Some(id);
+        self.stats.dirs.fetch_add(1, Ordering::Relaxed);
+        pending.push(Pending::Ready(node));
+        Ok(())
+    }
+
+    fn file(
+        &mut self,
+        dir: &Arc<OwnedFd>,
+        abs: &Path,
+        name: &OsStr,
+        st: &EntryStat,
+        parent: Option<&Node>,
+        pending: &mut Vec<Pending>,
+    ) -> Result<(), FilesError> {
+        let mut node = node_from_stat(name, NodeKind::File, st, &mut self.names);
+        if let Some(p) = parent.filter(|p| self.unchanged(p, &node)) {
+            // Unchanged (size, times, inode; a new xattr or flag changes the ctime): its
+            // content and attributes come from the parent.
+            if self.options.exclude_nodump && p.flags & fsattr::nodump_flag() != 0 {
+                return Ok(());
+            }
+            node.content = p.content.clone();
+            node.content_lists = p.content_lists.clone();
+            node.extents = p.extents.clone();
+            node.xattrs = p.xattrs.clone();
+            node.flags = p.flags;
+            self.settle(&mut node);
+            self.stats.files_unchanged.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes_total
+                .fetch_add(node.size, Ordering::Relaxed);
+            pending.push(Pending::Ready(node));
+            return Ok(());
+        }
+        if parent.is_some_and(|p| p.kind == NodeKind::File) {
+            self.stats.files_changed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.files_new.fetch_add(1, Ordering::Relaxed);
+        }
+        let (tx, rx) = bounded(1);
+        let fixed_chunk = self
+            .policy
+            .as_ref()
+            .and_then(|p| p.fixed_chunk_size(abs.strip_prefix(&self.root).unwrap_or(abs)));
+        self.jobs
+            .send(FileJobMsg {
+                dir: dir.clone(),
+                name: name.to_os_string(),
+                expect: (st.st_dev, st.st_ino),
+                fixed_chunk,
+                format2: self.options.format2,
+                exclude_nodump: self.options.exclude_nodump,
+                reply: tx,
+            })
+            .map_err(|_| FilesError::Save(SaveError::Stopped))?;
+        pending.push(Pending::Waiting(node, abs.to_path_buf(), rx));
         Ok(())
     }
 
@@ -702,8 +1007,19 @@ impl Walker<'_> {
                         }
                         n.content = c.content;
                         n.content_lists = c.lists;
-                        n.size = c.size;
-                        self.stats.bytes_total.fetch_add(c.size, Ordering::Relaxed);
+                        n.size = c.file_size;
+                        n.extents = c.extents;
+                        n.flags = c.flags;
+                        n.xattrs = to_xattrs(c.xattrs);
+                        if let Some(why) = c.attr_error {
+                            self.unreadable.push((path.display().to_string(), why));
+                        }
+                        if c.changed && !self.vanished_ok() {
+                            n.changed = self.options.format2;
+                            self.changed.push(path.display().to_string());
+                        }
+                        self.settle(&mut n);
+                        self.stats.bytes_total.fetch_add(n.size, Ordering::Relaxed);
                         tree.nodes.push(n);
                     }
                     Ok(Err(ReadFailure::Unreadable(why))) => {
@@ -717,6 +1033,7 @@ impl Walker<'_> {
                             ));
                         }
                     }
+                    Ok(Err(ReadFailure::NoDump)) => {}
                     Ok(Err(ReadFailure::Stopped)) | Err(_) => {
                         self.check()?;
                         return Err(FilesError::Save(SaveError::Stopped));
@@ -725,230 +1042,10 @@ impl Walker<'_> {
             }
         }
         tree.sort();
-        let (id, _) = self.saver.save(BlobKind::Tree, tree.to_bytes())?;
+        let (id, _) = self
+            .saver
+            .save(crate::pipeline::BlobKind::Tree, tree.to_bytes())?;
         Ok(id)
-    }
-}
-
-/// Collects a file's chunk ids, spilling to content-list blobs past the inline limit.
-struct ContentSink<'a> {
-    saver: &'a BlobSaver,
-    ids: Vec<BlobId>,
-    lists: Vec<BlobId>,
-}
-
-impl ContentSink<'_> {
-    fn push(&mut self, id: BlobId) -> Result<(), SaveError> {
-        self.ids.push(id);
-        if self.ids.len() >= INLINE_CONTENT_MAX {
-            let (l, _) = self
-                .saver
-                .save(BlobKind::Tree, encode_content_list(&self.ids))?;
-            self.lists.push(l);
-            self.ids.clear();
-        }
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<(Vec<BlobId>, Vec<BlobId>), SaveError> {
-        if self.lists.is_empty() {
-            return Ok((self.ids, vec![]));
-        }
-        if !self.ids.is_empty() {
-            let (l, _) = self
-                .saver
-                .save(BlobKind::Tree, encode_content_list(&self.ids))?;
-            self.lists.push(l);
-        }
-        Ok((vec![], self.lists))
-    }
-}
-
-/// Chunks a stream into the saver; returns (inline ids, content lists, bytes).
-///
-/// # Errors
-/// `Err(None)` when stopped (cancel or pipeline failure), `Err(Some(e))` on a read error.
-pub fn save_stream<R: Read>(
-    reader: R,
-    saver: &BlobSaver,
-    cutter: &Cutter,
-    cancel: &CancelToken,
-    read_counter: &AtomicU64,
-) -> Result<(Vec<BlobId>, Vec<BlobId>, u64), Option<io::Error>> {
-    let mut chunker = Chunker::new(reader, cutter.clone());
-    let mut sink = ContentSink {
-        saver,
-        ids: vec![],
-        lists: vec![],
-    };
-    let mut last = 0;
-    while let Some(chunk) = chunker.next_chunk().map_err(Some)? {
-        if cancel.is_cancelled() {
-            return Err(None);
-        }
-        let read = chunker.bytes_read();
-        read_counter.fetch_add(read - last, Ordering::Relaxed);
-        last = read;
-        let (id, _) = saver.save(BlobKind::Data, chunk).map_err(|_| None)?;
-        sink.push(id).map_err(|_| None)?;
-    }
-    read_counter.fetch_add(chunker.bytes_read() - last, Ordering::Relaxed);
-    let total = chunker.bytes_read();
-    let (ids, lists) = sink.finish().map_err(|_| None)?;
-    Ok((ids, lists, total))
-}
-
-/// Opens a file the walk found: relative to its directory, without following a symlink,
-/// without blocking on a FIFO swapped in, and without touching its access time where the
-/// kernel lets us (`O_NOATIME` is for the owner and root). It must be a regular file; when
-/// it is not the inode the walk stat'ed, its own status comes back with it.
-fn open_checked(m: &FileJobMsg) -> Result<(File, Option<EntryStat>), ReadFailure> {
-    use rustix::fs::{Mode, OFlags};
-    let base = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat(&*m.dir, &m.name, base | OFlags::NOATIME, Mode::empty())
-        .or_else(|e| match e {
-            rustix::io::Errno::PERM => rustix::fs::openat(&*m.dir, &m.name, base, Mode::empty()),
-            e => Err(e),
-        })
-        .map_err(|e| match e {
-            rustix::io::Errno::NOENT => ReadFailure::Vanished,
-            rustix::io::Errno::LOOP => {
-                ReadFailure::Unreadable("replaced by a symlink during the backup".into())
-            }
-            e => ReadFailure::Unreadable(io::Error::from(e).to_string()),
-        })?;
-    let st = dirfd::fstat(&fd).map_err(|e| ReadFailure::Unreadable(e.to_string()))?;
-    if dirfd::file_type(&st) != FileType::RegularFile {
-        return Err(ReadFailure::Unreadable(format!(
-            "replaced by a {} during the backup",
-            dirfd::kind_word(dirfd::file_type(&st))
-        )));
-    }
-    let replaced = ((st.st_dev, st.st_ino) != m.expect).then_some(st);
-    Ok((File::from(fd), replaced))
-}
-
-/// Reads a file in blocks of `block` bytes (the last one shorter), one blob each.
-fn read_fixed(
-    mut file: File,
-    block: usize,
-    saver: &BlobSaver,
-    cancel: &CancelToken,
-    stats: &FilesStats,
-) -> Result<FileContent, ReadFailure> {
-    let mut sink = ContentSink {
-        saver,
-        ids: vec![],
-        lists: vec![],
-    };
-    let mut size = 0u64;
-    loop {
-        if cancel.is_cancelled() {
-            return Err(ReadFailure::Stopped);
-        }
-        let mut buf = Vec::with_capacity(block);
-        let n = (&mut file)
-            .take(block as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| ReadFailure::Unreadable(e.to_string()))?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-        let (id, _) = saver
-            .save(BlobKind::Data, buf)
-            .map_err(|_| ReadFailure::Stopped)?;
-        sink.push(id).map_err(|_| ReadFailure::Stopped)?;
-        if n < block {
-            break;
-        }
-    }
-    let (content, lists) = sink.finish().map_err(|_| ReadFailure::Stopped)?;
-    Ok(FileContent {
-        content,
-        lists,
-        size,
-        replaced: None,
-    })
-}
-
-fn read_file(
-    file: File,
-    saver: &BlobSaver,
-    cutter: &Cutter,
-    min_size: u64,
-    cancel: &CancelToken,
-    stats: &FilesStats,
-) -> Result<FileContent, ReadFailure> {
-    let unreadable = |e: io::Error| ReadFailure::Unreadable(e.to_string());
-    let md = file.metadata().map_err(unreadable)?;
-    if !md.is_file() {
-        return Err(ReadFailure::Unreadable("no longer a regular file".into()));
-    }
-    // Small files are read whole with one exact allocation; they are one or two chunks.
-    if md.len() <= min_size * 2 {
-        let mut data = Vec::with_capacity(md.len() as usize + 1);
-        (&file)
-            .take(md.len() + 1)
-            .read_to_end(&mut data)
-            .map_err(unreadable)?;
-        if data.len() as u64 <= md.len() {
-            stats
-                .bytes_read
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            let size = data.len() as u64;
-            let save = |chunk: Vec<u8>| {
-                saver
-                    .save(BlobKind::Data, chunk)
-                    .map(|(id, _)| id)
-                    .map_err(|_| ReadFailure::Stopped)
-            };
-            let mut ids = vec![];
-            let first = cutter.cut(&data);
-            if first == data.len() {
-                // One chunk (the common case): hand over the buffer, no copy.
-                if !data.is_empty() {
-                    ids.push(save(data)?);
-                }
-            } else {
-                let mut rest = &data[..];
-                while !rest.is_empty() {
-                    let n = cutter.cut(rest);
-                    ids.push(save(rest[..n].to_vec())?);
-                    rest = &rest[n..];
-                }
-            }
-            return Ok(FileContent {
-                content: ids,
-                lists: vec![],
-                size,
-                replaced: None,
-            });
-        }
-        // The file grew while we read it: continue as a stream.
-        let reader = io::Cursor::new(data).chain(&file);
-        return stream_file(reader, saver, cutter, cancel, stats);
-    }
-    stream_file(&file, saver, cutter, cancel, stats)
-}
-
-fn stream_file<R: Read>(
-    reader: R,
-    saver: &BlobSaver,
-    cutter: &Cutter,
-    cancel: &CancelToken,
-    stats: &FilesStats,
-) -> Result<FileContent, ReadFailure> {
-    match save_stream(reader, saver, cutter, cancel, &stats.bytes_read) {
-        Ok((content, lists, size)) => Ok(FileContent {
-            content,
-            lists,
-            size,
-            replaced: None,
-        }),
-        Err(Some(e)) => Err(ReadFailure::Unreadable(e.to_string())),
-        Err(None) => Err(ReadFailure::Stopped),
     }
 }
 
@@ -964,65 +1061,6 @@ mod tests {
         assert!(ex.is_excluded(Path::new("/data/cache"), OsStr::new("cache")));
         assert!(!ex.is_excluded(Path::new("/other/cache"), OsStr::new("cache")));
         assert!(ex.is_excluded(Path::new("/x/1/2/y"), OsStr::new("y")));
-    }
-
-    fn job(dir: &Path, name: &str, expect: (u64, u64)) -> FileJobMsg {
-        let (tx, _) = bounded(1);
-        FileJobMsg {
-            dir: Arc::new(dirfd::open_dir_path(dir).unwrap()),
-            name: name.into(),
-            expect,
-            fixed_chunk: None,
-            reply: tx,
-        }
-    }
-
-    fn dev_ino(p: &Path) -> (u64, u64) {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::symlink_metadata(p).unwrap();
-        (m.dev(), m.ino())
-    }
-
-    #[test]
-    fn files_are_read_only_as_the_regular_file_of_their_directory() {
-        let t = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        std::fs::write(outside.path().join("secret"), b"not in this tree").unwrap();
-        let f = t.path().join("f");
-        std::fs::write(&f, b"mine").unwrap();
-        let stat_ed = dev_ino(&f);
-        // Swapped for a symlink between the walk's lstat and the read: refused. (The
-        // original is kept under another name, so its inode number is not reused.)
-        std::fs::rename(&f, t.path().join("orig")).unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret"), &f).unwrap();
-        match open_checked(&job(t.path(), "f", stat_ed)) {
-            Err(ReadFailure::Unreadable(why)) => assert!(why.contains("symlink"), "{why}"),
-            _ => panic!("a symlink was opened"),
-        }
-        // A FIFO in its place: refused at once, not waited on.
-        std::fs::remove_file(&f).unwrap();
-        let st = std::process::Command::new("mkfifo")
-            .arg(&f)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        match open_checked(&job(t.path(), "f", stat_ed)) {
-            Err(ReadFailure::Unreadable(why)) => assert!(why.contains("fifo"), "{why}"),
-            _ => panic!("a fifo was opened"),
-        }
-        // Replaced by another regular file (an editor's rename): read, with its own status.
-        std::fs::remove_file(&f).unwrap();
-        std::fs::write(&f, b"new").unwrap();
-        let now = dev_ino(&f);
-        assert_ne!(now, stat_ed);
-        match open_checked(&job(t.path(), "f", stat_ed)) {
-            Ok((_, Some(st))) => assert_eq!((st.st_dev, st.st_ino), now),
-            _ => panic!("a replaced file must come back with its own status"),
-        }
-        match open_checked(&job(t.path(), "f", now)) {
-            Ok((_, None)) => {}
-            _ => panic!("the stat'ed file is read as is"),
-        }
     }
 
     #[test]

@@ -84,5 +84,6 @@ pub fn node_from_stat(name: &OsStr, kind: NodeKind, st: &EntryStat, names: &mut 
         subtree: None,
         link_target: None,
         raw_link_target: None,
+        ..Node::default()
     }
 }

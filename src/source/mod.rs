@@ -3,6 +3,7 @@
 
 pub mod files;
 pub mod meta;
+mod reader;
 pub mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -7,8 +7,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicU64;
 
-use super::files::save_stream;
 use super::meta::NameCache;
+use super::reader::save_stream;
 use super::CancelToken;
 use crate::pipeline::chunker::Cutter;
 use crate::pipeline::stages::{BlobSaver, SaveError};
@@ -160,6 +160,7 @@ pub fn backup_stream(
         subtree: None,
         link_target: None,
         raw_link_target: None,
+        ..Node::default()
     };
     let tree = Tree { nodes: vec![node] };
     let (id, _) = saver.save(BlobKind::Tree, tree.to_bytes())?;

@@ -735,7 +735,9 @@ pub enum Kind {
     Symlink,
     /// FIFO.
     Fifo,
-    /// Socket or device.
+    /// Socket.
+    Socket,
+    /// Character or block device.
     Other,
 }
 
@@ -774,6 +776,8 @@ pub fn lmeta(p: &Path) -> Meta {
         Kind::Symlink
     } else if ft.is_fifo() {
         Kind::Fifo
+    } else if ft.is_socket() {
+        Kind::Socket
     } else {
         Kind::Other
     };

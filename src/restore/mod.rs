@@ -1,16 +1,23 @@
-//! Restore: plan every file from the snapshot's trees, then fetch packs in parallel, in
+//! Restore: plan every entry from the snapshot's trees, then fetch packs in parallel, in
 //! pack order, reading each pack's needed blobs with few ranged reads, and write each blob
-//! in place at its offset in every file that holds it. Metadata is applied last (files,
-//! then directories deepest first, so their times stick).
+//! in place at its offset in every file that holds it ([`write`]). Metadata is applied last
+//! ([`meta`]: files, special files and links, then directories deepest first, so their
+//! times stick; with `--file-flags`, file flags after all of it).
 //!
 //! Every write lands inside the target: the tree is made and written through directory
 //! descriptors ([`crate::dirfd`]), one name at a time with `O_NOFOLLOW`, so a symlink in
 //! the snapshot (or one planted in the target during a `--delta` restore) is recreated or
 //! replaced, never followed. A tree with duplicate or unsorted names (which no backup
-//! writes) is refused by name.
+//! writes) is refused by name. Neither path length nor depth is bounded by `PATH_MAX` or
+//! the descriptor limit: directories are reopened from a table, and the walk runs on a
+//! thread with a large stack.
 //!
 //! A damaged pack does not stop the restore: every other file is restored, and the files
-//! that needed the damaged blobs are named in the report.
+//! that needed the damaged blobs are named in the report; what cannot be restored exactly
+//! (an extended attribute, a device without root) is a warning naming the entry.
+
+mod meta;
+mod write;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -25,10 +32,10 @@ use std::sync::Mutex;
 use globset::GlobSet;
 use rustix::fs::FileType;
 
-use crate::backend::{BackendError, ObjectType};
 use crate::dirfd::{self, DirTable};
-use crate::pipeline::{blob, BlobId, BlobKind};
-use crate::repo::{object_path, Index, Node, NodeKind, RepoError, Repository};
+use crate::pipeline::{BlobId, BlobKind};
+use crate::repo::{Index, Node, NodeKind, RepoError, Repository};
+use write::{BlobTarget, Buffers};
 
 /// Why a restore could not run at all.
 #[derive(Debug, thiserror::Error)]
@@ -61,20 +68,42 @@ pub struct RestoreReport {
     pub dirs: u64,
     /// Symlinks created.
     pub symlinks: u64,
+    /// FIFOs and devices created.
+    pub specials: u64,
     /// Content bytes written.
     pub bytes: u64,
     /// Content bytes a delta restore found in place already.
     pub bytes_unchanged: u64,
-    /// Files that could not be restored completely, with why.
+    /// Entries that could not be restored, with why.
     pub failed: Vec<(String, String)>,
+    /// Entries restored, but not exactly (an attribute that could not be set), with why.
+    pub warnings: Vec<(String, String)>,
+    /// Entries with file flags that were not set (no `--file-flags`).
+    pub flags_not_set: u64,
     /// The symlinks restored (their paths in the target, at most [`LINKS_LISTED`]).
     pub links: Vec<std::path::PathBuf>,
+}
+
+impl RestoreReport {
+    /// Adds another tree's report (a tablespace) to this one.
+    pub fn merge(&mut self, more: RestoreReport) {
+        self.files += more.files;
+        self.dirs += more.dirs;
+        self.symlinks += more.symlinks;
+        self.specials += more.specials;
+        self.bytes += more.bytes;
+        self.bytes_unchanged += more.bytes_unchanged;
+        self.failed.extend(more.failed);
+        self.warnings.extend(more.warnings);
+        self.flags_not_set += more.flags_not_set;
+        self.links.extend(more.links);
+    }
 }
 
 /// How many restored symlinks [`RestoreReport::links`] lists.
 pub const LINKS_LISTED: usize = 1000;
 
-/// Filters by glob on the path inside the snapshot.
+/// Filters by glob on the path inside the snapshot, and how to restore.
 #[derive(Default)]
 pub struct RestoreFilter {
     /// Only these (and what is under them).
@@ -91,9 +120,13 @@ pub struct RestoreFilter {
     /// or set-id files, and a snapshot forged by someone holding the key (the database's
     /// OS user does) must not make a root restore produce them.
     pub force_owner: Option<(u32, u32)>,
+    /// Also write runs of zeros of any file as holes (`restore --sparse`).
+    pub sparse: bool,
+    /// Set file flags (`chattr`; `restore --file-flags`), after everything else.
+    pub file_flags: bool,
 }
 
-struct PlannedFile {
+pub(crate) struct PlannedFile {
     /// Its directory in the [`DirTable`].
     dir: usize,
     name: Vec<u8>,
@@ -101,27 +134,35 @@ struct PlannedFile {
     node: Node,
     /// The inode made (or kept) for it: every later open checks it is still that file.
     ino: u64,
+    /// An older copy's file, kept by `--delta` (a hole there is punched, not skipped).
+    existing: bool,
 }
 
-struct PlannedDir {
+pub(crate) struct PlannedDir {
     idx: usize,
     depth: usize,
+    snap_path: String,
     node: Node,
 }
 
-struct PlannedLink {
+pub(crate) struct PlannedLink {
     dir: usize,
     name: Vec<u8>,
+    snap_path: String,
     node: Node,
 }
 
-struct BlobTarget {
-    file: usize,
-    offset: u64,
+/// A FIFO or device made by the restore.
+pub(crate) struct PlannedSpecial {
+    dir: usize,
+    name: Vec<u8>,
+    snap_path: String,
+    node: Node,
+    ino: u64,
 }
 
 /// One blob to fetch, keyed by its offset in its pack.
-struct PlannedBlob {
+pub(crate) struct PlannedBlob {
     id: BlobId,
     /// The index's kind, which is what sealed it (a file chunk may be stored as a tree blob
     /// with the same bytes).
@@ -134,16 +175,19 @@ struct PlannedBlob {
     targets: Vec<BlobTarget>,
 }
 
-struct Plan {
+pub(crate) struct Plan {
     table: DirTable,
     files: Vec<PlannedFile>,
     dirs: Vec<PlannedDir>,
     links: Vec<PlannedLink>,
+    specials: Vec<PlannedSpecial>,
     // pack -> offset in pack -> blob
     packs: BTreeMap<BlobId, BTreeMap<u32, PlannedBlob>>,
     missing: Vec<(usize, String)>,
     /// (device, inode) in the snapshot -> the first restored name: (directory, name).
     hardlinks: HashMap<(u64, u64), (usize, Vec<u8>)>,
+    /// `--sparse`.
+    sparse: bool,
 }
 
 /// Opens the target, which must be an empty directory (unless `delta`), or makes it
@@ -179,6 +223,11 @@ fn open_target(target: &Path, delta: bool) -> Result<DirTable, RestoreError> {
     }
 }
 
+/// The stack of the thread a restore plans on: the walk of the trees recurses once per
+/// directory level, and a tree may be deeper than any `PATH_MAX` (reserved address space;
+/// only what a walk touches is committed).
+const WALK_STACK: usize = 1 << 30;
+
 /// Restores a snapshot tree into `target`.
 ///
 /// # Errors
@@ -193,15 +242,41 @@ pub fn restore(
     workers: usize,
     progress: &AtomicU64,
 ) -> Result<RestoreReport, RestoreError> {
+    std::thread::scope(|s| {
+        let t = std::thread::Builder::new()
+            .name("restore".into())
+            .stack_size(WALK_STACK)
+            .spawn_scoped(s, || {
+                restore_here(repo, index, tree, target, filter, workers, progress)
+            })
+            .map_err(|e| RestoreError::Io {
+                path: target.display().to_string(),
+                source: e,
+            })?;
+        t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+fn restore_here(
+    repo: &Repository,
+    index: &Index,
+    tree: &BlobId,
+    target: &Path,
+    filter: &RestoreFilter,
+    workers: usize,
+    progress: &AtomicU64,
+) -> Result<RestoreReport, RestoreError> {
     let table = open_target(target, filter.delta)?;
     let mut plan = Plan {
         table,
         files: vec![],
         dirs: vec![],
         links: vec![],
+        specials: vec![],
         packs: BTreeMap::new(),
         missing: vec![],
         hardlinks: HashMap::new(),
+        sparse: filter.sparse,
     };
     let mut report = RestoreReport::default();
     plan_tree(
@@ -236,12 +311,28 @@ pub fn restore(
                     let Some((pack, blobs)) = packs.get(i) else {
                         return;
                     };
-                    restore_pack(repo, pack, blobs, &plan, &failed, progress, &mut bufs);
+                    write::restore_pack(repo, pack, blobs, &plan, &failed, progress, &mut bufs);
                 }
             });
         }
     });
+    apply_metadata(&plan, filter, failed, &mut report)?;
+    report.failed.sort();
+    report.warnings.sort();
+    Ok(report)
+}
+
+/// The metadata phase, and the flags pass after it.
+fn apply_metadata(
+    plan: &Plan,
+    filter: &RestoreFilter,
+    failed: Mutex<HashMap<usize, String>>,
+    report: &mut RestoreReport,
+) -> Result<(), RestoreError> {
+    let force = filter.force_owner;
     let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut warnings = vec![];
+    let mut restored = vec![];
     for (i, f) in plan.files.iter().enumerate() {
         if let Some(why) = failed.get(&i) {
             report.failed.push((f.snap_path.clone(), why.clone()));
@@ -249,25 +340,78 @@ pub fn restore(
         }
         report.files += 1;
         report.bytes += f.node.size;
-        if let Err(e) = file_metadata(&plan, f, filter.force_owner) {
-            report
+        match meta::file(plan, f, force, &mut warnings) {
+            Ok(()) => restored.push(i),
+            Err(e) => report
                 .failed
-                .push((f.snap_path.clone(), format!("metadata: {e}")));
+                .push((f.snap_path.clone(), format!("metadata: {e}"))),
+        }
+    }
+    for s in &plan.specials {
+        if let Err(e) = meta::special(&plan.table, s, force, &mut warnings) {
+            warnings.push((s.snap_path.clone(), format!("metadata: {e}")));
         }
     }
     for l in &plan.links {
-        let _ = link_metadata(&plan.table, l, filter.force_owner);
+        if let Err(e) = meta::link(&plan.table, l, force, &mut warnings) {
+            warnings.push((l.snap_path.clone(), format!("metadata: {e}")));
+        }
     }
     // Deepest first, so restoring a child does not change its parent's mtime afterwards.
-    plan.dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
-    for d in &plan.dirs {
-        dir_metadata(&plan.table, d, filter.force_owner).map_err(|e| RestoreError::Io {
+    let mut dirs: Vec<&PlannedDir> = plan.dirs.iter().collect();
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.depth));
+    for d in &dirs {
+        meta::dir(&plan.table, d, force, &mut warnings).map_err(|e| RestoreError::Io {
             path: plan.table.path(d.idx).display().to_string(),
             source: e,
         })?;
     }
-    report.failed.sort();
-    Ok(report)
+    // File flags last of all: immutable and append-only would block what comes before.
+    let flagged_files = restored
+        .iter()
+        .map(|&i| &plan.files[i])
+        .filter(|f| f.node.flags != 0);
+    let flagged_dirs = dirs.iter().filter(|d| d.node.flags != 0);
+    if filter.file_flags {
+        for f in flagged_files {
+            if let Err(e) = meta::file_flags(plan, f) {
+                warnings.push((f.snap_path.clone(), format!("file flags: {e}")));
+            }
+        }
+        for d in flagged_dirs {
+            if let Err(e) = meta::dir_flags(&plan.table, d) {
+                warnings.push((d.snap_path.clone(), format!("file flags: {e}")));
+            }
+        }
+    } else {
+        report.flags_not_set = (flagged_files.count() + flagged_dirs.count()) as u64;
+    }
+    // Not root: owners cannot be given; said once, not per file.
+    if force.is_none() && !rustix::process::geteuid().is_root() {
+        let me = (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        );
+        let others = plan
+            .files
+            .iter()
+            .map(|f| &f.node)
+            .chain(plan.dirs.iter().map(|d| &d.node))
+            .chain(plan.links.iter().map(|l| &l.node))
+            .chain(plan.specials.iter().map(|s| &s.node))
+            .filter(|n| (n.uid, n.gid) != me)
+            .count();
+        if others > 0 {
+            warnings.push((
+                "(owners)".into(),
+                format!(
+                    "{others} entries belong to other users or groups in the snapshot; only root restores owners, so they are this user's"
+                ),
+            ));
+        }
+    }
+    report.warnings.extend(warnings);
+    Ok(())
 }
 
 /// Why the names of a tree cannot be restored: empty, `.`/`..`, holding `/` or NUL, or
@@ -296,6 +440,68 @@ fn bad_names(nodes: &[Node]) -> Option<(String, &'static str)> {
         prev = Some(name);
     }
     None
+}
+
+/// Maps a file's content, blob by blob, to its places in the file: the content fills
+/// the node's data regions one after another.
+struct Placer {
+    regions: Vec<(u64, u64)>,
+    region: usize,
+    within: u64,
+}
+
+impl Placer {
+    fn new(node: &Node) -> Self {
+        Placer {
+            regions: node.data_regions(),
+            region: 0,
+            within: 0,
+        }
+    }
+
+    /// The next `len` content bytes: (file offset, offset in the blob, length) pieces.
+    fn place(&mut self, len: u32) -> Vec<(u64, u32, u32)> {
+        let mut out = vec![];
+        let mut from = 0u32;
+        while from < len {
+            let Some(&(start, rlen)) = self.regions.get(self.region) else {
+                // More content than regions: it goes after the last one (a malformed node
+                // is caught when sizes are compared; do not lose bytes here).
+                let end = self.regions.last().map_or(0, |(s, l)| s + l);
+                out.push((end + self.within, from, len - from));
+                self.within += (len - from) as u64;
+                break;
+            };
+            let room = rlen - self.within;
+            let n = room.min((len - from) as u64) as u32;
+            if n > 0 {
+                out.push((start + self.within, from, n));
+            }
+            from += n;
+            self.within += n as u64;
+            if self.within >= rlen {
+                self.region += 1;
+                self.within = 0;
+            }
+        }
+        out
+    }
+}
+
+/// The holes of a file with extents: what lies between and after its data regions.
+fn holes(node: &Node) -> Vec<(u64, u64)> {
+    let mut out = vec![];
+    let mut pos = 0u64;
+    for &(s, l) in &node.extents {
+        if s > pos {
+            out.push((pos, s - pos));
+        }
+        pos = pos.max(s + l);
+    }
+    if node.size > pos && !node.extents.is_empty() {
+        out.push((pos, node.size - pos));
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -359,7 +565,7 @@ fn plan_tree(
                     object: format!("tree {tree}"),
                     why: format!("directory {snap_path} has no subtree"),
                 })?;
-                let before = plan.files.len() + plan.links.len();
+                let before = plan.files.len() + plan.links.len() + plan.specials.len();
                 let (fd, _) = dirfd::ensure_dir(&*dfd, name_os, 0o700, filter.delta)
                     .map_err(|e| err(&plan.table, e))?;
                 drop(dfd);
@@ -379,12 +585,14 @@ fn plan_tree(
                     plan,
                     report,
                 )?;
-                let has_content = plan.files.len() + plan.links.len() > before;
+                let has_content =
+                    plan.files.len() + plan.links.len() + plan.specials.len() > before;
                 if inc || has_content {
                     report.dirs += 1;
                     plan.dirs.push(PlannedDir {
                         idx,
                         depth: depth + 1,
+                        snap_path,
                         node,
                     });
                 } else if let Ok(dfd) = plan.table.open(dir) {
@@ -403,8 +611,51 @@ fn plan_tree(
                 if report.links.len() < LINKS_LISTED {
                     report.links.push(plan.table.path(dir).join(name_os));
                 }
-                plan.links.push(PlannedLink { dir, name, node });
+                plan.links.push(PlannedLink {
+                    dir,
+                    name,
+                    snap_path,
+                    node,
+                });
             }
+            NodeKind::Fifo | NodeKind::CharDevice | NodeKind::BlockDevice => {
+                if filter.delta {
+                    dirfd::remove_entry(&*dfd, name_os).map_err(|e| err(&plan.table, e))?;
+                }
+                let made = match (node.kind, node.rdev) {
+                    (NodeKind::Fifo, _) => dirfd::mkfifo_at(&*dfd, name_os),
+                    (kind, Some((major, minor))) => dirfd::mknod_at(
+                        &*dfd,
+                        name_os,
+                        kind == NodeKind::BlockDevice,
+                        crate::fsattr::join_rdev(major, minor),
+                    ),
+                    (_, None) => Err(io::Error::other("a device without its number")),
+                };
+                let made = made.and_then(|()| {
+                    dirfd::lstat_at(&*dfd, name_os)?.ok_or_else(|| io::Error::other("vanished"))
+                });
+                match made {
+                    Ok(st) => {
+                        report.specials += 1;
+                        plan.specials.push(PlannedSpecial {
+                            dir,
+                            name,
+                            snap_path,
+                            node,
+                            ino: st.st_ino,
+                        });
+                    }
+                    // Devices need root: listed, the rest goes on.
+                    Err(e) => report
+                        .warnings
+                        .push((snap_path, format!("{} not created: {e}", node.kind.word()))),
+                }
+            }
+            NodeKind::Unknown => report.failed.push((
+                snap_path,
+                "an entry of a kind this backupd does not know (written by a newer version)".into(),
+            )),
             NodeKind::File => {
                 if node.links > 1 && node.inode != 0 {
                     let key = (node.device, node.inode);
@@ -428,104 +679,144 @@ fn plan_tree(
                         plan.hardlinks.insert(key, (dir, name.clone()));
                     }
                 }
-                // In a delta restore, an existing regular file is kept and compared.
-                let existing = if filter.delta {
-                    match dirfd::lstat_at(&*dfd, name_os).map_err(|e| err(&plan.table, e))? {
-                        // A file with other names may be a hard link to a file outside
-                        // the target, planted in an older copy: made anew instead.
-                        Some(st)
-                            if dirfd::file_type(&st) == FileType::RegularFile
-                                && st.st_nlink == 1 =>
-                        {
-                            true
-                        }
-                        Some(_) => {
-                            dirfd::remove_entry(&*dfd, name_os).map_err(|e| err(&plan.table, e))?;
-                            false
-                        }
-                        None => false,
-                    }
-                } else {
-                    false
-                };
-                let (f, st) = if existing {
-                    let (f, st) = dirfd::open_file_write(&*dfd, name_os, true)
-                        .map_err(|e| err(&plan.table, e))?;
-                    if st.st_nlink != 1 {
-                        return Err(err(
-                            &plan.table,
-                            io::Error::other("gained a hard link during the restore"),
-                        ));
-                    }
-                    (f, st)
-                } else {
-                    let f = dirfd::create_file(&*dfd, name_os, 0o600)
-                        .map_err(|e| err(&plan.table, e))?;
-                    let st = dirfd::fstat(&f).map_err(|e| err(&plan.table, e))?;
-                    (f, st)
-                };
-                let old_len = if existing { st.st_size as u64 } else { 0 };
-                f.set_len(node.size).map_err(|e| err(&plan.table, e))?;
-                let file_idx = plan.files.len();
-                let mut offset = 0u64;
-                let mut scratch = vec![];
-                match repo.file_content(index, &node) {
-                    Ok(ids) => {
-                        for id in ids {
-                            match index.get(&id) {
-                                Some(loc)
-                                    if existing
-                                        && offset + loc.raw_length as u64 <= old_len
-                                        && same_bytes_on_disk(
-                                            repo,
-                                            &f,
-                                            offset,
-                                            loc.raw_length,
-                                            &id,
-                                            &mut scratch,
-                                        ) =>
-                                {
-                                    report.bytes_unchanged += loc.raw_length as u64;
-                                    offset += loc.raw_length as u64;
-                                }
-                                Some(loc) => {
-                                    let e = plan
-                                        .packs
-                                        .entry(loc.pack)
-                                        .or_default()
-                                        .entry(loc.offset)
-                                        .or_insert_with(|| PlannedBlob {
-                                            id,
-                                            kind: loc.kind,
-                                            length: loc.length,
-                                            raw_length: loc.raw_length,
-                                            targets: vec![],
-                                        });
-                                    e.targets.push(BlobTarget {
-                                        file: file_idx,
-                                        offset,
-                                    });
-                                    offset += loc.raw_length as u64;
-                                }
-                                None => {
-                                    plan.missing
-                                        .push((file_idx, format!("blob {id} is not in the index")));
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => plan.missing.push((file_idx, e.to_string())),
-                }
-                plan.files.push(PlannedFile {
+                plan_file(
+                    repo,
+                    index,
+                    plan,
+                    report,
+                    &dfd,
                     dir,
-                    name,
+                    name.clone(),
                     snap_path,
                     node,
-                    ino: st.st_ino,
-                });
+                    filter,
+                )
+                .map_err(|e| err(&plan.table, e))?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Makes (or, in `--delta`, keeps) one regular file at its size, and plans where each of
+/// its blobs goes.
+#[allow(clippy::too_many_arguments)]
+fn plan_file(
+    repo: &Repository,
+    index: &Index,
+    plan: &mut Plan,
+    report: &mut RestoreReport,
+    dfd: &std::os::fd::OwnedFd,
+    dir: usize,
+    name: Vec<u8>,
+    snap_path: String,
+    node: Node,
+    filter: &RestoreFilter,
+) -> io::Result<()> {
+    let name_os = OsStr::from_bytes(&name);
+    // In a delta restore, an existing regular file is kept and compared.
+    let existing = if filter.delta {
+        match dirfd::lstat_at(dfd, name_os)? {
+            // A file with other names may be a hard link to a file outside the target,
+            // planted in an older copy: made anew instead.
+            Some(st) if dirfd::file_type(&st) == FileType::RegularFile && st.st_nlink == 1 => true,
+            Some(_) => {
+                dirfd::remove_entry(dfd, name_os)?;
+                false
+            }
+            None => false,
+        }
+    } else {
+        false
+    };
+    let (f, st) = if existing {
+        let (f, st) = dirfd::open_file_write(dfd, name_os, true)?;
+        if st.st_nlink != 1 {
+            return Err(io::Error::other("gained a hard link during the restore"));
+        }
+        (f, st)
+    } else {
+        let f = dirfd::create_file(dfd, name_os, 0o600)?;
+        let st = dirfd::fstat(&f)?;
+        (f, st)
+    };
+    let old_len = if existing { st.st_size as u64 } else { 0 };
+    f.set_len(node.size)?;
+    if existing {
+        // The snapshot's holes, where the older copy may hold data.
+        for (off, len) in holes(&node) {
+            zero_range(&f, off, len)?;
+        }
+    }
+    let file_idx = plan.files.len();
+    let mut placer = Placer::new(&node);
+    let mut scratch = vec![];
+    match repo.file_content(index, &node) {
+        Ok(ids) => {
+            for id in ids {
+                let Some(loc) = index.get(&id) else {
+                    plan.missing
+                        .push((file_idx, format!("blob {id} is not in the index")));
+                    break;
+                };
+                let pieces = placer.place(loc.raw_length);
+                if let [(offset, 0, len)] = pieces[..] {
+                    if existing
+                        && len == loc.raw_length
+                        && offset + len as u64 <= old_len
+                        && same_bytes_on_disk(repo, &f, offset, len, &id, &mut scratch)
+                    {
+                        report.bytes_unchanged += len as u64;
+                        continue;
+                    }
+                }
+                let e = plan
+                    .packs
+                    .entry(loc.pack)
+                    .or_default()
+                    .entry(loc.offset)
+                    .or_insert_with(|| PlannedBlob {
+                        id,
+                        kind: loc.kind,
+                        length: loc.length,
+                        raw_length: loc.raw_length,
+                        targets: vec![],
+                    });
+                for (offset, from, len) in pieces {
+                    e.targets.push(BlobTarget {
+                        file: file_idx,
+                        offset,
+                        from,
+                        len,
+                    });
+                }
+            }
+        }
+        Err(e) => plan.missing.push((file_idx, e.to_string())),
+    }
+    plan.files.push(PlannedFile {
+        dir,
+        name,
+        snap_path,
+        node,
+        ino: st.st_ino,
+        existing,
+    });
+    Ok(())
+}
+
+/// Makes `[off, off + len)` of a file zeros: a hole where the file system can punch one,
+/// else written zeros.
+fn zero_range(f: &fs::File, off: u64, len: u64) -> io::Result<()> {
+    if crate::fsattr::punch_hole(f, off, len).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], off + done)?;
+        done += n as u64;
     }
     Ok(())
 }
@@ -558,186 +849,14 @@ fn remove_extraneous(dir: &std::os::fd::OwnedFd, nodes: &[Node]) -> io::Result<(
             NodeKind::Dir => ft == FileType::Directory,
             NodeKind::File => ft == FileType::RegularFile,
             NodeKind::Symlink => ft == FileType::Symlink,
+            // Made anew.
+            _ => false,
         });
         if !keep {
             dirfd::remove_entry(dir, name_os)?;
         }
     }
     Ok(())
-}
-
-/// Reads ranges no more than this far apart as one.
-const COALESCE_GAP: u32 = 1024 * 1024;
-
-/// A restore worker's reusable buffers.
-#[derive(Default)]
-struct Buffers {
-    range: Vec<u8>,
-    plain: Vec<u8>,
-}
-
-fn restore_pack(
-    repo: &Repository,
-    pack: &BlobId,
-    blobs: &BTreeMap<u32, PlannedBlob>,
-    plan: &Plan,
-    failed: &Mutex<HashMap<usize, String>>,
-    progress: &AtomicU64,
-    bufs: &mut Buffers,
-) {
-    let name = pack.to_hex();
-    let path = object_path(ObjectType::Pack, &name);
-    // Each worker holds one ranged read at a time; a remote store gets more, smaller reads
-    // in flight (throughput per connection is what limits it), a local disk fewer, larger.
-    let max_range: u64 = if repo.backend().connections().is_some() {
-        4 * 1024 * 1024
-    } else {
-        8 * 1024 * 1024
-    };
-    let fail = |targets: &[BlobTarget], why: &str| {
-        let mut g = failed.lock().unwrap_or_else(|p| p.into_inner());
-        for t in targets {
-            g.entry(t.file).or_insert_with(|| why.to_string());
-        }
-    };
-    let entries: Vec<(u32, &PlannedBlob)> = blobs.iter().map(|(o, b)| (*o, b)).collect();
-    let mut i = 0;
-    while i < entries.len() {
-        let start = entries[i].0 as u64;
-        let mut end = start + entries[i].1.length as u64;
-        let mut j = i + 1;
-        while let Some(&(off, b)) = entries.get(j) {
-            let (off, blob_end) = (off as u64, off as u64 + b.length as u64);
-            if off > end + COALESCE_GAP as u64 || blob_end - start > max_range {
-                break;
-            }
-            end = end.max(blob_end);
-            j += 1;
-        }
-        let mut todo = vec![&entries[i..j]];
-        while let Some(group) = todo.pop() {
-            let start = group[0].0 as u64;
-            let end = group
-                .iter()
-                .map(|(off, b)| *off as u64 + b.length as u64)
-                .max()
-                .unwrap_or(start);
-            let Buffers { range, plain } = &mut *bufs;
-            match repo
-                .backend()
-                .get_range_into(ObjectType::Pack, &name, start, end - start, range)
-            {
-                Ok(()) => {
-                    for &(off, b) in group {
-                        let lo = (off as u64 - start) as usize;
-                        let sealed = &mut range[lo..lo + b.length as usize];
-                        match blob::decode_in_place(
-                            repo.keys(),
-                            b.kind,
-                            &b.id,
-                            sealed,
-                            b.raw_length as usize,
-                            plain,
-                        ) {
-                            Ok(data) => write_blob(data, &b.targets, plan, &fail, progress),
-                            Err(e) => {
-                                fail(&b.targets, &format!("{path}: corrupt or tampered ({e})"))
-                            }
-                        }
-                    }
-                }
-                // A short read (a truncated pack) is retried blob by blob, so the intact
-                // blobs before the cut are still restored. Any other failure (a missing
-                // pack, an I/O error) would fail the same way for each blob.
-                Err(BackendError::ShortRead { .. }) if group.len() > 1 => {
-                    todo.extend(group.chunks(1).rev())
-                }
-                Err(e) => {
-                    for (_, b) in group {
-                        fail(&b.targets, &format!("{path}: {e}"));
-                    }
-                }
-            }
-        }
-        i = j;
-    }
-}
-
-/// Opens a planned file for writing, by name in its directory, checking it is still the
-/// file the plan made.
-fn open_planned(plan: &Plan, f: &PlannedFile) -> io::Result<fs::File> {
-    let dir = plan.table.open(f.dir)?;
-    let (file, st) = dirfd::open_file_write(&*dir, OsStr::from_bytes(&f.name), false)?;
-    if st.st_ino != f.ino {
-        return Err(io::Error::other(
-            "replaced by another file during the restore; not written",
-        ));
-    }
-    Ok(file)
-}
-
-/// Writes one decoded blob at its offset in every file that holds it.
-fn write_blob(
-    plain: &[u8],
-    targets: &[BlobTarget],
-    plan: &Plan,
-    fail: &dyn Fn(&[BlobTarget], &str),
-    progress: &AtomicU64,
-) {
-    for t in targets {
-        let r =
-            open_planned(plan, &plan.files[t.file]).and_then(|h| h.write_all_at(plain, t.offset));
-        if let Err(e) = r {
-            fail(std::slice::from_ref(t), &format!("writing: {e}"));
-        }
-    }
-    progress.fetch_add(plain.len() as u64 * targets.len() as u64, Ordering::Relaxed);
-}
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-/// The owner and mode an entry gets: the snapshot's, or for a cluster the forced owner
-/// and no set-id bits.
-fn owner_and_mode(node: &Node, force: Option<(u32, u32)>) -> ((u32, u32), u32) {
-    match force {
-        Some(o) => (o, node.mode & 0o1777),
-        None => ((node.uid, node.gid), node.mode),
-    }
-}
-
-/// Owner (as root), mode, then times — in that order, since `chown` clears set-id bits —
-/// on the open file itself.
-fn apply_to_fd(
-    fd: &impl std::os::fd::AsFd,
-    node: &Node,
-    force: Option<(u32, u32)>,
-) -> io::Result<()> {
-    let ((uid, gid), mode) = owner_and_mode(node, force);
-    if is_root() {
-        dirfd::set_owner(fd, uid, gid)?;
-    }
-    dirfd::set_mode(fd, mode)?;
-    dirfd::set_times(fd, node.mtime_ns)
-}
-
-fn file_metadata(plan: &Plan, f: &PlannedFile, force: Option<(u32, u32)>) -> io::Result<()> {
-    apply_to_fd(&open_planned(plan, f)?, &f.node, force)
-}
-
-fn dir_metadata(table: &DirTable, d: &PlannedDir, force: Option<(u32, u32)>) -> io::Result<()> {
-    apply_to_fd(&*table.open(d.idx)?, &d.node, force)
-}
-
-fn link_metadata(table: &DirTable, l: &PlannedLink, force: Option<(u32, u32)>) -> io::Result<()> {
-    let dir = table.open(l.dir)?;
-    let name = OsStr::from_bytes(&l.name);
-    if is_root() {
-        let ((uid, gid), _) = owner_and_mode(&l.node, force);
-        dirfd::set_link_owner(&*dir, name, uid, gid)?;
-    }
-    dirfd::set_times_at(&*dir, name, l.node.mtime_ns)
 }
 
 /// Finds the node at `path` (e.g. `/etc/app.conf` or `app.dump`) in a snapshot tree.
@@ -823,6 +942,7 @@ mod tests {
             subtree: None,
             link_target: None,
             raw_link_target: None,
+            ..Node::default()
         }
     }
 
