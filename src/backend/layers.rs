@@ -103,6 +103,16 @@ impl<B: Backend> Backend for MetricsLayer<B> {
         r
     }
 
+    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
+        bump(&self.counters.put, 1);
+        let len = data.len() as u64;
+        let r = self.inner.replace_config(data);
+        if r.is_ok() {
+            bump(&self.counters.bytes_up, len);
+        }
+        r
+    }
+
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
         bump(&self.counters.get, 1);
         let r = self.inner.get(kind, name)?;
@@ -222,6 +232,10 @@ impl<B: Backend> Backend for RetryLayer<B> {
         self.run("put", || self.inner.put(kind, name, data.clone()))
     }
 
+    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
+        self.run("put", || self.inner.replace_config(data.clone()))
+    }
+
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
         self.run("get", || self.inner.get(kind, name))
     }
@@ -338,6 +352,10 @@ impl<B: Backend> Backend for ThrottleLayer<B> {
         r
     }
 
+    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
+        self.inner.replace_config(data)
+    }
+
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
         let started = Instant::now();
         let r = self.inner.get(kind, name)?;
@@ -425,6 +443,10 @@ mod tests {
         fn put(&self, k: ObjectType, n: &str, d: Bytes) -> Result<(), BackendError> {
             self.trip()?;
             self.inner.put(k, n, d)
+        }
+        fn replace_config(&self, d: Bytes) -> Result<(), BackendError> {
+            self.trip()?;
+            self.inner.replace_config(d)
         }
         fn get(&self, k: ObjectType, n: &str) -> Result<Vec<u8>, BackendError> {
             self.trip()?;

@@ -155,6 +155,39 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
+    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
+        // A new file beside it, fsynced, renamed over it (atomic), then the directory
+        // fsynced: after a crash, `config` is the old bytes or the new.
+        let dest = self.full(ObjectType::Config, "config");
+        let tmp = self.root.join("tmp").join(format!(
+            "{}-{}-config",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let io = |p: &Path, source| BackendError::Io {
+            path: p.display().to_string(),
+            source,
+        };
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(&tmp, e));
+        }
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(&dest, e));
+        }
+        sync_dir(&self.root).map_err(|e| io(&self.root, e))
+    }
+
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
         let mut f = File::open(self.full(kind, name)).map_err(|e| self.err(kind, name, e))?;
         let mut out = Vec::new();

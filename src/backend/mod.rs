@@ -181,6 +181,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// I/O failures, or `AlreadyExists`.
     fn put(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError>;
 
+    /// Replaces the one object that is ever replaced, `config` (a format upgrade),
+    /// atomically: a reader sees the old bytes or the new, never a mix or nothing.
+    ///
+    /// # Errors
+    /// I/O failures.
+    fn replace_config(&self, data: Bytes) -> Result<(), BackendError>;
+
     /// Reads a whole object.
     ///
     /// # Errors
@@ -265,6 +272,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn put(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
         (**self).put(kind, name, data)
+    }
+    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
+        (**self).replace_config(data)
     }
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
         (**self).get(kind, name)

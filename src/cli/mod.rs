@@ -142,6 +142,16 @@ enum Verb {
     Agent(agent_cmd::AgentArgs),
     /// Prove backups restore: structure, packs read back, and restore tests.
     Verify(verify_cmd::VerifyArgs),
+    /// Make a format-1 repository format 2 (upgrade every backupd that uses it first).
+    Upgrade(UpgradeArgs),
+}
+
+/// Arguments of `upgrade`.
+#[derive(Args, Debug)]
+struct UpgradeArgs {
+    /// Say what would change, change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Arguments of `init`.
@@ -372,7 +382,40 @@ fn run(cli: Cli) -> Result<i32> {
         Verb::Prune(a) => prune_cmd::run(g, a),
         Verb::Agent(a) => agent_cmd::run(g, a),
         Verb::Verify(a) => verify_cmd::run(g, a),
+        Verb::Upgrade(a) => upgrade(g, a).map(|_| EXIT_OK),
     }
+}
+
+/// Runs `upgrade`.
+fn upgrade(g: &GlobalArgs, a: UpgradeArgs) -> Result<()> {
+    let mut repo = g.open()?;
+    let from = repo.config().version;
+    if from >= crate::repo::config::FORMAT_VERSION {
+        if !g.quiet {
+            println!(
+                "repository {} is format {from} already: nothing to do",
+                repo.backend().location()
+            );
+        }
+        return Ok(());
+    }
+    if a.dry_run {
+        println!(
+            "would make repository {} format {} (from {from}); backupd before 0.2 could no longer open it",
+            repo.backend().location(),
+            crate::repo::config::FORMAT_VERSION
+        );
+        return Ok(());
+    }
+    repo.upgrade()?;
+    if !g.quiet {
+        println!(
+            "repository {} is format {} now (was {from}): backups keep extended attributes, ACLs, capabilities, special and sparse files, file flags; backupd before 0.2 refuses to open it",
+            repo.backend().location(),
+            repo.config().version
+        );
+    }
+    Ok(())
 }
 
 /// Bytes for people: `512 B`, `1.50 MiB`.

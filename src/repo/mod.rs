@@ -277,6 +277,30 @@ impl Repository {
         Self::open_with_config(backend, &sealed, password)
     }
 
+    /// Makes a version-1 repository the current format version (`backupd upgrade`): the
+    /// config is sealed anew and replaces the old one atomically. Binaries that read only
+    /// version 1 then refuse at open, with a message naming the version, instead of meeting
+    /// version-2 objects later. Objects already written stay valid (version 2 reads them).
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn upgrade(&mut self) -> Result<(), RepoError> {
+        if self.config.version >= config::FORMAT_VERSION {
+            return Ok(());
+        }
+        let mut c = self.config.clone();
+        c.version = config::FORMAT_VERSION;
+        let sealed = crypto::seal(
+            &self.keys,
+            ObjectKind::Config,
+            None,
+            &serde_json::to_vec(&c).expect("config serializes"),
+        );
+        self.backend.replace_config(sealed.into())?;
+        self.config = c;
+        Ok(())
+    }
+
     /// Reads the sealed config: the first request to a repository, and the proof that one
     /// is there.
     ///
