@@ -268,6 +268,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                 policy: None,
                 options: WalkOptions {
                     format2: repo.config().is_v2(),
+                    parent_has_attributes: parent.as_ref().is_some_and(|(_, s)| s.format >= 2),
                     ..options.clone()
                 },
             };
@@ -311,6 +312,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                     policy: Some(Arc::new(PgWalkPolicy { tablespace_dir })),
                     options: WalkOptions {
                         format2: repo.config().is_v2(),
+                        parent_has_attributes: parent.as_ref().is_some_and(|(_, s)| s.format >= 2),
                         ..WalkOptions::default()
                     },
                 };
@@ -437,6 +439,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
     };
     let snapshot = Snapshot {
         features: out.features.iter().map(|f| f.to_string()).collect(),
+        format: repo.config().version,
         time,
         host: req.host,
         username: crate::cli::current_username(),

@@ -28,6 +28,10 @@ pub struct LsArgs {
     snapshot: String,
     /// Directory or file inside the snapshot (default: everything).
     path: Option<String>,
+    /// Mode, owner, size and time of each entry, and `+` after the mode when it has
+    /// extended attributes (ACLs, capabilities, ...) or file flags, as `ls -l` marks ACLs.
+    #[arg(long, short = 'l')]
+    long: bool,
 }
 
 /// Object types for `cat`.
@@ -143,7 +147,129 @@ fn node_json(path: &str, n: &Node) -> Value {
     if let Some(t) = &n.link_target {
         v["link_target"] = json!(t);
     }
+    if let Some((major, minor)) = n.rdev {
+        v["rdev"] = json!({"major": major, "minor": minor});
+    }
+    if !n.xattrs.is_empty() {
+        v["xattrs"] = json!(n
+            .xattrs
+            .iter()
+            .map(|x| json!({"name": x.name, "value": x.value}))
+            .collect::<Vec<_>>());
+    }
+    if n.flags != 0 {
+        v["flags"] = json!(n.flags);
+        v["flags_letters"] = json!(flag_letters(n.flags));
+    }
+    if !n.extents.is_empty() {
+        v["extents"] = json!(n.extents);
+    }
+    if n.changed {
+        v["changed_while_read"] = json!(true);
+    }
     v
+}
+
+/// File flags as `lsattr` letters.
+fn flag_letters(flags: u32) -> String {
+    use rustix::fs::IFlags as F;
+    let f = F::from_bits_retain(flags);
+    [
+        (F::SECURE_REMOVAL, 's'),
+        (F::UNRM, 'u'),
+        (F::SYNC, 'S'),
+        (F::DIRSYNC, 'D'),
+        (F::IMMUTABLE, 'i'),
+        (F::APPEND, 'a'),
+        (F::NODUMP, 'd'),
+        (F::NOATIME, 'A'),
+        (F::COMPRESSED, 'c'),
+        (F::JOURNALING, 'j'),
+        (F::NOTAIL, 't'),
+        (F::TOPDIR, 'T'),
+        (F::NOCOW, 'C'),
+        (F::PROJECT_INHERIT, 'P'),
+    ]
+    .iter()
+    .filter(|(b, _)| f.contains(*b))
+    .map(|(_, c)| *c)
+    .collect()
+}
+
+/// `drwxr-xr-x`-style mode of a node.
+fn mode_string(n: &Node) -> String {
+    let t = match n.kind {
+        NodeKind::Dir => 'd',
+        NodeKind::Symlink => 'l',
+        NodeKind::Fifo => 'p',
+        NodeKind::CharDevice => 'c',
+        NodeKind::BlockDevice => 'b',
+        NodeKind::Unknown => '?',
+        NodeKind::File => '-',
+    };
+    let m = n.mode;
+    let bit = |b: u32, c: char| if m & b != 0 { c } else { '-' };
+    let exec = |x: u32, s: u32, set: char, unset: char| match (m & x != 0, m & s != 0) {
+        (true, true) => set,
+        (false, true) => unset,
+        (true, false) => 'x',
+        (false, false) => '-',
+    };
+    let mut out = String::with_capacity(11);
+    out.push(t);
+    out.push(bit(0o400, 'r'));
+    out.push(bit(0o200, 'w'));
+    out.push(exec(0o100, 0o4000, 's', 'S'));
+    out.push(bit(0o040, 'r'));
+    out.push(bit(0o020, 'w'));
+    out.push(exec(0o010, 0o2000, 's', 'S'));
+    out.push(bit(0o004, 'r'));
+    out.push(bit(0o002, 'w'));
+    out.push(exec(0o001, 0o1000, 't', 'T'));
+    if !n.xattrs.is_empty() || n.flags != 0 {
+        out.push('+');
+    }
+    out
+}
+
+/// One `ls --long` line.
+fn long_line(p: &str, n: &Node) -> String {
+    let who = |name: &str, id: u32| {
+        if name.is_empty() {
+            id.to_string()
+        } else {
+            name.to_string()
+        }
+    };
+    let size = match n.rdev {
+        Some((major, minor)) => format!("{major}, {minor}"),
+        None => n.size.to_string(),
+    };
+    let t = chrono::DateTime::from_timestamp(
+        n.mtime_ns.div_euclid(1_000_000_000),
+        n.mtime_ns.rem_euclid(1_000_000_000) as u32,
+    )
+    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+    .unwrap_or_else(|| n.mtime_ns.to_string());
+    let target = match &n.link_target {
+        Some(t) => format!(" -> {t}"),
+        None => String::new(),
+    };
+    format!(
+        "{:<11} {:>8} {:>8} {:>12} {t} {p}{target}",
+        mode_string(n),
+        who(&n.user, n.uid),
+        who(&n.group, n.gid),
+        size
+    )
+}
+
+/// How `ls` prints.
+#[derive(Clone, Copy)]
+enum LsStyle {
+    Short,
+    Long,
+    Json,
 }
 
 fn walk_ls(
@@ -151,21 +277,23 @@ fn walk_ls(
     index: &Index,
     tree: &BlobId,
     prefix: &str,
-    json_out: bool,
+    style: LsStyle,
 ) -> Result<()> {
     for n in repo.load_tree(index, tree)?.nodes {
         let p = format!("{prefix}/{}", n.name);
-        print_node(&p, &n, json_out);
+        print_node(&p, &n, style);
         if let (NodeKind::Dir, Some(sub)) = (n.kind, n.subtree) {
-            walk_ls(repo, index, &sub, &p, json_out)?;
+            walk_ls(repo, index, &sub, &p, style)?;
         }
     }
     Ok(())
 }
 
-fn print_node(p: &str, n: &Node, json_out: bool) {
-    if json_out {
+fn print_node(p: &str, n: &Node, style: LsStyle) {
+    if let LsStyle::Json = style {
         println!("{}", node_json(p, n));
+    } else if let LsStyle::Long = style {
+        println!("{}", long_line(p, n));
     } else {
         match n.kind {
             NodeKind::Dir => println!("{p}/"),
@@ -186,14 +314,19 @@ pub fn ls(g: &GlobalArgs, a: LsArgs) -> Result<()> {
     let repo = g.open()?;
     let (_, snap) = repo.resolve_snapshot(&a.snapshot)?;
     let index = repo.load_index()?;
+    let style = match (g.json, a.long) {
+        (true, _) => LsStyle::Json,
+        (false, true) => LsStyle::Long,
+        (false, false) => LsStyle::Short,
+    };
     match a.path.as_deref().map(|p| p.trim_end_matches('/')) {
-        None | Some("") => walk_ls(&repo, &index, &snap.tree, "", g.json),
+        None | Some("") => walk_ls(&repo, &index, &snap.tree, "", style),
         Some(p) => {
             let node = crate::restore::find_node(&repo, &index, &snap.tree, p)?;
             let full = format!("/{}", p.trim_start_matches('/'));
-            print_node(&full, &node, g.json);
+            print_node(&full, &node, style);
             if let (NodeKind::Dir, Some(sub)) = (node.kind, node.subtree) {
-                walk_ls(&repo, &index, &sub, &full, g.json)?;
+                walk_ls(&repo, &index, &sub, &full, style)?;
             }
             Ok(())
         }
@@ -351,5 +484,46 @@ pub fn check(g: &GlobalArgs, a: CheckArgs) -> Result<i32> {
             message: format!("check found {} error(s)", r.errors.len()),
         }
         .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lines_show_modes_like_ls() {
+        let mut n = Node {
+            name: "x".into(),
+            mode: 0o4755,
+            uid: 0,
+            user: "root".into(),
+            gid: 54321,
+            size: 12,
+            mtime_ns: 1_700_000_000_123_000_000,
+            ..Node::default()
+        };
+        assert_eq!(mode_string(&n), "-rwsr-xr-x");
+        n.xattrs.push(crate::repo::tree::Xattr::new(
+            b"system.posix_acl_access",
+            b"x",
+        ));
+        assert_eq!(mode_string(&n), "-rwsr-xr-x+");
+        n.kind = NodeKind::Dir;
+        n.mode = 0o1777;
+        n.xattrs.clear();
+        assert_eq!(mode_string(&n), "drwxrwxrwt");
+        let line = long_line("/tmp", &n);
+        assert!(
+            line.contains(" root ") && line.contains("54321") && line.ends_with(" /tmp"),
+            "{line}"
+        );
+        n.kind = NodeKind::CharDevice;
+        n.rdev = Some((1, 3));
+        assert!(long_line("/null", &n).contains("1, 3"));
+        assert_eq!(
+            flag_letters(rustix::fs::IFlags::IMMUTABLE.bits() | rustix::fs::IFlags::NODUMP.bits()),
+            "id"
+        );
     }
 }

@@ -95,3 +95,85 @@ fn fixture_rejects_wrong_password() {
         Err(crate::repo::RepoError::WrongPassword { .. })
     ));
 }
+
+fn fixture_v2() -> Repository {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo-v2");
+    let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir));
+    Repository::open(backend, b"fixture-password").expect("the v2 fixture opens")
+}
+
+#[test]
+fn fixture_v1_is_format_1_and_the_v2_fixture_is_format_2() {
+    assert_eq!(fixture().config().version, 1);
+    assert!(!fixture().config().is_v2());
+    let repo = fixture_v2();
+    assert_eq!(repo.config().version, 2);
+    assert!(repo.config().features.is_empty());
+    let snaps = repo.snapshots().expect("snapshots decode");
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0].1.features, ["sparse", "special-files", "xattrs"]);
+    let report = crate::check::check(&repo, true);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+#[test]
+fn fixture_v2_restores_attributes_special_and_sparse_files() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let repo = fixture_v2();
+    let index = repo.load_index().expect("index decodes");
+    let snaps = repo.snapshots().expect("snapshots decode");
+    let target = tempfile::tempdir().expect("tempdir");
+    let out = target.path().join("r");
+    let rep = restore(
+        &repo,
+        &index,
+        &snaps[0].1.tree,
+        &out,
+        &RestoreFilter::default(),
+        2,
+        &AtomicU64::new(0),
+    )
+    .expect("restore runs");
+    assert!(rep.failed.is_empty(), "{:?}", rep.failed);
+    let base = out.join("tmp/backupd-fixture-v2-src");
+    let hello = std::fs::File::open(base.join("hello.txt")).expect("hello.txt");
+    let x = crate::fsattr::read_xattrs_fd(&hello).expect("xattrs");
+    assert!(
+        x.contains(&(b"user.fixture".to_vec(), b"kept by format 2".to_vec())),
+        "{x:?}"
+    );
+    assert!(
+        x.iter().any(|(n, _)| n == b"system.posix_acl_access"),
+        "{x:?}"
+    );
+    let dir = std::fs::File::open(base.join("dir")).expect("dir");
+    let x = crate::fsattr::read_xattrs_fd(&dir).expect("xattrs");
+    assert!(
+        x.iter().any(|(n, _)| n == b"system.posix_acl_default"),
+        "{x:?}"
+    );
+    assert!(std::fs::symlink_metadata(base.join("fifo"))
+        .expect("fifo")
+        .file_type()
+        .is_fifo());
+    let sparse = std::fs::read(base.join("sparse")).expect("sparse");
+    assert_eq!(sparse.len(), 8 << 20);
+    assert_eq!(&sparse[1 << 20..(1 << 20) + 22], b"data in a sparse file\n");
+    assert!(sparse[..1 << 20].iter().all(|&b| b == 0));
+    let blocks = std::fs::metadata(base.join("sparse"))
+        .expect("sparse")
+        .blocks();
+    assert!(
+        blocks * 512 <= 64 * 1024,
+        "{} bytes allocated",
+        blocks * 512
+    );
+    let node = find_node(
+        &repo,
+        &index,
+        &snaps[0].1.tree,
+        "tmp/backupd-fixture-v2-src/sparse",
+    )
+    .expect("node");
+    assert_eq!(node.extents.len(), 1, "{:?}", node.extents);
+}

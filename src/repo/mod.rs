@@ -13,6 +13,8 @@ pub mod tree;
 
 #[cfg(test)]
 mod fixture_tests;
+#[cfg(test)]
+mod format_tests;
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -94,6 +94,19 @@ pub struct Snapshot {
     /// Format features its trees use, which a reader must know to restore it (sorted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
+    /// The format its trees were written in: 2 means every entry's extended attributes,
+    /// flags and holes were recorded (so an unchanged file's may be taken from it), 1 (not
+    /// written) that they were not.
+    #[serde(default = "format_1", skip_serializing_if = "is_format_1")]
+    pub format: u32,
+}
+
+fn format_1() -> u32 {
+    1
+}
+
+fn is_format_1(v: &u32) -> bool {
+    *v <= 1
 }
 
 impl Snapshot {

@@ -227,6 +227,9 @@ pub enum Layout {
 pub struct WalkOptions {
     /// Record format-2 attributes (the repository is version 2).
     pub format2: bool,
+    /// The parent snapshot recorded attributes (format 2): an unchanged file's may be
+    /// taken from it. Not so after an upgrade from format 1, when they are read again.
+    pub parent_has_attributes: bool,
     /// Leave out files and directories marked nodump (`chattr +d`).
     pub exclude_nodump: bool,
     /// Stay on the file systems of the source paths: a directory on another one (a mount
@@ -558,11 +561,9 @@ impl Walker<'_> {
         node.changed = false;
     }
 
-    /// The xattrs and flags of an open directory (format 2).
+    /// The xattrs and flags of an open directory (read in format 1 too: [`Self::settle`]
+    /// reports what it cannot hold).
     fn dir_attributes(&mut self, fd: &OwnedFd, abs: &Path, node: &mut Node) {
-        if !self.options.format2 {
-            return;
-        }
         node.flags = fsattr::read_flags(fd);
         match fsattr::read_xattrs_fd(fd) {
             Ok(x) => node.xattrs = to_xattrs(x),
@@ -573,11 +574,26 @@ impl Walker<'_> {
         }
     }
 
+    /// The xattrs and flags of the regular file `name` in `dir`, opened without following
+    /// and checked to be the file stat'ed (an unchanged file whose parent lacks them).
+    fn file_attributes(&mut self, dir: &OwnedFd, name: &OsStr, abs: &Path, node: &mut Node) {
+        match dirfd::open_file_read(dir, name) {
+            Ok(f) if dirfd::fstat(&f).is_ok_and(|st| st.st_ino == node.inode) => {
+                node.flags = fsattr::read_flags(&f);
+                match fsattr::read_xattrs_fd(&f) {
+                    Ok(x) => node.xattrs = to_xattrs(x),
+                    Err(e) => self.unreadable.push((
+                        abs.display().to_string(),
+                        format!("extended attributes: {e}"),
+                    )),
+                }
+            }
+            _ => self.entry_xattrs(dir, name, abs, node),
+        }
+    }
+
     /// The xattrs of `name` in `dir` itself (a symlink, a FIFO, a device).
     fn entry_xattrs(&mut self, dir: &OwnedFd, name: &OsStr, abs: &Path, node: &mut Node) {
-        if !self.options.format2 {
-            return;
-        }
         match fsattr::read_xattrs_at(dir, name) {
             Ok(x) => node.xattrs = to_xattrs(x),
             Err(e) => self.unreadable.push((
@@ -945,8 +961,13 @@ impl Walker<'_> {
             node.content = p.content.clone();
             node.content_lists = p.content_lists.clone();
             node.extents = p.extents.clone();
-            node.xattrs = p.xattrs.clone();
-            node.flags = p.flags;
+            if self.options.parent_has_attributes || !self.options.format2 {
+                node.xattrs = p.xattrs.clone();
+                node.flags = p.flags;
+            } else {
+                // The parent could not record them (format 1): read them now.
+                self.file_attributes(dir, name, abs, &mut node);
+            }
             self.settle(&mut node);
             self.stats.files_unchanged.fetch_add(1, Ordering::Relaxed);
             self.stats

@@ -34,7 +34,7 @@ pub(super) struct FileJobMsg {
     pub expect: (u64, u64),
     /// Fixed-size blocks instead of content-defined chunks (database relation files).
     pub fixed_chunk: Option<usize>,
-    /// Format 2: read extended attributes, flags and data extents too.
+    /// Format 2: record data extents (holes) too.
     pub format2: bool,
     /// Leave the file out when it is marked nodump.
     pub exclude_nodump: bool,
@@ -119,14 +119,11 @@ pub(super) fn read_job(
     stats: &FilesStats,
 ) -> Result<FileContent, ReadFailure> {
     let (file, before, replaced) = open_checked(m)?;
-    let (flags, xattrs, attr_error) = if m.format2 {
-        let flags = fsattr::read_flags(&file);
-        match fsattr::read_xattrs_fd(&file) {
-            Ok(x) => (flags, x, None),
-            Err(e) => (flags, vec![], Some(format!("extended attributes: {e}"))),
-        }
-    } else {
-        (0, vec![], None)
+    // Read in a format-1 repository too: what it cannot hold is then reported by kind.
+    let flags = fsattr::read_flags(&file);
+    let (xattrs, attr_error) = match fsattr::read_xattrs_fd(&file) {
+        Ok(x) => (x, None),
+        Err(e) => (vec![], Some(format!("extended attributes: {e}"))),
     };
     if m.exclude_nodump && flags & fsattr::nodump_flag() != 0 {
         return Err(ReadFailure::NoDump);

@@ -8,6 +8,7 @@ mod confine;
 mod conformance;
 mod dedup;
 mod disk_full;
+mod format;
 mod interrupt;
 mod keys;
 mod packaging;
