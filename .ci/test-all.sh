@@ -16,6 +16,12 @@ command -v runuser >/dev/null || need_apt+=(util-linux)
 command -v sqlite3 >/dev/null || need_apt+=(sqlite3)
 # systemd-analyze checks the shipped units (packaging/systemd).
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# The attribute tests set and compare xattrs, ACLs, capabilities and file flags.
+command -v setfattr >/dev/null || need_apt+=(attr)
+command -v setfacl >/dev/null || need_apt+=(acl)
+command -v setcap >/dev/null || need_apt+=(libcap2-bin)
+command -v chattr >/dev/null || need_apt+=(e2fsprogs)
+command -v prlimit >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
