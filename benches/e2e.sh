@@ -15,6 +15,9 @@
 #   -- make-change.sh WORK: ~1% deterministic change (files only, PG_TXNS=0) --
 #   backup3-chg   backup after the change                         -> wall time
 #   restore       full restore of the latest snapshot into an empty dir -> throughput MB/s
+#   sparse-backup / sparse-restore   (after the rest) a SPARSE_GIB (64) GiB sparse file
+#                 holding 100 MiB of random data in 100 extents: backup and restore times,
+#                 and the bytes the restored file allocates (du of its blocks)
 # Each step runs under `/usr/bin/time -f '%e %U %S %M'` (wall s, user s, sys s, peak RSS KiB);
 # the repository size is `du -sb` of the repository dir after each step. The page cache is
 # dropped before every measured step when we are allowed to (root, not in a locked container).
@@ -41,6 +44,8 @@
 #   BACKUPD_BIN  use this backupd binary instead of `cargo build --release`
 #   TOOLS        tools to run, in order           (default "backupd restic")
 #   VERIFY       full | none                       (default full)
+#   SPARSE_GIB   size of the sparse file           (default 64; shrunk to what the disk
+#                can hold if a tool restored it whole; 0 skips the sparse rows)
 # Output: a table and ratios on stdout; JSON lines appended to $BENCH_DIR/e2e-results.jsonl;
 # per-command logs kept in $BENCH_DIR/runs/<timestamp>/logs (the bulky data is deleted
 # at the end unless --keep).
@@ -114,7 +119,7 @@ cleanup() {
   if [ "$KEEP" = 1 ]; then
     log "kept run data in $RUN"
   else
-    rm -rf "$WORK" "$RUN"/repo-* "$RUN"/restore-* "$RUN"/restic-cache "$RUN"/backupd-cache "$RUN"/s3
+    rm -rf "$WORK" "$RUN"/repo-* "$RUN"/restore-* "$RUN"/sparse-* "$RUN"/restic-cache "$RUN"/backupd-cache "$RUN"/s3
   fi
 }
 trap cleanup EXIT
@@ -181,6 +186,10 @@ tool_cmd() {  # tool_cmd TOOL STEP: print the command line for STEP
     backupd:init)    echo "$BACKUPD init" ;;
     backupd:backup*) echo "$BACKUPD backup $WORK --json" ;;
     backupd:restore) echo "$BACKUPD restore latest --target $RUN/restore-backupd" ;;
+    backupd:sparse-backup)  echo "$BACKUPD backup $RUN/sparse-src --json" ;;
+    backupd:sparse-restore) echo "$BACKUPD restore latest --target $RUN/sparse-restore-backupd" ;;
+    restic:sparse-backup)   echo "restic backup --compression auto $RUN/sparse-src" ;;
+    restic:sparse-restore)  echo "restic restore latest --target $RUN/sparse-restore-restic" ;;
     restic:init)     echo "restic init --repository-version 2" ;;
     restic:backup*)  echo "restic backup --compression auto $WORK" ;;
     restic:restore)  echo "restic restore latest --target $RUN/restore-restic" ;;
@@ -258,6 +267,35 @@ for tool in $TOOLS; do
   [ "$KEEP" = 1 ] || rm -rf "$RUN/restore-$tool"   # free the space before the next restore
 done
 
+# ---------------------------------------------------------------- sparse file row
+SPARSE_GIB=${SPARSE_GIB:-64}
+declare -A SPARSE_ALLOC
+if [ "$SPARSE_GIB" -gt 0 ]; then
+  # A tool that fills the holes needs the whole size free.
+  free_gib=$(( $(df -Pk "$BENCH_DIR" | awk 'NR==2{print $4}') / 1048576 ))
+  if [ "$SPARSE_GIB" -gt $(( free_gib - 8 )) ]; then
+    SPARSE_GIB=$(( free_gib - 8 ))
+    log "WARNING: only ${free_gib} GiB free: the sparse file is ${SPARSE_GIB} GiB"
+  fi
+  mkdir -p "$RUN/sparse-src"
+  SPARSE=$RUN/sparse-src/image
+  truncate -s "${SPARSE_GIB}G" "$SPARSE"
+  stride=$(( SPARSE_GIB * 1024 / 100 ))   # MiB between the 100 extents of 1 MiB
+  for i in $(seq 0 99); do
+    dd if=/dev/urandom of="$SPARSE" bs=1M count=1 seek=$(( i * stride )) conv=notrunc status=none
+  done
+  log "sparse file: ${SPARSE_GIB} GiB, $(( $(stat -c %b "$SPARSE") * 512 >> 20 )) MiB allocated"
+  for tool in $TOOLS; do
+    run_step "$tool" sparse-backup
+    run_step "$tool" sparse-restore
+    got=$RUN/sparse-restore-$tool$SPARSE
+    SPARSE_ALLOC[$tool]=$(( $(stat -c %b "$got") * $(stat -c %B "$got") ))
+    cmp -s "$SPARSE" "$got" || die "$tool: the restored sparse file differs"
+    rm -rf "$RUN/sparse-restore-$tool"
+  done
+  rm -rf "$RUN/sparse-src"
+fi
+
 # ---------------------------------------------------------------- report
 # awk does the arithmetic: MiB = 2^20 bytes, MB = 10^6 bytes.
 echo
@@ -279,13 +317,23 @@ awk -F'\t' -v b0="$work_bytes0" -v b1="$work_bytes1" -v ncpu="$(nproc)" '
     printf "%-13s %-8s %9.2f %9.2f %10.1f %10s %11.1f %12.2f %13.2f%s\n", $2, $1, $3, $4 + $5, $6 / 1024, tp, $7 / 1048576, other, $11, flag }
   END { if (noisy) print "NOISY: other processes were busy during that step; its figures are not reliable, run again on a quiet machine" }
 ' <(# group the rows by step (stable: tools keep their TOOLS order)
-     awk -F'\t' '{o = ($2=="init") ? 0 : ($2=="backup1") ? 1 : ($2=="backup2-same") ? 2 : ($2=="backup3-chg") ? 3 : 4
+     awk -F'\t' '{o = ($2=="init") ? 0 : ($2=="backup1") ? 1 : ($2=="backup2-same") ? 2 : ($2=="backup3-chg") ? 3 : ($2=="restore") ? 4 : ($2=="sparse-backup") ? 5 : 6
                   print o "\t" $0}' "$RESULTS" | sort -s -n -k1,1 | cut -f2-)
 echo
 for tool in $TOOLS; do
   read -r c m <<< "${VERDICT[$tool]}"
   echo "restore check $tool: content $c, metadata $m"
 done
+if [ "$SPARSE_GIB" -gt 0 ]; then
+  echo
+  echo "sparse file (${SPARSE_GIB} GiB, 100 MiB of data; contents compared with cmp after each restore):"
+  for tool in $TOOLS; do
+    awk -F'\t' -v t="$tool" -v a="${SPARSE_ALLOC[$tool]}" '
+      $1 == t && $2 == "sparse-backup"  { b = $3 }
+      $1 == t && $2 == "sparse-restore" { r = $3 }
+      END { printf "  %-8s backup %8.2f s   restore %8.2f s   restored file allocates %10.1f MiB\n", t, b, r, a / 1048576 }' "$RESULTS"
+  done
+fi
 if [ "$S3" = 1 ]; then
   echo
   echo "S3 requests served, by HTTP method (a listing is a GET):"
