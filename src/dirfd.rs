@@ -39,13 +39,27 @@ pub fn file_type(st: &Stat) -> FileType {
 /// Modification time of a status, nanoseconds since the epoch.
 #[allow(clippy::unnecessary_cast)] // c_long is not i64 everywhere
 pub fn mtime_ns(st: &Stat) -> i64 {
-    st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64
+    to_ns(st.st_mtime as i64, st.st_mtime_nsec as i64)
+}
+
+/// Modification time of a status as (seconds, nanoseconds) since the epoch: every time a
+/// file system holds, also those `mtime_ns` cannot (before 1677, after 2262).
+#[allow(clippy::unnecessary_cast)] // c_long is not i64 everywhere
+pub fn mtime_parts(st: &Stat) -> (i64, u32) {
+    (st.st_mtime as i64, st.st_mtime_nsec as u32)
+}
+
+/// Seconds and nanoseconds as nanoseconds, saturated at the ends of `i64` (1677, 2262).
+pub fn to_ns(secs: i64, nsecs: i64) -> i64 {
+    secs.checked_mul(1_000_000_000)
+        .and_then(|n| n.checked_add(nsecs))
+        .unwrap_or(if secs < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// Status change time of a status, nanoseconds since the epoch.
 #[allow(clippy::unnecessary_cast)] // c_long is not i64 everywhere
 pub fn ctime_ns(st: &Stat) -> i64 {
-    st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64
+    to_ns(st.st_ctime as i64, st.st_ctime_nsec as i64)
 }
 
 /// Opens a directory the user named by path (symlinks in the user's own path are the
@@ -465,11 +479,11 @@ pub fn set_mode_path_fd(fd: impl AsFd, mode: u32) -> io::Result<()> {
 ///
 /// # Errors
 /// I/O failures.
-pub fn set_times_path_fd(fd: impl AsFd, mtime_ns: i64) -> io::Result<()> {
+pub fn set_times_path_fd(fd: impl AsFd, mtime: (i64, u32)) -> io::Result<()> {
     rfs::utimensat(
         rfs::CWD,
         crate::fsattr::proc_fd_path(&fd),
-        &timestamps(mtime_ns),
+        &timestamps(mtime),
         AtFlags::empty(),
     )
     .map_err(io_err)
@@ -559,10 +573,10 @@ pub fn set_mode(fd: impl AsFd, mode: u32) -> io::Result<()> {
     rfs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(io_err)
 }
 
-fn timestamps(mtime_ns: i64) -> Timestamps {
+fn timestamps((secs, nsecs): (i64, u32)) -> Timestamps {
     let t = Timespec {
-        tv_sec: mtime_ns.div_euclid(1_000_000_000),
-        tv_nsec: mtime_ns.rem_euclid(1_000_000_000),
+        tv_sec: secs,
+        tv_nsec: nsecs.min(999_999_999) as _,
     };
     Timestamps {
         last_access: t,
@@ -574,19 +588,29 @@ fn timestamps(mtime_ns: i64) -> Timestamps {
 ///
 /// # Errors
 /// I/O failures.
-pub fn set_times(fd: impl AsFd, mtime_ns: i64) -> io::Result<()> {
-    rfs::futimens(fd, &timestamps(mtime_ns)).map_err(io_err)
+pub fn set_times(fd: impl AsFd, mtime: (i64, u32)) -> io::Result<()> {
+    rfs::futimens(fd, &timestamps(mtime)).map_err(io_err)
 }
 
 /// Sets access and modification time of `name` in `dir` itself (a symlink's own times).
 ///
 /// # Errors
 /// I/O failures.
-pub fn set_times_at(dir: impl AsFd, name: &OsStr, mtime_ns: i64) -> io::Result<()> {
-    rfs::utimensat(dir, name, &timestamps(mtime_ns), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)
+pub fn set_times_at(dir: impl AsFd, name: &OsStr, mtime: (i64, u32)) -> io::Result<()> {
+    rfs::utimensat(dir, name, &timestamps(mtime), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)
 }
 
-/// How many directories a [`DirTable`] keeps open at most.
+/// How many directories a [`DirTable`] keeps open at most: 128, or an eighth of the
+/// descriptor limit when that is lower (the rest is for the files being written and the
+/// repository's packs).
+fn open_dirs() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1024);
+    (soft / 8).clamp(4, 128) as usize
+}
+
+#[cfg(test)]
 const OPEN_DIRS: usize = 128;
 
 struct DirRecord {
@@ -599,6 +623,7 @@ struct DirRecord {
 struct OpenDirs {
     fds: HashMap<usize, (Arc<OwnedFd>, u64)>,
     tick: u64,
+    limit: usize,
 }
 
 /// The directories of one restore, by index (0 is the root), each reopened on demand by
@@ -632,6 +657,7 @@ impl DirTable {
             open: Mutex::new(OpenDirs {
                 fds: HashMap::new(),
                 tick: 0,
+                limit: open_dirs(),
             }),
         })
     }
@@ -657,7 +683,7 @@ impl DirTable {
         let mut g = self.open.lock().unwrap_or_else(|p| p.into_inner());
         g.tick += 1;
         let tick = g.tick;
-        if g.fds.len() >= OPEN_DIRS && !g.fds.contains_key(&idx) {
+        if g.fds.len() >= g.limit && !g.fds.contains_key(&idx) {
             if let Some(oldest) = g.fds.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) {
                 g.fds.remove(&oldest);
             }
@@ -686,6 +712,11 @@ impl DirTable {
         if let Some(fd) = self.cached(idx) {
             return Ok(fd);
         }
+        // Just back from a subdirectory (a restore walks down, then back up): its `..`,
+        // checked to be this directory, costs one call whatever the depth.
+        if let Some(fd) = self.from_open_child(idx) {
+            return Ok(fd);
+        }
         // Climb to the nearest open ancestor, then walk down.
         let mut chain = vec![idx];
         let mut fd = loop {
@@ -707,6 +738,50 @@ impl DirTable {
             self.remember(i, fd.clone());
         }
         Ok(fd)
+    }
+
+    /// Directory `idx` reopened as `..` of one of its subdirectories that is open, if one
+    /// is and that leads back to `idx` (same device and inode).
+    fn from_open_child(&self, idx: usize) -> Option<Arc<OwnedFd>> {
+        let child = {
+            let g = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            g.fds
+                .iter()
+                .find(|(i, _)| **i != 0 && self.dirs[**i].parent == idx)
+                .map(|(_, (fd, _))| fd.clone())
+        }?;
+        let up = rfs::openat(
+            &*child,
+            "..",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let st = fstat(&up).ok()?;
+        let rec = &self.dirs[idx];
+        if st.st_dev != rec.dev || st.st_ino != rec.ino {
+            return None;
+        }
+        let fd = Arc::new(up);
+        self.remember(idx, fd.clone());
+        Some(fd)
+    }
+
+    /// The path of directory `idx` relative to the root, as `/a/b` (lossy UTF-8; `""` for
+    /// the root), for messages.
+    pub fn rel_path(&self, idx: usize) -> String {
+        let mut names = vec![];
+        let mut i = idx;
+        while i != 0 {
+            names.push(&self.dirs[i].name);
+            i = self.dirs[i].parent;
+        }
+        let mut out = String::new();
+        for n in names.into_iter().rev() {
+            out.push('/');
+            out.push_str(&String::from_utf8_lossy(n));
+        }
+        out
     }
 
     /// The path of directory `idx` under the root, for messages.

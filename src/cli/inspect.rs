@@ -167,6 +167,9 @@ fn node_json(path: &str, n: &Node) -> Value {
     if n.changed {
         v["changed_while_read"] = json!(true);
     }
+    if let Some(t) = n.mtime {
+        v["mtime"] = json!(t);
+    }
     v
 }
 
@@ -245,10 +248,8 @@ fn long_line(p: &str, n: &Node) -> String {
         Some((major, minor)) => format!("{major}, {minor}"),
         None => n.size.to_string(),
     };
-    let t = chrono::DateTime::from_timestamp(
-        n.mtime_ns.div_euclid(1_000_000_000),
-        n.mtime_ns.rem_euclid(1_000_000_000) as u32,
-    )
+    let (secs, nsecs) = n.mtime_parts();
+    let t = chrono::DateTime::from_timestamp(secs, nsecs)
     .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
     .unwrap_or_else(|| n.mtime_ns.to_string());
     let target = match &n.link_target {

@@ -191,6 +191,10 @@ pub struct Node {
     /// The file changed while it was read: its content is what was read (format 2).
     #[serde(default, skip_serializing_if = "is_false")]
     pub changed: bool,
+    /// The modification time as `[seconds, nanoseconds]` when `mtime_ns` cannot hold it
+    /// (before 1677 or after 2262; `mtime_ns` is then saturated) (format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<(i64, u32)>,
 }
 
 impl Node {
@@ -200,6 +204,15 @@ impl Node {
             .as_deref()
             .and_then(|h| hex::decode(h).ok())
             .unwrap_or_else(|| self.name.as_bytes().to_vec())
+    }
+
+    /// The modification time as (seconds, nanoseconds): `mtime` when set, else from
+    /// `mtime_ns`.
+    pub fn mtime_parts(&self) -> (i64, u32) {
+        self.mtime.unwrap_or((
+            self.mtime_ns.div_euclid(1_000_000_000),
+            self.mtime_ns.rem_euclid(1_000_000_000) as u32,
+        ))
     }
 
     /// Where each of the content's bytes goes in the file: `(file offset, length)` of the
@@ -355,6 +368,7 @@ mod tests {
                         extents,
                         flags,
                         changed,
+                        mtime: None,
                     }
                 },
             )

@@ -68,7 +68,7 @@ fn apply_to_fd(
     set_xattrs(node, path, warnings, |n, v| {
         fsattr::write_xattr_fd(fd, n, v)
     });
-    dirfd::set_times(fd, node.mtime_ns)
+    dirfd::set_times(fd, node.mtime_parts())
 }
 
 /// A regular file's metadata.
@@ -81,7 +81,7 @@ pub(super) fn file(
     apply_to_fd(
         &open_planned_any(plan, f)?,
         &f.node,
-        &f.snap_path,
+        &f.snap_path(&plan.table),
         force,
         warnings,
     )
@@ -94,7 +94,13 @@ pub(super) fn dir(
     force: Option<(u32, u32)>,
     warnings: &mut Warnings,
 ) -> io::Result<()> {
-    apply_to_fd(&*table.open(d.idx)?, &d.node, &d.snap_path, force, warnings)
+    apply_to_fd(
+        &*table.open(d.idx)?,
+        &d.node,
+        &d.snap_path(table),
+        force,
+        warnings,
+    )
 }
 
 /// A symlink's owner, extended attributes (`trusted.*`, `security.*`: the kernel allows
@@ -111,10 +117,10 @@ pub(super) fn link(
         let ((uid, gid), _) = owner_and_mode(&l.node, force);
         dirfd::set_link_owner(&*dir, name, uid, gid)?;
     }
-    set_xattrs(&l.node, &l.snap_path, warnings, |n, v| {
+    set_xattrs(&l.node, &l.snap_path(table), warnings, |n, v| {
         fsattr::write_xattr_at(&*dir, name, n, v)
     });
-    dirfd::set_times_at(&*dir, name, l.node.mtime_ns)
+    dirfd::set_times_at(&*dir, name, l.node.mtime_parts())
 }
 
 /// A FIFO's or device's metadata, through an `O_PATH` descriptor checked to be the inode
@@ -138,10 +144,10 @@ pub(super) fn special(
         dirfd::set_owner_path_fd(&fd, uid, gid)?;
     }
     dirfd::set_mode_path_fd(&fd, mode)?;
-    set_xattrs(&s.node, &s.snap_path, warnings, |n, v| {
+    set_xattrs(&s.node, &s.snap_path(table), warnings, |n, v| {
         fsattr::write_xattr_path_fd(&fd, n, v)
     });
-    dirfd::set_times_path_fd(&fd, s.node.mtime_ns)
+    dirfd::set_times_path_fd(&fd, s.node.mtime_parts())
 }
 
 /// File flags of a file (`restore --file-flags`, after everything else).

@@ -130,7 +130,6 @@ pub(crate) struct PlannedFile {
     /// Its directory in the [`DirTable`].
     dir: usize,
     name: Vec<u8>,
-    snap_path: String,
     node: Node,
     /// The inode made (or kept) for it: every later open checks it is still that file.
     ino: u64,
@@ -141,14 +140,12 @@ pub(crate) struct PlannedFile {
 pub(crate) struct PlannedDir {
     idx: usize,
     depth: usize,
-    snap_path: String,
     node: Node,
 }
 
 pub(crate) struct PlannedLink {
     dir: usize,
     name: Vec<u8>,
-    snap_path: String,
     node: Node,
 }
 
@@ -156,9 +153,38 @@ pub(crate) struct PlannedLink {
 pub(crate) struct PlannedSpecial {
     dir: usize,
     name: Vec<u8>,
-    snap_path: String,
     node: Node,
     ino: u64,
+}
+
+/// An entry's path in the snapshot, for messages: made from the directory table when
+/// needed (paths are not kept per entry, so a deep tree costs no more than its depth).
+fn snap_path(table: &DirTable, dir: usize, name: &[u8]) -> String {
+    format!("{}/{}", table.rel_path(dir), String::from_utf8_lossy(name))
+}
+
+impl PlannedFile {
+    fn snap_path(&self, table: &DirTable) -> String {
+        snap_path(table, self.dir, &self.name)
+    }
+}
+
+impl PlannedLink {
+    fn snap_path(&self, table: &DirTable) -> String {
+        snap_path(table, self.dir, &self.name)
+    }
+}
+
+impl PlannedSpecial {
+    fn snap_path(&self, table: &DirTable) -> String {
+        snap_path(table, self.dir, &self.name)
+    }
+}
+
+impl PlannedDir {
+    fn snap_path(&self, table: &DirTable) -> String {
+        table.rel_path(self.idx)
+    }
 }
 
 /// One blob to fetch, keyed by its offset in its pack.
@@ -285,7 +311,7 @@ fn restore_here(
         tree,
         0,
         0,
-        "",
+        &mut String::new(),
         filter,
         false,
         &mut plan,
@@ -335,7 +361,7 @@ fn apply_metadata(
     let mut restored = vec![];
     for (i, f) in plan.files.iter().enumerate() {
         if let Some(why) = failed.get(&i) {
-            report.failed.push((f.snap_path.clone(), why.clone()));
+            report.failed.push((f.snap_path(&plan.table), why.clone()));
             continue;
         }
         report.files += 1;
@@ -344,17 +370,17 @@ fn apply_metadata(
             Ok(()) => restored.push(i),
             Err(e) => report
                 .failed
-                .push((f.snap_path.clone(), format!("metadata: {e}"))),
+                .push((f.snap_path(&plan.table), format!("metadata: {e}"))),
         }
     }
     for s in &plan.specials {
         if let Err(e) = meta::special(&plan.table, s, force, &mut warnings) {
-            warnings.push((s.snap_path.clone(), format!("metadata: {e}")));
+            warnings.push((s.snap_path(&plan.table), format!("metadata: {e}")));
         }
     }
     for l in &plan.links {
         if let Err(e) = meta::link(&plan.table, l, force, &mut warnings) {
-            warnings.push((l.snap_path.clone(), format!("metadata: {e}")));
+            warnings.push((l.snap_path(&plan.table), format!("metadata: {e}")));
         }
     }
     // Deepest first, so restoring a child does not change its parent's mtime afterwards.
@@ -375,12 +401,12 @@ fn apply_metadata(
     if filter.file_flags {
         for f in flagged_files {
             if let Err(e) = meta::file_flags(plan, f) {
-                warnings.push((f.snap_path.clone(), format!("file flags: {e}")));
+                warnings.push((f.snap_path(&plan.table), format!("file flags: {e}")));
             }
         }
         for d in flagged_dirs {
             if let Err(e) = meta::dir_flags(&plan.table, d) {
-                warnings.push((d.snap_path.clone(), format!("file flags: {e}")));
+                warnings.push((d.snap_path(&plan.table), format!("file flags: {e}")));
             }
         }
     } else {
@@ -511,7 +537,7 @@ fn plan_tree(
     tree: &BlobId,
     dir: usize,
     depth: usize,
-    snap_dir: &str,
+    snap: &mut String,
     filter: &RestoreFilter,
     included: bool,
     plan: &mut Plan,
@@ -520,14 +546,16 @@ fn plan_tree(
     let t = repo.load_tree(index, tree)?;
     if let Some((name, why)) = bad_names(&t.nodes) {
         report.failed.push((
-            format!("{snap_dir}/{name}"),
+            format!("{snap}/{name}"),
             format!(
-                "{why} in the snapshot's tree of {}/; directory refused, nothing in it restored",
-                snap_dir
+                "{why} in the snapshot's tree of {snap}/; directory refused, nothing in it restored"
             ),
         ));
         return Ok(());
     }
+    // `snap` is this directory's path in the snapshot; each entry's is pushed onto it and
+    // taken off again.
+    let base = snap.len();
     let dir_err = |t: &DirTable, source| RestoreError::Io {
         path: t.path(dir).display().to_string(),
         source,
@@ -539,11 +567,13 @@ fn plan_tree(
     for node in t.nodes {
         let name = node.name_bytes();
         let name_os = OsStr::from_bytes(&name);
-        let snap_path = format!("{snap_dir}/{}", node.name);
+        snap.truncate(base);
+        snap.push('/');
+        snap.push_str(&node.name);
         if filter
             .exclude
             .as_ref()
-            .is_some_and(|g| g.is_match(&snap_path))
+            .is_some_and(|g| g.is_match(snap.as_str()))
         {
             continue;
         }
@@ -551,7 +581,7 @@ fn plan_tree(
             || filter
                 .include
                 .as_ref()
-                .is_none_or(|g| g.is_match(&snap_path));
+                .is_none_or(|g| g.is_match(snap.as_str()));
         let err = |t: &DirTable, source| RestoreError::Io {
             path: t.path(dir).join(name_os).display().to_string(),
             source,
@@ -563,7 +593,7 @@ fn plan_tree(
             NodeKind::Dir => {
                 let sub = node.subtree.ok_or_else(|| RepoError::CorruptOrTampered {
                     object: format!("tree {tree}"),
-                    why: format!("directory {snap_path} has no subtree"),
+                    why: format!("directory {snap} has no subtree"),
                 })?;
                 let before = plan.files.len() + plan.links.len() + plan.specials.len();
                 let (fd, _) = dirfd::ensure_dir(&*dfd, name_os, 0o700, filter.delta)
@@ -579,7 +609,7 @@ fn plan_tree(
                     &sub,
                     idx,
                     depth + 1,
-                    &snap_path,
+                    snap,
                     filter,
                     inc,
                     plan,
@@ -592,7 +622,6 @@ fn plan_tree(
                     plan.dirs.push(PlannedDir {
                         idx,
                         depth: depth + 1,
-                        snap_path,
                         node,
                     });
                 } else if let Ok(dfd) = plan.table.open(dir) {
@@ -611,12 +640,7 @@ fn plan_tree(
                 if report.links.len() < LINKS_LISTED {
                     report.links.push(plan.table.path(dir).join(name_os));
                 }
-                plan.links.push(PlannedLink {
-                    dir,
-                    name,
-                    snap_path,
-                    node,
-                });
+                plan.links.push(PlannedLink { dir, name, node });
             }
             NodeKind::Fifo | NodeKind::CharDevice | NodeKind::BlockDevice => {
                 if filter.delta {
@@ -641,7 +665,6 @@ fn plan_tree(
                         plan.specials.push(PlannedSpecial {
                             dir,
                             name,
-                            snap_path,
                             node,
                             ino: st.st_ino,
                         });
@@ -649,11 +672,11 @@ fn plan_tree(
                     // Devices need root: listed, the rest goes on.
                     Err(e) => report
                         .warnings
-                        .push((snap_path, format!("{} not created: {e}", node.kind.word()))),
+                        .push((snap.clone(), format!("{} not created: {e}", node.kind.word()))),
                 }
             }
             NodeKind::Unknown => report.failed.push((
-                snap_path,
+                snap.clone(),
                 "an entry of a kind this backupd does not know (written by a newer version)".into(),
             )),
             NodeKind::File => {
@@ -687,7 +710,6 @@ fn plan_tree(
                     &dfd,
                     dir,
                     name.clone(),
-                    snap_path,
                     node,
                     filter,
                 )
@@ -695,6 +717,7 @@ fn plan_tree(
             }
         }
     }
+    snap.truncate(base);
     Ok(())
 }
 
@@ -709,7 +732,6 @@ fn plan_file(
     dfd: &std::os::fd::OwnedFd,
     dir: usize,
     name: Vec<u8>,
-    snap_path: String,
     node: Node,
     filter: &RestoreFilter,
 ) -> io::Result<()> {
@@ -797,7 +819,6 @@ fn plan_file(
     plan.files.push(PlannedFile {
         dir,
         name,
-        snap_path,
         node,
         ino: st.st_ino,
         existing,

@@ -161,9 +161,10 @@ pub(super) fn open_planned_any(plan: &Plan, f: &PlannedFile) -> io::Result<fs::F
     Ok(file)
 }
 
-/// Writes `data` at `offset`; with `sparse`, blocks of zeros (aligned in the file) are
-/// holes instead: skipped in a new file (made at its full size, all hole), punched in an
-/// existing one.
+/// Writes `data` at `offset`; with `sparse`, zeros are holes instead: each piece up to a
+/// block boundary (in the file) that holds only zeros is skipped in a new file (made at its
+/// full size, all hole: the zeros are there already, and a block stays unallocated unless
+/// a neighbouring blob writes data into it), and punched in an existing one.
 fn write_region(
     f: &fs::File,
     data: &[u8],
@@ -181,7 +182,7 @@ fn write_region(
         let to_boundary = SPARSE_BLOCK - (abs % SPARSE_BLOCK as u64) as usize;
         let n = to_boundary.min(data.len() - pos);
         let piece = &data[pos..pos + n];
-        if n == SPARSE_BLOCK && piece.iter().all(|&b| b == 0) {
+        if piece.iter().all(|&b| b == 0) {
             if existing {
                 crate::fsattr::punch_hole(f, abs, n as u64)
                     .or_else(|_| f.write_all_at(piece, abs))?;
@@ -243,5 +244,13 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         f.read_exact_at(&mut back, 4096 * 3).unwrap();
         assert_eq!(back, data);
+        // Zeros that end a blob short of a block boundary, the next blob's zeros filling
+        // the block: no block is allocated for them.
+        let before = fs::metadata(&p).unwrap().blocks();
+        let off = 48 << 20;
+        write_region(&f, &vec![0u8; 1000], off + 100, true, false).unwrap();
+        write_region(&f, &vec![0u8; 5000], off + 1100, true, false).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().blocks(), before);
     }
 }

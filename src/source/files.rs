@@ -323,7 +323,9 @@ fn build_virtual(paths: &[PathBuf]) -> VDir {
 
 enum Pending {
     Ready(Node),
-    Waiting(Node, PathBuf, Receiver<Result<FileContent, ReadFailure>>),
+    /// A file being read: its node, its name (its path is the walk's current path and the
+    /// name: paths are not kept per entry, so a deep tree costs no more than its depth).
+    Waiting(Node, OsString, Receiver<Result<FileContent, ReadFailure>>),
 }
 
 struct Walker<'a> {
@@ -342,6 +344,8 @@ struct Walker<'a> {
     /// Format-2 attributes met in a version-1 repository: kind -> count.
     lost: BTreeMap<&'static str, u64>,
     root: PathBuf,
+    /// The path of the entry being walked (one buffer, pushed and popped).
+    path: PathBuf,
     policy: Option<Arc<dyn WalkPolicy>>,
     racy_after_ns: Option<i64>,
     options: WalkOptions,
@@ -428,6 +432,7 @@ fn walk(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome, FilesError>
             Layout::Contents => job.paths.first().cloned().unwrap_or_default(),
             Layout::Absolute => PathBuf::from("/"),
         },
+        path: PathBuf::new(),
         policy: job.policy.clone(),
         racy_after_ns: job.parent_time_ns.map(|t| t.saturating_sub(1_000_000_000)),
         options: job.options,
@@ -462,7 +467,8 @@ fn walk(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome, FilesError>
                             fd: Some(Arc::new(fd)),
                             id: (st.st_dev, st.st_ino),
                         };
-                        walker.walk_dir(&mut slot, &root, parent, false)
+                        walker.path = root;
+                        walker.walk_dir(&mut slot, parent, false)
                     }
                     Err(e) => Err(FilesError::NoPaths(format!("{}: {e}", root.display()))),
                 }
@@ -558,48 +564,49 @@ impl Walker<'_> {
             *self.lost.entry("file flags").or_default() += 1;
             node.flags = 0;
         }
+        if node.mtime.take().is_some() {
+            *self.lost
+                .entry("modification times before 1677 or after 2262 (saturated)")
+                .or_default() += 1;
+        }
         node.changed = false;
+    }
+
+    /// Records why the entry being walked could not be read.
+    fn unreadable_here(&mut self, why: String) {
+        self.unreadable.push((self.path.display().to_string(), why));
     }
 
     /// The xattrs and flags of an open directory (read in format 1 too: [`Self::settle`]
     /// reports what it cannot hold).
-    fn dir_attributes(&mut self, fd: &OwnedFd, abs: &Path, node: &mut Node) {
+    fn dir_attributes(&mut self, fd: &OwnedFd, node: &mut Node) {
         node.flags = fsattr::read_flags(fd);
         match fsattr::read_xattrs_fd(fd) {
             Ok(x) => node.xattrs = to_xattrs(x),
-            Err(e) => self.unreadable.push((
-                abs.display().to_string(),
-                format!("extended attributes: {e}"),
-            )),
+            Err(e) => self.unreadable_here(format!("extended attributes: {e}")),
         }
     }
 
     /// The xattrs and flags of the regular file `name` in `dir`, opened without following
     /// and checked to be the file stat'ed (an unchanged file whose parent lacks them).
-    fn file_attributes(&mut self, dir: &OwnedFd, name: &OsStr, abs: &Path, node: &mut Node) {
+    fn file_attributes(&mut self, dir: &OwnedFd, name: &OsStr, node: &mut Node) {
         match dirfd::open_file_read(dir, name) {
             Ok(f) if dirfd::fstat(&f).is_ok_and(|st| st.st_ino == node.inode) => {
                 node.flags = fsattr::read_flags(&f);
                 match fsattr::read_xattrs_fd(&f) {
                     Ok(x) => node.xattrs = to_xattrs(x),
-                    Err(e) => self.unreadable.push((
-                        abs.display().to_string(),
-                        format!("extended attributes: {e}"),
-                    )),
+                    Err(e) => self.unreadable_here(format!("extended attributes: {e}")),
                 }
             }
-            _ => self.entry_xattrs(dir, name, abs, node),
+            _ => self.entry_xattrs(dir, name, node),
         }
     }
 
     /// The xattrs of `name` in `dir` itself (a symlink, a FIFO, a device).
-    fn entry_xattrs(&mut self, dir: &OwnedFd, name: &OsStr, abs: &Path, node: &mut Node) {
+    fn entry_xattrs(&mut self, dir: &OwnedFd, name: &OsStr, node: &mut Node) {
         match fsattr::read_xattrs_at(dir, name) {
             Ok(x) => node.xattrs = to_xattrs(x),
-            Err(e) => self.unreadable.push((
-                abs.display().to_string(),
-                format!("extended attributes: {e}"),
-            )),
+            Err(e) => self.unreadable_here(format!("extended attributes: {e}")),
         }
     }
 
@@ -644,14 +651,11 @@ impl Walker<'_> {
                         .ok()
                         .flatten()
                         .map(|st| st.st_dev);
-                    self.entry_with(
-                        s,
-                        &abs,
-                        name_os,
-                        pnode.as_ref(),
-                        &mut pending,
-                        EntryRule::Keep,
-                    )?;
+                    let outer = std::mem::replace(&mut self.path, abs);
+                    let r =
+                        self.entry_with(s, name_os, pnode.as_ref(), &mut pending, EntryRule::Keep);
+                    self.path = outer;
+                    r?;
                 }
                 VEntry::Dir(sub) => {
                     let st = match rustix::fs::lstat(&abs) {
@@ -668,7 +672,9 @@ impl Walker<'_> {
                     let id = self.walk_virtual(sub, &abs, ptree)?;
                     let mut node = node_from_stat(name_os, NodeKind::Dir, &st, &mut self.names);
                     if let Ok(fd) = dirfd::open_dir_path(&abs) {
-                        self.dir_attributes(&fd, &abs, &mut node);
+                        let outer = std::mem::replace(&mut self.path, abs);
+                        self.dir_attributes(&fd, &mut node);
+                        self.path = outer;
                     }
                     self.settle(&mut node);
                     node.subtree = Some(id);
@@ -707,10 +713,10 @@ impl Walker<'_> {
         Ok(fd)
     }
 
+    /// Walks the directory `slot` holds, whose path is the walk's current path.
     fn walk_dir(
         &mut self,
         slot: &mut DirSlot,
-        path: &Path,
         parent: Option<Tree>,
         empty: bool,
     ) -> Result<BlobId, FilesError> {
@@ -725,15 +731,17 @@ impl Walker<'_> {
                 .map(|(n, _)| OsStr::from_bytes(&n).to_os_string())
                 .collect(),
             Err(e) => {
-                self.unreadable
-                    .push((path.display().to_string(), e.to_string()));
+                self.unreadable_here(e.to_string());
                 vec![]
             }
         };
         drop(dir);
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let mut rules = match &self.policy {
-            Some(p) => p.rules(path.strip_prefix(&self.root).unwrap_or(path), &names),
+            Some(p) => p.rules(
+                self.path.strip_prefix(&self.root).unwrap_or(&self.path),
+                &names,
+            ),
             None => vec![EntryRule::Keep; names.len()],
         };
         // A valid CACHEDIR.TAG: only the tag is kept.
@@ -747,16 +755,19 @@ impl Walker<'_> {
         let mut pending = vec![];
         for (name, rule) in names.into_iter().zip(rules) {
             self.check()?;
-            let abs = path.join(&name);
-            if rule == EntryRule::Skip || self.excludes.is_excluded(&abs, &name) {
+            if rule == EntryRule::Skip || slot.fd.is_none() {
+                // (no descriptor: lost while a subdirectory was walked, said once)
                 continue;
             }
-            if slot.fd.is_none() {
-                // Lost while a subdirectory was walked (moved away): said once.
+            self.path.push(&name);
+            if self.excludes.is_excluded(&self.path, &name) {
+                self.path.pop();
                 continue;
             }
             let pnode = parents.remove(name.as_bytes());
-            self.entry_with(slot, &abs, &name, pnode.as_ref(), &mut pending, rule)?;
+            let r = self.entry_with(slot, &name, pnode.as_ref(), &mut pending, rule);
+            self.path.pop();
+            r?;
         }
         self.finish_dir(pending)
     }
@@ -776,11 +787,10 @@ impl Walker<'_> {
         self.policy.as_ref().is_some_and(|p| p.vanished_ok())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One entry of the directory `slot` holds; the walk's current path is the entry's.
     fn entry_with(
         &mut self,
         slot: &mut DirSlot,
-        abs: &Path,
         name: &OsStr,
         parent: Option<&Node>,
         pending: &mut Vec<Pending>,
@@ -791,15 +801,11 @@ impl Walker<'_> {
             Ok(Some(st)) => st,
             Ok(None) if self.vanished_ok() => return Ok(()),
             Ok(None) => {
-                self.unreadable.push((
-                    abs.display().to_string(),
-                    "vanished during the backup".into(),
-                ));
+                self.unreadable_here("vanished during the backup".into());
                 return Ok(());
             }
             Err(e) => {
-                self.unreadable
-                    .push((abs.display().to_string(), e.to_string()));
+                self.unreadable_here(e.to_string());
                 return Ok(());
             }
         };
@@ -816,13 +822,12 @@ impl Walker<'_> {
             return Ok(());
         }
         match ft {
-            FileType::Directory => self.directory(slot, dir, abs, name, &st, parent, pending, rule),
+            FileType::Directory => self.directory(slot, dir, name, &st, parent, pending, rule),
             FileType::Symlink => {
                 let target = match dirfd::read_link_at(&*dir, name) {
                     Ok(t) => t,
                     Err(e) => {
-                        self.unreadable
-                            .push((abs.display().to_string(), e.to_string()));
+                        self.unreadable_here(e.to_string());
                         return Ok(());
                     }
                 };
@@ -830,12 +835,12 @@ impl Walker<'_> {
                 let (t, raw) = super::meta::encode_name(OsStr::from_bytes(&target));
                 node.link_target = Some(t);
                 node.raw_link_target = raw;
-                self.entry_xattrs(&dir, name, abs, &mut node);
+                self.entry_xattrs(&dir, name, &mut node);
                 self.settle(&mut node);
                 pending.push(Pending::Ready(node));
                 Ok(())
             }
-            FileType::RegularFile => self.file(&dir, abs, name, &st, parent, pending),
+            FileType::RegularFile => self.file(&dir, name, &st, parent, pending),
             FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice
                 if self.options.format2 =>
             {
@@ -848,7 +853,7 @@ impl Walker<'_> {
                 if kind != NodeKind::Fifo {
                     node.rdev = Some(fsattr::split_rdev(st.st_rdev));
                 }
-                self.entry_xattrs(&dir, name, abs, &mut node);
+                self.entry_xattrs(&dir, name, &mut node);
                 self.settle(&mut node);
                 pending.push(Pending::Ready(node));
                 Ok(())
@@ -859,13 +864,13 @@ impl Walker<'_> {
                     .entry("FIFOs and devices (not backed up)")
                     .or_default() += 1;
                 self.skipped
-                    .push(format!("{} ({})", abs.display(), dirfd::kind_word(ft)));
+                    .push(format!("{} ({})", self.path.display(), dirfd::kind_word(ft)));
                 Ok(())
             }
             _ => {
                 // Sockets are recreated by the program that listens on them (as tar does).
                 self.skipped
-                    .push(format!("{} ({})", abs.display(), dirfd::kind_word(ft)));
+                    .push(format!("{} ({})", self.path.display(), dirfd::kind_word(ft)));
                 Ok(())
             }
         }
@@ -876,7 +881,6 @@ impl Walker<'_> {
         &mut self,
         slot: &mut DirSlot,
         dir: Arc<OwnedFd>,
-        abs: &Path,
         name: &OsStr,
         st: &EntryStat,
         parent: Option<&Node>,
@@ -898,13 +902,12 @@ impl Walker<'_> {
             }
             Err(e) => {
                 let _ = st;
-                self.unreadable
-                    .push((abs.display().to_string(), e.to_string()));
+                self.unreadable_here(e.to_string());
                 return Ok(());
             }
         };
         let mut node = node_from_stat(name, NodeKind::Dir, &st, &mut self.names);
-        self.dir_attributes(&sub, abs, &mut node);
+        self.dir_attributes(&sub, &mut node);
         if self.options.exclude_nodump && node.flags & fsattr::nodump_flag() != 0 {
             return Ok(());
         }
@@ -918,21 +921,24 @@ impl Walker<'_> {
             empty = true;
         }
         let ptree = if empty { None } else { self.subtree_of(parent) };
-        let sub = Arc::new(sub);
         let mut child = DirSlot {
-            fd: Some(sub.clone()),
+            fd: Some(Arc::new(sub)),
             id: (st.st_dev, st.st_ino),
         };
         // While the subdirectory is walked, this directory's descriptor is let go (files
-        // of it still being read hold their own), so depth costs no descriptors.
+        // of it still being read hold their own), so depth costs no descriptors: only the
+        // directory being read is open. It comes back as the subdirectory's `..`.
         slot.fd = None;
-        let id = self.walk_dir(&mut child, abs, ptree, empty);
-        drop(child);
-        if let Err(e) = Self::regain(slot, &sub) {
-            self.unreadable.push((
-                abs.parent().unwrap_or(abs).display().to_string(),
-                e.to_string(),
-            ));
+        let id = self.walk_dir(&mut child, ptree, empty);
+        let regained = match child.fd.take() {
+            Some(c) => Self::regain(slot, &c).map(|_| ()),
+            None => Err(std::io::Error::other(
+                "lost while a directory below it was read; the rest of it was not read",
+            )),
+        };
+        if let Err(e) = regained {
+            let parent = self.path.parent().unwrap_or(&self.path).display().to_string();
+            self.unreadable.push((parent, e.to_string()));
         }
         let id = id?;
         self.settle(&mut node);
@@ -945,7 +951,6 @@ impl Walker<'_> {
     fn file(
         &mut self,
         dir: &Arc<OwnedFd>,
-        abs: &Path,
         name: &OsStr,
         st: &EntryStat,
         parent: Option<&Node>,
@@ -966,7 +971,7 @@ impl Walker<'_> {
                 node.flags = p.flags;
             } else {
                 // The parent could not record them (format 1): read them now.
-                self.file_attributes(dir, name, abs, &mut node);
+                self.file_attributes(dir, name, &mut node);
             }
             self.settle(&mut node);
             self.stats.files_unchanged.fetch_add(1, Ordering::Relaxed);
@@ -985,7 +990,9 @@ impl Walker<'_> {
         let fixed_chunk = self
             .policy
             .as_ref()
-            .and_then(|p| p.fixed_chunk_size(abs.strip_prefix(&self.root).unwrap_or(abs)));
+            .and_then(|p| {
+                p.fixed_chunk_size(self.path.strip_prefix(&self.root).unwrap_or(&self.path))
+            });
         self.jobs
             .send(FileJobMsg {
                 dir: dir.clone(),
@@ -997,7 +1004,7 @@ impl Walker<'_> {
                 reply: tx,
             })
             .map_err(|_| FilesError::Save(SaveError::Stopped))?;
-        pending.push(Pending::Waiting(node, abs.to_path_buf(), rx));
+        pending.push(Pending::Waiting(node, name.to_os_string(), rx));
         Ok(())
     }
 
@@ -1005,6 +1012,7 @@ impl Walker<'_> {
         parent.kind == NodeKind::File
             && parent.size == now.size
             && parent.mtime_ns == now.mtime_ns
+            && parent.mtime == now.mtime
             && parent.ctime_ns == now.ctime_ns
             && parent.inode == now.inode
             && self.racy_after_ns.is_none_or(|t| parent.mtime_ns < t)
@@ -1020,7 +1028,7 @@ impl Walker<'_> {
         for p in pending {
             match p {
                 Pending::Ready(n) => tree.nodes.push(n),
-                Pending::Waiting(mut n, path, rx) => match rx.recv() {
+                Pending::Waiting(mut n, name, rx) => match rx.recv() {
                     Ok(Ok(c)) => {
                         if let Some(st) = &c.replaced {
                             let name = OsStr::from_bytes(&n.name_bytes()).to_os_string();
@@ -1033,23 +1041,23 @@ impl Walker<'_> {
                         n.flags = c.flags;
                         n.xattrs = to_xattrs(c.xattrs);
                         if let Some(why) = c.attr_error {
-                            self.unreadable.push((path.display().to_string(), why));
+                            self.unreadable.push((self.path.join(&name).display().to_string(), why));
                         }
                         if c.changed && !self.vanished_ok() {
                             n.changed = self.options.format2;
-                            self.changed.push(path.display().to_string());
+                            self.changed.push(self.path.join(&name).display().to_string());
                         }
                         self.settle(&mut n);
                         self.stats.bytes_total.fetch_add(n.size, Ordering::Relaxed);
                         tree.nodes.push(n);
                     }
                     Ok(Err(ReadFailure::Unreadable(why))) => {
-                        self.unreadable.push((path.display().to_string(), why));
+                        self.unreadable.push((self.path.join(&name).display().to_string(), why));
                     }
                     Ok(Err(ReadFailure::Vanished)) => {
                         if !self.vanished_ok() {
                             self.unreadable.push((
-                                path.display().to_string(),
+                                self.path.join(&name).display().to_string(),
                                 "vanished during the backup".into(),
                             ));
                         }

@@ -70,6 +70,14 @@ pub fn node_from_stat(name: &OsStr, kind: NodeKind, st: &EntryStat, names: &mut 
         user: names.user(st.st_uid),
         group: names.group(st.st_gid),
         mtime_ns: dirfd::mtime_ns(st),
+        // Only what `mtime_ns` cannot hold (before 1677, after 2262).
+        mtime: {
+            let (s, ns) = dirfd::mtime_parts(st);
+            s.checked_mul(1_000_000_000)
+                .and_then(|n| n.checked_add(ns as i64))
+                .is_none()
+                .then_some((s, ns))
+        },
         ctime_ns: dirfd::ctime_ns(st),
         inode: st.st_ino,
         device: st.st_dev,
