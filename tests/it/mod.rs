@@ -3,6 +3,7 @@
 pub mod common;
 
 mod agent;
+mod attributes;
 mod cli;
 mod confine;
 mod conformance;
