@@ -250,8 +250,8 @@ fn long_line(p: &str, n: &Node) -> String {
     };
     let (secs, nsecs) = n.mtime_parts();
     let t = chrono::DateTime::from_timestamp(secs, nsecs)
-    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-    .unwrap_or_else(|| n.mtime_ns.to_string());
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| n.mtime_ns.to_string());
     let target = match &n.link_target {
         Some(t) => format!(" -> {t}"),
         None => String::new(),

@@ -670,9 +670,10 @@ fn plan_tree(
                         });
                     }
                     // Devices need root: listed, the rest goes on.
-                    Err(e) => report
-                        .warnings
-                        .push((snap.clone(), format!("{} not created: {e}", node.kind.word()))),
+                    Err(e) => report.warnings.push((
+                        snap.clone(),
+                        format!("{} not created: {e}", node.kind.word()),
+                    )),
                 }
             }
             NodeKind::Unknown => report.failed.push((

@@ -565,7 +565,8 @@ impl Walker<'_> {
             node.flags = 0;
         }
         if node.mtime.take().is_some() {
-            *self.lost
+            *self
+                .lost
                 .entry("modification times before 1677 or after 2262 (saturated)")
                 .or_default() += 1;
         }
@@ -863,14 +864,20 @@ impl Walker<'_> {
                     .lost
                     .entry("FIFOs and devices (not backed up)")
                     .or_default() += 1;
-                self.skipped
-                    .push(format!("{} ({})", self.path.display(), dirfd::kind_word(ft)));
+                self.skipped.push(format!(
+                    "{} ({})",
+                    self.path.display(),
+                    dirfd::kind_word(ft)
+                ));
                 Ok(())
             }
             _ => {
                 // Sockets are recreated by the program that listens on them (as tar does).
-                self.skipped
-                    .push(format!("{} ({})", self.path.display(), dirfd::kind_word(ft)));
+                self.skipped.push(format!(
+                    "{} ({})",
+                    self.path.display(),
+                    dirfd::kind_word(ft)
+                ));
                 Ok(())
             }
         }
@@ -937,7 +944,12 @@ impl Walker<'_> {
             )),
         };
         if let Err(e) = regained {
-            let parent = self.path.parent().unwrap_or(&self.path).display().to_string();
+            let parent = self
+                .path
+                .parent()
+                .unwrap_or(&self.path)
+                .display()
+                .to_string();
             self.unreadable.push((parent, e.to_string()));
         }
         let id = id?;
@@ -987,12 +999,9 @@ impl Walker<'_> {
             self.stats.files_new.fetch_add(1, Ordering::Relaxed);
         }
         let (tx, rx) = bounded(1);
-        let fixed_chunk = self
-            .policy
-            .as_ref()
-            .and_then(|p| {
-                p.fixed_chunk_size(self.path.strip_prefix(&self.root).unwrap_or(&self.path))
-            });
+        let fixed_chunk = self.policy.as_ref().and_then(|p| {
+            p.fixed_chunk_size(self.path.strip_prefix(&self.root).unwrap_or(&self.path))
+        });
         self.jobs
             .send(FileJobMsg {
                 dir: dir.clone(),
@@ -1041,18 +1050,21 @@ impl Walker<'_> {
                         n.flags = c.flags;
                         n.xattrs = to_xattrs(c.xattrs);
                         if let Some(why) = c.attr_error {
-                            self.unreadable.push((self.path.join(&name).display().to_string(), why));
+                            self.unreadable
+                                .push((self.path.join(&name).display().to_string(), why));
                         }
                         if c.changed && !self.vanished_ok() {
                             n.changed = self.options.format2;
-                            self.changed.push(self.path.join(&name).display().to_string());
+                            self.changed
+                                .push(self.path.join(&name).display().to_string());
                         }
                         self.settle(&mut n);
                         self.stats.bytes_total.fetch_add(n.size, Ordering::Relaxed);
                         tree.nodes.push(n);
                     }
                     Ok(Err(ReadFailure::Unreadable(why))) => {
-                        self.unreadable.push((self.path.join(&name).display().to_string(), why));
+                        self.unreadable
+                            .push((self.path.join(&name).display().to_string(), why));
                     }
                     Ok(Err(ReadFailure::Vanished)) => {
                         if !self.vanished_ok() {

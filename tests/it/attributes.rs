@@ -1485,3 +1485,43 @@ fn exclusion_options_leave_out_what_they_name() {
         "the mount point is not empty"
     );
 }
+
+#[test]
+fn times_beyond_what_nanoseconds_in_64_bits_hold_come_back_exactly() {
+    // ext4 keeps times from 1901 to 2446; i64 nanoseconds only 1677 to 2262.
+    let repo = Repo::new();
+    let src = repo.scratch("times");
+    fs::create_dir_all(&src).unwrap();
+    let cases = [
+        ("future", "2300-01-01 00:00:00.5 UTC"),
+        ("far-future", "2446-05-10 22:38:55.999999999 UTC"),
+        ("past", "1902-03-04 05:06:07.123456789 UTC"),
+    ];
+    for (name, when) in cases {
+        fs::write(src.join(name), name.as_bytes()).unwrap();
+        set_mtime(&src.join(name), when);
+    }
+    let before: Vec<(i64, i64)> = cases
+        .iter()
+        .map(|(n, _)| {
+            let m = fs::symlink_metadata(src.join(n)).unwrap();
+            (m.mtime(), m.mtime_nsec())
+        })
+        .collect();
+    assert!(
+        before[0].0 > 9_300_000_000,
+        "the file system kept {before:?}"
+    );
+    repo.backup(&[src.to_str().unwrap()]);
+    let target = repo.scratch("restored");
+    repo.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    let back = restored_path(&target, &src);
+    let after: Vec<(i64, i64)> = cases
+        .iter()
+        .map(|(n, _)| {
+            let m = fs::symlink_metadata(back.join(n)).unwrap();
+            (m.mtime(), m.mtime_nsec())
+        })
+        .collect();
+    assert_eq!(after, before);
+}
