@@ -714,7 +714,7 @@ impl DirTable {
         }
         // Just back from a subdirectory (a restore walks down, then back up): its `..`,
         // checked to be this directory, costs one call whatever the depth.
-        if let Some(fd) = self.from_open_child(idx) {
+        if let Some(fd) = self.reopen_above_child(idx) {
             return Ok(fd);
         }
         // Climb to the nearest open ancestor, then walk down.
@@ -742,7 +742,7 @@ impl DirTable {
 
     /// Directory `idx` reopened as `..` of one of its subdirectories that is open, if one
     /// is and that leads back to `idx` (same device and inode).
-    fn from_open_child(&self, idx: usize) -> Option<Arc<OwnedFd>> {
+    fn reopen_above_child(&self, idx: usize) -> Option<Arc<OwnedFd>> {
         let child = {
             let g = self.open.lock().unwrap_or_else(|p| p.into_inner());
             g.fds
