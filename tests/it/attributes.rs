@@ -1525,3 +1525,130 @@ fn times_beyond_what_nanoseconds_in_64_bits_hold_come_back_exactly() {
         .collect();
     assert_eq!(after, before);
 }
+
+#[test]
+fn a_file_that_changes_while_it_is_read_is_backed_up_as_read_and_listed() {
+    let repo = Repo::new();
+    let src = repo.scratch("changing");
+    fs::create_dir_all(&src).unwrap();
+    let grows = src.join("grows.log");
+    fs::write(&grows, random_bytes(8 << 20)).unwrap();
+    fs::write(src.join("still"), b"does not change").unwrap();
+    // Appended to for as long as the backup runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let grows = grows.clone();
+        thread::spawn(move || {
+            let mut f = fs::OpenOptions::new().append(true).open(&grows).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::io::Write::write_all(&mut f, &[b'x'; 4096]).unwrap();
+                thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    };
+    let out = repo
+        .cmd()
+        .args(["backup", "--json"])
+        .arg(&src)
+        .run()
+        .expect(3);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let v = out.json();
+    assert_eq!(
+        strings(&v["changed_while_read"]),
+        [grows.display().to_string()],
+        "{v}"
+    );
+    assert!(
+        out.stderr.contains("changed while it was read"),
+        "{}",
+        out.describe()
+    );
+    let ls = repo
+        .cmd()
+        .args(["ls", "--json", "latest"])
+        .arg(&grows)
+        .run()
+        .ok()
+        .ndjson();
+    assert_eq!(ls[0]["changed_while_read"], true, "{ls:?}");
+    let still = repo
+        .cmd()
+        .args(["ls", "--json", "latest"])
+        .arg(src.join("still"))
+        .run()
+        .ok()
+        .ndjson();
+    assert!(still[0].get("changed_while_read").is_none(), "{still:?}");
+}
+
+#[test]
+fn ls_long_marks_attributes_and_shows_devices() {
+    let repo = Repo::new();
+    let src = repo.scratch("ls");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("plain"), b"p").unwrap();
+    fs::write(src.join("acl"), b"a").unwrap();
+    run_prog(
+        "setfacl",
+        &[os("-m"), os("u:65534:r"), src.join("acl").as_os_str()],
+    );
+    run_prog(
+        "mknod",
+        &[src.join("null").as_os_str(), os("c"), os("1"), os("3")],
+    );
+    repo.backup(&[src.to_str().unwrap()]);
+    let text = repo
+        .cmd()
+        .args(["ls", "--long", "latest"])
+        .arg(&src)
+        .run()
+        .ok()
+        .stdout();
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.ends_with(&format!("/{name}")))
+            .unwrap_or_else(|| panic!("{name} in:\n{text}"))
+            .to_string()
+    };
+    assert!(line("acl").starts_with("-rw-r--r--+"), "{}", line("acl"));
+    assert!(
+        !line("plain")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .ends_with('+'),
+        "{}",
+        line("plain")
+    );
+    assert!(
+        line("null").starts_with('c') && line("null").contains("1, 3"),
+        "{}",
+        line("null")
+    );
+    let json = repo
+        .cmd()
+        .args(["ls", "--json", "latest"])
+        .arg(src.join("null"))
+        .run()
+        .ok()
+        .ndjson();
+    assert_eq!(json[0]["type"], "chardev");
+    assert_eq!(json[0]["rdev"], serde_json::json!({"major": 1, "minor": 3}));
+    let acl = repo
+        .cmd()
+        .args(["ls", "--json", "latest"])
+        .arg(src.join("acl"))
+        .run()
+        .ok()
+        .ndjson();
+    let names: Vec<&str> = acl[0]["xattrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["system.posix_acl_access"]);
+}

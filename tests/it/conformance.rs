@@ -75,6 +75,13 @@ fn conformance(b: &dyn Backend, big: usize) {
         .unwrap();
     assert!(b.exists(ObjectType::Config, "config").unwrap());
     assert_eq!(b.get(ObjectType::Config, "config").unwrap(), b"cfg");
+    // The one object ever replaced (a format upgrade): other bytes under the same name.
+    b.replace_config(Bytes::from_static(b"config, upgraded"))
+        .unwrap();
+    assert_eq!(
+        b.get(ObjectType::Config, "config").unwrap(),
+        b"config, upgraded"
+    );
     // The same bytes again (a retried upload) succeed.
     b.put(ObjectType::Pack, &id, Bytes::from(body.clone()))
         .unwrap();
