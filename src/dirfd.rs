@@ -323,47 +323,50 @@ pub fn remove_tree(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    // The path from `top` down: each level's name and (device, inode).
+    // The path from `top` down: each level's name, (device, inode), and the names of the
+    // subdirectories still to remove (listed once, when the level is entered).
     let top_st = fstat(top)?;
     let st = fstat(&first)?;
-    let mut stack: Vec<(Vec<u8>, (u64, u64))> =
-        vec![(name.as_bytes().to_vec(), (st.st_dev, st.st_ino))];
+    type Level = (Vec<u8>, (u64, u64), Option<Vec<Vec<u8>>>);
+    let mut stack: Vec<Level> = vec![(name.as_bytes().to_vec(), (st.st_dev, st.st_ino), None)];
     let mut cur = first;
     loop {
-        // Remove what is not a directory; descend into the first directory found.
-        let mut sub = None;
-        for (child, _) in list(&cur)? {
-            let c = OsStr::from_bytes(&child);
-            match lstat_at(&cur, c)? {
-                Some(st) if file_type(&st) == FileType::Directory => {
-                    sub = Some((child, (st.st_dev, st.st_ino)));
-                    break;
+        let level = stack
+            .last_mut()
+            .expect("the stack holds the current directory");
+        if level.2.is_none() {
+            // Remove what is not a directory; keep the directories for one by one.
+            let mut dirs = vec![];
+            for (child, _) in list(&cur)? {
+                let c = OsStr::from_bytes(&child);
+                match lstat_at(&cur, c)? {
+                    Some(st) if file_type(&st) == FileType::Directory => dirs.push(child),
+                    Some(_) => match rfs::unlinkat(&cur, c, AtFlags::empty()) {
+                        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                        Err(e) => return Err(io_err(e)),
+                    },
+                    None => {}
                 }
-                Some(_) => match rfs::unlinkat(&cur, c, AtFlags::empty()) {
-                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                    Err(e) => return Err(io_err(e)),
-                },
-                None => {}
             }
+            level.2 = Some(dirs);
         }
-        if let Some((child, id)) = sub {
-            let next = open_subdir(&cur, OsStr::from_bytes(&child))?;
+        if let Some(child) = level.2.as_mut().and_then(|d| d.pop()) {
+            let c = OsStr::from_bytes(&child);
+            let next = match open_subdir(&cur, c) {
+                Ok(fd) => fd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             let st = fstat(&next)?;
-            if (st.st_dev, st.st_ino) != id {
-                return Err(io::Error::other(format!(
-                    "{} changed while it was being removed",
-                    String::from_utf8_lossy(&child)
-                )));
-            }
-            stack.push((child, id));
+            stack.push((child, (st.st_dev, st.st_ino), None));
             cur = next;
             continue;
         }
         // Empty now: go up and remove it.
-        let (done, _) = stack.pop().expect("the stack holds the current directory");
+        let (done, _, _) = stack.pop().expect("the stack holds the current directory");
         let parent_id = stack
             .last()
-            .map_or((top_st.st_dev, top_st.st_ino), |(_, id)| *id);
+            .map_or((top_st.st_dev, top_st.st_ino), |(_, id, _)| *id);
         let parent = if stack.is_empty() {
             None
         } else {
@@ -600,10 +603,10 @@ pub fn set_times_at(dir: impl AsFd, name: &OsStr, mtime: (i64, u32)) -> io::Resu
     rfs::utimensat(dir, name, &timestamps(mtime), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)
 }
 
-/// How many directories a [`DirTable`] keeps open at most: 128, or an eighth of the
-/// descriptor limit when that is lower (the rest is for the files being written and the
-/// repository's packs).
-fn open_dirs() -> usize {
+/// How many directories a walk (a [`DirTable`], a backup's path from its source) keeps
+/// open at most: 128, or an eighth of the descriptor limit when that is lower (the rest is
+/// for the files being read or written and the repository's packs).
+pub fn open_dirs() -> usize {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(1024);

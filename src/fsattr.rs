@@ -9,7 +9,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
@@ -44,12 +44,8 @@ fn names(list: &[u8]) -> Vec<Vec<u8>> {
 /// and the read are left out.
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// Reads every extended attribute this process may read, with `list` and `get` (the same
-/// calls by descriptor or by path).
-fn read_all(
-    list: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
-    get: impl Fn(&OsStr, &mut [u8]) -> rustix::io::Result<usize>,
-) -> io::Result<Xattrs> {
+/// The names of the extended attributes this process may see, with `list`.
+fn list_names(list: impl Fn(&mut [u8]) -> rustix::io::Result<usize>) -> io::Result<Vec<Vec<u8>>> {
     let mut buf = vec![0u8; 1024];
     let len = loop {
         match list(&mut buf) {
@@ -65,8 +61,17 @@ fn read_all(
             ));
         }
     };
+    Ok(names(&buf[..len]))
+}
+
+/// Reads every extended attribute this process may read, with `list` and `get` (the same
+/// calls by descriptor or by path).
+fn read_all(
+    list: impl Fn(&mut [u8]) -> rustix::io::Result<usize>,
+    get: impl Fn(&OsStr, &mut [u8]) -> rustix::io::Result<usize>,
+) -> io::Result<Xattrs> {
     let mut out = vec![];
-    for name in names(&buf[..len]) {
+    for name in list_names(list)? {
         let n = OsStr::from_bytes(&name);
         let mut v = vec![0u8; 256];
         let vlen = loop {
@@ -147,6 +152,66 @@ pub fn write_xattr_path_fd(fd: &impl AsFd, xname: &[u8], value: &[u8]) -> io::Re
     .map_err(io_err)
 }
 
+/// The inode a restore's extended-attribute calls reach.
+#[derive(Clone, Copy)]
+pub enum XattrOn<'a> {
+    /// An open file or directory.
+    Fd(BorrowedFd<'a>),
+    /// `name` in the directory itself, not followed (a symlink).
+    At(BorrowedFd<'a>, &'a OsStr),
+    /// The inode an `O_PATH` descriptor holds (a FIFO, a device).
+    PathFd(BorrowedFd<'a>),
+}
+
+impl XattrOn<'_> {
+    /// The names of its extended attributes this process may see.
+    ///
+    /// # Errors
+    /// I/O failures (none on a file system without them).
+    pub fn names(self) -> io::Result<Vec<Vec<u8>>> {
+        match self {
+            XattrOn::Fd(fd) => list_names(|b| rfs::flistxattr(fd, b)),
+            XattrOn::At(dir, name) => {
+                let p = proc_path(&dir, name);
+                list_names(|b| rfs::llistxattr(&p, b))
+            }
+            XattrOn::PathFd(fd) => {
+                let p = proc_fd_path(&fd);
+                list_names(|b| rfs::listxattr(&p, b))
+            }
+        }
+    }
+
+    /// Sets one extended attribute.
+    ///
+    /// # Errors
+    /// Not permitted, not supported, or I/O failures.
+    pub fn set(self, xname: &[u8], value: &[u8]) -> io::Result<()> {
+        match self {
+            XattrOn::Fd(fd) => write_xattr_fd(&fd, xname, value),
+            XattrOn::At(dir, name) => write_xattr_at(&dir, name, xname, value),
+            XattrOn::PathFd(fd) => write_xattr_path_fd(&fd, xname, value),
+        }
+    }
+
+    /// Removes one extended attribute (absent is fine).
+    ///
+    /// # Errors
+    /// Not permitted, or I/O failures.
+    pub fn remove(self, xname: &[u8]) -> io::Result<()> {
+        let n = OsStr::from_bytes(xname);
+        let r = match self {
+            XattrOn::Fd(fd) => rfs::fremovexattr(fd, n),
+            XattrOn::At(dir, name) => rfs::lremovexattr(proc_path(&dir, name), n),
+            XattrOn::PathFd(fd) => rfs::removexattr(proc_fd_path(&fd), n),
+        };
+        match r {
+            Ok(()) | Err(rustix::io::Errno::NODATA) => Ok(()),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+}
+
 /// The file flags a restore can set again (`chattr` letters `s u c S i a d A j t D T C P`):
 /// what the kernel reports but does not let anyone set (extents, inline data, encryption,
 /// verity, ...) is not recorded.
@@ -203,7 +268,8 @@ const MIN_HOLE: u64 = 64 * 1024;
 
 /// The data extents (`offset`, `length`) of an open regular file of `size` bytes, found
 /// with `SEEK_DATA`/`SEEK_HOLE`; `None` when it has no hole worth keeping (or the file
-/// system cannot say). The read position is left anywhere.
+/// system cannot say). A file without data is `[(size, 0)]`. The read position is left
+/// anywhere.
 pub fn data_extents(fd: &impl AsFd, size: u64) -> Option<Vec<(u64, u64)>> {
     let mut out: Vec<(u64, u64)> = vec![];
     let mut pos = 0u64;
@@ -224,6 +290,11 @@ pub fn data_extents(fd: &impl AsFd, size: u64) -> Option<Vec<(u64, u64)>> {
         pos = end;
     }
     let data: u64 = out.iter().map(|(_, l)| l).sum();
+    if out.is_empty() && size >= MIN_HOLE {
+        // No data at all (a fresh disk image): the one empty extent at its end, since no
+        // extents would mean the whole file is data.
+        return Some(vec![(size, 0)]);
+    }
     (data + MIN_HOLE <= size).then_some(out)
 }
 

@@ -38,7 +38,7 @@ pub struct BackupArgs {
     #[arg(long = "exclude-caches")]
     exclude_caches: bool,
     /// Leave out directories that hold an entry with this name (repeatable).
-    #[arg(long = "exclude-if-present", value_name = "NAME")]
+    #[arg(long = "exclude-if-present", value_name = "NAME", value_parser = marker_name)]
     exclude_if_present: Vec<String>,
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag")]
@@ -457,5 +457,13 @@ fn execute(
             what.join(", ")
         );
         Ok((EXIT_PARTIAL, Some(report.snapshot_id)))
+    }
+}
+
+/// An `--exclude-if-present` name: a file name, looked up in each directory.
+fn marker_name(v: &str) -> Result<String, String> {
+    match crate::source::files::marker_name_problem(v) {
+        Some(want) => Err(format!("expected {want}")),
+        None => Ok(v.to_string()),
     }
 }

@@ -471,13 +471,23 @@ impl Validator<'_> {
                     one_file_system: s.boolean(p, "one_file_system").unwrap_or(false),
                     exclude_caches: s.boolean(p, "exclude_caches").unwrap_or(false),
                     exclude_nodump: s.boolean(p, "exclude_nodump").unwrap_or(false),
-                    exclude_if_present: s
-                        .strings(p, "exclude_if_present", "an array of file names")
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|v| v.value.into())
-                        .collect(),
+                    exclude_if_present: vec![],
                 };
+                let markers = s
+                    .strings(p, "exclude_if_present", "an array of file names")
+                    .unwrap_or_default();
+                for m in &markers {
+                    if let Some(want) = crate::source::files::marker_name_problem(&m.value) {
+                        p.add(
+                            m.span.clone(),
+                            &s.path_of("exclude_if_present"),
+                            want,
+                            format!("{:?}", m.value),
+                        );
+                    }
+                }
+                let mut options = options;
+                options.exclude_if_present = markers.into_iter().map(|v| v.value.into()).collect();
                 for g in &exclude {
                     if let Err(e) = globset::Glob::new(&g.value) {
                         p.add(

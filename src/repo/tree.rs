@@ -182,7 +182,7 @@ pub struct Node {
     pub xattrs: Vec<Xattr>,
     /// A sparse file's data extents, `[offset, length]` in order (format 2): its content
     /// is these regions one after another, and the rest of its `size` are holes. Empty: the
-    /// content is the whole file.
+    /// content is the whole file. A file that is all hole has the one extent `[size, 0]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extents: Vec<(u64, u64)>,
     /// File flags as `FS_IOC_GETFLAGS` gives them (`chattr`; format 2).
@@ -213,6 +213,39 @@ impl Node {
             self.mtime_ns.div_euclid(1_000_000_000),
             self.mtime_ns.rem_euclid(1_000_000_000) as u32,
         ))
+    }
+
+    /// Why the extents cannot describe this file (a crafted or damaged node): out of
+    /// order, overlapping, or past its size. `None` when they can.
+    pub fn extents_problem(&self) -> Option<String> {
+        let mut end = 0u64;
+        for &(off, len) in &self.extents {
+            let Some(e) = off.checked_add(len) else {
+                return Some(format!("data extent [{off}, {len}] overflows"));
+            };
+            if off < end {
+                return Some(format!(
+                    "data extent [{off}, {len}] overlaps or precedes the one before it"
+                ));
+            }
+            if e > self.size {
+                return Some(format!(
+                    "data extent [{off}, {len}] ends past the file's size {}",
+                    self.size
+                ));
+            }
+            end = e;
+        }
+        None
+    }
+
+    /// The number of content bytes the file holds: its data regions' total.
+    pub fn data_size(&self) -> u64 {
+        if self.extents.is_empty() {
+            self.size
+        } else {
+            self.extents.iter().map(|(_, l)| l).sum()
+        }
     }
 
     /// Where each of the content's bytes goes in the file: `(file offset, length)` of the

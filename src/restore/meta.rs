@@ -1,8 +1,14 @@
 //! The metadata phase of a restore, on each entry itself (an open descriptor, or an
-//! `O_PATH` one for what must not be opened): owner (as root), mode, extended attributes,
-//! times — in that order, since `chown` clears set-id bits and capabilities and the ACL
-//! settles the group bits — and, with `--file-flags`, file flags after everything else.
-//! What cannot be set is a warning naming the entry, never silent.
+//! `O_PATH` one for what must not be opened): owner (as root), extended attributes, mode,
+//! times — in that order, since `chown` clears set-id bits and capabilities, and a
+//! read-only mode would refuse `user.*` attributes to a restore without privilege (the
+//! mode's group bits then set the ACL mask, which the snapshot recorded equal) — and, with
+//! `--file-flags`, file flags after everything else. Attributes the entry has and the
+//! snapshot does not (an older copy's in `--delta`, ACLs inherited from the target's
+//! directory) are removed. What cannot be set is a warning naming the entry, never silent.
+//!
+//! A cluster's copy (an owner forced) gets only `user.*` attributes and ACLs: a forged
+//! snapshot could otherwise give its server's owner file capabilities.
 
 use std::ffi::OsStr;
 use std::io;
@@ -31,16 +37,56 @@ fn owner_and_mode(node: &Node, force: Option<(u32, u32)>) -> ((u32, u32), u32) {
     }
 }
 
-/// Sets each extended attribute with `set`; failures are warnings for `path`.
-fn set_xattrs(
+/// The attribute the kernel's security module gives each file, not the restore's to
+/// remove.
+const LSM_LABEL: &[u8] = b"security.selinux";
+
+/// True when a cluster's copy (an owner forced) may get the attribute `name`.
+pub(super) fn allowed_when_forced(name: &[u8]) -> bool {
+    name.starts_with(b"user.") || name.starts_with(b"system.posix_acl_")
+}
+
+/// Makes the entry's extended attributes the node's: removes the others, sets each;
+/// failures are warnings for `path`.
+fn sync_xattrs(
     node: &Node,
     path: &str,
+    force: Option<(u32, u32)>,
     warnings: &mut Warnings,
-    set: impl Fn(&[u8], &[u8]) -> io::Result<()>,
+    on: fsattr::XattrOn<'_>,
 ) {
+    let wanted = |n: &[u8]| force.is_none() || allowed_when_forced(n);
+    match on.names() {
+        Ok(have) => {
+            for n in have {
+                if n == LSM_LABEL
+                    || node
+                        .xattrs
+                        .iter()
+                        .any(|x| x.name_bytes() == n && wanted(&n))
+                {
+                    continue;
+                }
+                if let Err(e) = on.remove(&n) {
+                    warnings.push((
+                        path.to_string(),
+                        format!(
+                            "extended attribute {} (not in the snapshot) not removed: {e}",
+                            String::from_utf8_lossy(&n)
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(e) => warnings.push((path.to_string(), format!("extended attributes: {e}"))),
+    }
     for x in &node.xattrs {
+        let name = x.name_bytes();
+        if !wanted(&name) {
+            continue;
+        }
         let r = match x.value_bytes() {
-            Some(v) => set(&x.name_bytes(), &v),
+            Some(v) => on.set(&name, &v),
             None => Err(io::Error::other("its value in the snapshot is not base64")),
         };
         if let Err(e) = r {
@@ -52,7 +98,7 @@ fn set_xattrs(
     }
 }
 
-/// Owner, mode, extended attributes and times on an open file or directory.
+/// Owner, extended attributes, mode and times on an open file or directory.
 fn apply_to_fd(
     fd: &impl AsFd,
     node: &Node,
@@ -64,10 +110,8 @@ fn apply_to_fd(
     if is_root() {
         dirfd::set_owner(fd, uid, gid)?;
     }
+    sync_xattrs(node, path, force, warnings, fsattr::XattrOn::Fd(fd.as_fd()));
     dirfd::set_mode(fd, mode)?;
-    set_xattrs(node, path, warnings, |n, v| {
-        fsattr::write_xattr_fd(fd, n, v)
-    });
     dirfd::set_times(fd, node.mtime_parts())
 }
 
@@ -117,9 +161,13 @@ pub(super) fn link(
         let ((uid, gid), _) = owner_and_mode(&l.node, force);
         dirfd::set_link_owner(&*dir, name, uid, gid)?;
     }
-    set_xattrs(&l.node, &l.snap_path(table), warnings, |n, v| {
-        fsattr::write_xattr_at(&*dir, name, n, v)
-    });
+    sync_xattrs(
+        &l.node,
+        &l.snap_path(table),
+        force,
+        warnings,
+        fsattr::XattrOn::At(dir.as_fd(), name),
+    );
     dirfd::set_times_at(&*dir, name, l.node.mtime_parts())
 }
 
@@ -143,10 +191,14 @@ pub(super) fn special(
     if is_root() {
         dirfd::set_owner_path_fd(&fd, uid, gid)?;
     }
+    sync_xattrs(
+        &s.node,
+        &s.snap_path(table),
+        force,
+        warnings,
+        fsattr::XattrOn::PathFd(fd.as_fd()),
+    );
     dirfd::set_mode_path_fd(&fd, mode)?;
-    set_xattrs(&s.node, &s.snap_path(table), warnings, |n, v| {
-        fsattr::write_xattr_path_fd(&fd, n, v)
-    });
     dirfd::set_times_path_fd(&fd, s.node.mtime_parts())
 }
 

@@ -469,7 +469,8 @@ fn bad_names(nodes: &[Node]) -> Option<(String, &'static str)> {
 }
 
 /// Maps a file's content, blob by blob, to its places in the file: the content fills
-/// the node's data regions one after another.
+/// the node's data regions one after another (checked by [`Node::extents_problem`] to be
+/// in order and inside the file).
 struct Placer {
     regions: Vec<(u64, u64)>,
     region: usize,
@@ -485,19 +486,13 @@ impl Placer {
         }
     }
 
-    /// The next `len` content bytes: (file offset, offset in the blob, length) pieces.
-    fn place(&mut self, len: u32) -> Vec<(u64, u32, u32)> {
+    /// The next `len` content bytes: (file offset, offset in the blob, length) pieces;
+    /// `None` when the content is longer than the regions (a malformed node).
+    fn place(&mut self, len: u32) -> Option<Vec<(u64, u32, u32)>> {
         let mut out = vec![];
         let mut from = 0u32;
         while from < len {
-            let Some(&(start, rlen)) = self.regions.get(self.region) else {
-                // More content than regions: it goes after the last one (a malformed node
-                // is caught when sizes are compared; do not lose bytes here).
-                let end = self.regions.last().map_or(0, |(s, l)| s + l);
-                out.push((end + self.within, from, len - from));
-                self.within += (len - from) as u64;
-                break;
-            };
+            let &(start, rlen) = self.regions.get(self.region)?;
             let room = rlen - self.within;
             let n = room.min((len - from) as u64) as u32;
             if n > 0 {
@@ -510,7 +505,16 @@ impl Placer {
                 self.within = 0;
             }
         }
-        out
+        Some(out)
+    }
+
+    /// The content bytes placed so far.
+    fn placed(&self) -> u64 {
+        self.regions[..self.region.min(self.regions.len())]
+            .iter()
+            .map(|(_, l)| l)
+            .sum::<u64>()
+            + self.within
     }
 }
 
@@ -680,6 +684,12 @@ fn plan_tree(
                 snap.clone(),
                 "an entry of a kind this backupd does not know (written by a newer version)".into(),
             )),
+            NodeKind::File if node.extents_problem().is_some() => {
+                let why = node.extents_problem().unwrap_or_default();
+                report
+                    .failed
+                    .push((snap.clone(), format!("{why}; not restored")));
+            }
             NodeKind::File => {
                 if node.links > 1 && node.inode != 0 {
                     let key = (node.device, node.inode);
@@ -776,13 +786,23 @@ fn plan_file(
     let mut scratch = vec![];
     match repo.file_content(index, &node) {
         Ok(ids) => {
+            let missing_before = plan.missing.len();
             for id in ids {
                 let Some(loc) = index.get(&id) else {
                     plan.missing
                         .push((file_idx, format!("blob {id} is not in the index")));
                     break;
                 };
-                let pieces = placer.place(loc.raw_length);
+                let Some(pieces) = placer.place(loc.raw_length) else {
+                    plan.missing.push((
+                        file_idx,
+                        format!(
+                            "its content is longer than its recorded {} bytes",
+                            node.data_size()
+                        ),
+                    ));
+                    break;
+                };
                 if let [(offset, 0, len)] = pieces[..] {
                     if existing
                         && len == loc.raw_length
@@ -813,6 +833,16 @@ fn plan_file(
                         len,
                     });
                 }
+            }
+            if plan.missing.len() == missing_before && placer.placed() != node.data_size() {
+                plan.missing.push((
+                    file_idx,
+                    format!(
+                        "its content is {} bytes, shorter than its recorded {}",
+                        placer.placed(),
+                        node.data_size()
+                    ),
+                ));
             }
         }
         Err(e) => plan.missing.push((file_idx, e.to_string())),
@@ -910,7 +940,8 @@ pub fn find_node(
     Err(RestoreError::NotFound(path.to_string()))
 }
 
-/// Writes a file node's content to `out`, in order.
+/// Writes a file node's bytes to `out`, in order: its content, with zeros for the holes
+/// of a sparse file.
 ///
 /// # Errors
 /// Damaged data (named), or write errors.
@@ -920,17 +951,52 @@ pub fn dump_file(
     node: &Node,
     out: &mut dyn Write,
 ) -> Result<(), RestoreError> {
-    for id in repo.file_content(index, node)? {
-        let data = repo.read_blob(index, &id)?;
-        out.write_all(&data).map_err(|e| RestoreError::Io {
-            path: "stdout".into(),
-            source: e,
-        })?;
-    }
-    out.flush().map_err(|e| RestoreError::Io {
+    let io_err = |e| RestoreError::Io {
         path: "stdout".into(),
         source: e,
-    })
+    };
+    let malformed = |why: String| {
+        RestoreError::Repo(RepoError::CorruptOrTampered {
+            object: format!("file {}", node.name),
+            why,
+        })
+    };
+    if let Some(why) = node.extents_problem() {
+        return Err(malformed(why));
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let zero_fill = |out: &mut dyn Write, mut n: u64| -> io::Result<()> {
+        while n > 0 {
+            let k = n.min(zeros.len() as u64) as usize;
+            out.write_all(&zeros[..k])?;
+            n -= k as u64;
+        }
+        Ok(())
+    };
+    let mut placer = Placer::new(node);
+    let mut pos = 0u64;
+    for id in repo.file_content(index, node)? {
+        let data = repo.read_blob(index, &id)?;
+        let pieces = u32::try_from(data.len())
+            .ok()
+            .and_then(|len| placer.place(len))
+            .ok_or_else(|| malformed("content longer than its data extents".into()))?;
+        for (offset, from, len) in pieces {
+            zero_fill(out, offset - pos).map_err(io_err)?;
+            out.write_all(&data[from as usize..(from + len) as usize])
+                .map_err(io_err)?;
+            pos = offset + len as u64;
+        }
+    }
+    if placer.placed() != node.data_size() {
+        return Err(malformed(format!(
+            "content of {} bytes, shorter than its recorded {}",
+            placer.placed(),
+            node.data_size()
+        )));
+    }
+    zero_fill(out, node.size - pos).map_err(io_err)?;
+    out.flush().map_err(io_err)
 }
 
 #[cfg(test)]

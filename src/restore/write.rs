@@ -18,7 +18,8 @@ use crate::pipeline::{blob, BlobId};
 use crate::repo::{object_path, Repository};
 
 /// Where (part of) a blob goes: `len` bytes from `from` in the blob, at `offset` in the
-/// planned file `file`. A blob of a sparse file's content can straddle two extents.
+/// planned file `file`. A blob crossing the end of a data region is placed in pieces (a backup
+/// never cuts one so, but the placement does not rely on it).
 pub(super) struct BlobTarget {
     pub file: usize,
     pub offset: u64,

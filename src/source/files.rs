@@ -222,6 +222,18 @@ pub enum Layout {
     Contents,
 }
 
+/// Why `name` cannot be an `--exclude-if-present` marker: it names an entry of the
+/// directory itself, so it holds no `/` and is not empty, `.` or `..`.
+pub fn marker_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name == "." || name == ".." {
+        Some("a file name, not empty, . or ..")
+    } else if name.contains('/') {
+        Some("a file name without /")
+    } else {
+        None
+    }
+}
+
 /// How a files backup walks, beyond excludes.
 #[derive(Clone, Debug, Default)]
 pub struct WalkOptions {
@@ -351,15 +363,23 @@ struct Walker<'a> {
     options: WalkOptions,
     /// The device of the source path being walked (`--one-file-system`).
     source_dev: Option<u64>,
+    /// Directory levels below the source path of the directory being walked.
+    depth: usize,
+    /// Up to this depth a directory keeps its descriptor while its subdirectories are
+    /// walked; deeper, it is let go and regained ([`dirfd::open_dirs`]).
+    hold_depth: usize,
 }
 
 /// The stack of the walking thread: the walk recurses once per directory level, and a
-/// tree may be deeper than any `PATH_MAX` (reserved address space; only what a walk
-/// touches is committed).
-const WALK_STACK: usize = 1 << 30;
+/// tree may be deeper than any `PATH_MAX`; [`MAX_DEPTH`] levels fit in it.
+const WALK_STACK: usize = 256 << 20;
 
-/// The directory being walked: its descriptor while it is held (it is let go while a
-/// subdirectory is walked), its identity, and its path for messages.
+/// The deepest directory level a backup reads: a directory below it is kept, empty, and
+/// reported (a tree deeper than this is made only to break tools).
+pub const MAX_DEPTH: usize = 20_000;
+
+/// The directory being walked: its descriptor while it is held (deep in a tree it is let
+/// go while a subdirectory is walked) and its identity.
 struct DirSlot {
     fd: Option<Arc<OwnedFd>>,
     id: (u64, u64),
@@ -437,6 +457,8 @@ fn walk(job: FilesJob<'_>, saver: BlobSaver) -> Result<FilesOutcome, FilesError>
         racy_after_ns: job.parent_time_ns.map(|t| t.saturating_sub(1_000_000_000)),
         options: job.options,
         source_dev: None,
+        depth: 0,
+        hold_depth: dirfd::open_dirs(),
     };
     let result = if present.is_empty() {
         Err(FilesError::NoPaths(
@@ -687,31 +709,50 @@ impl Walker<'_> {
         self.finish_dir(pending)
     }
 
-    /// The directory's descriptor, reopened from `child` (its subdirectory, just walked)
-    /// when it was let go: `..` of the child, checked to be this directory.
-    fn regain(slot: &mut DirSlot, child: &OwnedFd) -> std::io::Result<Arc<OwnedFd>> {
-        if let Some(fd) = &slot.fd {
-            return Ok(fd.clone());
+    /// The directory's descriptor, reopened when it was let go: as `..` of `child` (its
+    /// subdirectory, just walked), else by its path (the parent of the walk's current
+    /// path), either checked to be this directory.
+    fn regain(&self, slot: &mut DirSlot, child: Option<&OwnedFd>) -> std::io::Result<()> {
+        if slot.fd.is_some() {
+            return Ok(());
         }
-        let up = rustix::fs::openat(
-            child,
-            "..",
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(std::io::Error::from)?;
-        let st = dirfd::fstat(&up)?;
-        if (st.st_dev, st.st_ino) != slot.id {
-            return Err(std::io::Error::other(
-                "moved during the backup; the rest of it was not read",
-            ));
-        }
-        let fd = Arc::new(up);
-        slot.fd = Some(fd.clone());
-        Ok(fd)
+        let check = |fd: OwnedFd| -> std::io::Result<OwnedFd> {
+            let st = dirfd::fstat(&fd)?;
+            if (st.st_dev, st.st_ino) != slot.id {
+                return Err(std::io::Error::other("it was moved during the backup"));
+            }
+            Ok(fd)
+        };
+        let up = match child {
+            Some(c) => rustix::fs::openat(
+                c,
+                "..",
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(std::io::Error::from)
+            .and_then(check),
+            None => Err(std::io::Error::other("its subdirectory was lost")),
+        };
+        let fd = match up {
+            Ok(fd) => fd,
+            // (a subdirectory that may be listed but not searched has no `..`)
+            Err(first) => {
+                let parent = self.path.parent().unwrap_or(&self.path);
+                dirfd::open_dir_path(parent)
+                    .and_then(check)
+                    .map_err(|e| {
+                        std::io::Error::other(format!(
+                            "reopening it failed ({first}; by its path: {e}); the rest of it was not read"
+                        ))
+                    })?
+            }
+        };
+        slot.fd = Some(Arc::new(fd));
+        Ok(())
     }
 
     /// Walks the directory `slot` holds, whose path is the walk's current path.
@@ -817,13 +858,14 @@ impl Walker<'_> {
             // restore never recreates a link into the source's WAL directory.
             let mut node = node_from_stat(name, NodeKind::Dir, &st, &mut self.names);
             node.mode = 0o700;
+            self.settle(&mut node);
             node.subtree = Some(self.finish_dir(vec![])?);
             self.stats.dirs.fetch_add(1, Ordering::Relaxed);
             pending.push(Pending::Ready(node));
             return Ok(());
         }
         match ft {
-            FileType::Directory => self.directory(slot, dir, name, &st, parent, pending, rule),
+            FileType::Directory => self.directory(slot, dir, name, parent, pending, rule),
             FileType::Symlink => {
                 let target = match dirfd::read_link_at(&*dir, name) {
                     Ok(t) => t,
@@ -889,7 +931,6 @@ impl Walker<'_> {
         slot: &mut DirSlot,
         dir: Arc<OwnedFd>,
         name: &OsStr,
-        st: &EntryStat,
         parent: Option<&Node>,
         pending: &mut Vec<Pending>,
         rule: EntryRule,
@@ -908,7 +949,6 @@ impl Walker<'_> {
                 return Ok(())
             }
             Err(e) => {
-                let _ = st;
                 self.unreadable_here(e.to_string());
                 return Ok(());
             }
@@ -927,23 +967,27 @@ impl Walker<'_> {
             // Another file system mounted here: the mount point is kept, empty.
             empty = true;
         }
+        if self.depth >= MAX_DEPTH && !empty {
+            self.unreadable_here(format!(
+                "more than {MAX_DEPTH} directory levels deep: kept empty, its contents were not read"
+            ));
+            empty = true;
+        }
         let ptree = if empty { None } else { self.subtree_of(parent) };
         let mut child = DirSlot {
             fd: Some(Arc::new(sub)),
             id: (st.st_dev, st.st_ino),
         };
-        // While the subdirectory is walked, this directory's descriptor is let go (files
-        // of it still being read hold their own), so depth costs no descriptors: only the
-        // directory being read is open. It comes back as the subdirectory's `..`.
-        slot.fd = None;
+        // Deep in a tree, this directory's descriptor is let go while the subdirectory is
+        // walked (files of it still being read hold their own), so depth costs no more
+        // descriptors than the levels held; it comes back as the subdirectory's `..`.
+        if self.depth >= self.hold_depth {
+            slot.fd = None;
+        }
+        self.depth += 1;
         let id = self.walk_dir(&mut child, ptree, empty);
-        let regained = match child.fd.take() {
-            Some(c) => Self::regain(slot, &c).map(|_| ()),
-            None => Err(std::io::Error::other(
-                "lost while a directory below it was read; the rest of it was not read",
-            )),
-        };
-        if let Err(e) = regained {
+        self.depth -= 1;
+        if let Err(e) = self.regain(slot, child.fd.take().as_deref()) {
             let parent = self
                 .path
                 .parent()
@@ -969,21 +1013,29 @@ impl Walker<'_> {
         pending: &mut Vec<Pending>,
     ) -> Result<(), FilesError> {
         let mut node = node_from_stat(name, NodeKind::File, st, &mut self.names);
-        if let Some(p) = parent.filter(|p| self.unchanged(p, &node)) {
+        // After an upgrade, a file that may have holes is read again once, so they are
+        // recorded (the parent, format 1, could not).
+        let may_gain_holes = self.options.format2
+            && !self.options.parent_has_attributes
+            && (st.st_blocks as u64) * 512 < st.st_size as u64;
+        if let Some(p) = parent.filter(|p| !may_gain_holes && self.unchanged(p, &node)) {
             // Unchanged (size, times, inode; a new xattr or flag changes the ctime): its
-            // content and attributes come from the parent.
-            if self.options.exclude_nodump && p.flags & fsattr::nodump_flag() != 0 {
-                return Ok(());
-            }
+            // content comes from the parent, its flags too when the parent has them. The
+            // xattrs are read again: the parent's reader may have seen fewer of them (run
+            // without privilege, or failing).
             node.content = p.content.clone();
             node.content_lists = p.content_lists.clone();
             node.extents = p.extents.clone();
-            if self.options.parent_has_attributes || !self.options.format2 {
-                node.xattrs = p.xattrs.clone();
+            if self.options.format2 && self.options.parent_has_attributes {
                 node.flags = p.flags;
+                self.entry_xattrs(dir, name, &mut node);
             } else {
-                // The parent could not record them (format 1): read them now.
+                // A format-1 parent holds neither: read now (and in a format-1 repository
+                // counted as not kept, every time).
                 self.file_attributes(dir, name, &mut node);
+            }
+            if self.options.exclude_nodump && node.flags & fsattr::nodump_flag() != 0 {
+                return Ok(());
             }
             self.settle(&mut node);
             self.stats.files_unchanged.fetch_add(1, Ordering::Relaxed);

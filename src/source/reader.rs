@@ -131,14 +131,14 @@ pub(super) fn read_job(
     let file_size = before.st_size as u64;
     // Holes are neither read nor hashed: only a file with fewer blocks than its size can
     // have any, so the others cost no extra call.
-    let extents =
+    let mut extents =
         if m.format2 && m.fixed_chunk.is_none() && (before.st_blocks as u64) * 512 < file_size {
             fsattr::data_extents(&file, file_size).unwrap_or_default()
         } else {
             vec![]
         };
     let mut c = if !extents.is_empty() {
-        read_extents(&file, &extents, saver, cutter, cancel, stats)?
+        read_extents(&file, &mut extents, saver, cutter, cancel, stats)?
     } else {
         match m.fixed_chunk {
             Some(n) => read_fixed(&file, n, saver, cancel, stats)?,
@@ -150,10 +150,13 @@ pub(super) fn read_job(
         || dirfd::mtime_ns(&after) != dirfd::mtime_ns(&before)
         || dirfd::ctime_ns(&after) != dirfd::ctime_ns(&before);
     c.replaced = replaced.then_some(before);
-    c.file_size = if extents.is_empty() {
-        c.size
-    } else {
-        file_size
+    c.file_size = match extents.last() {
+        None => c.size,
+        // Shrunk while read: it ends where the reading did.
+        Some(&(off, len)) if c.changed && (after.st_size as u64) < file_size => {
+            (off + len).max(after.st_size as u64)
+        }
+        Some(_) => file_size,
     };
     c.extents = extents;
     c.flags = flags;
@@ -271,10 +274,11 @@ fn failure(e: Option<io::Error>) -> ReadFailure {
 }
 
 /// Reads only a sparse file's data extents, chunking each on its own (so no chunk spans a
-/// hole and a restore writes each at its place).
+/// hole and a restore writes each at its place). A file that shrinks while read ends
+/// where the reading did: the extents are cut there.
 fn read_extents(
     file: &File,
-    extents: &[(u64, u64)],
+    extents: &mut Vec<(u64, u64)>,
     saver: &BlobSaver,
     cutter: &Cutter,
     cancel: &CancelToken,
@@ -283,17 +287,18 @@ fn read_extents(
     let mut sink = ContentSink::new(saver);
     let mut size = 0u64;
     let mut f = file;
-    for &(off, len) in extents {
+    for i in 0..extents.len() {
+        let (off, len) = extents[i];
         f.seek(io::SeekFrom::Start(off))
             .map_err(|e| ReadFailure::Unreadable(e.to_string()))?;
         let n = chunk_into(f.take(len), &mut sink, cutter, cancel, &stats.bytes_read)
             .map_err(failure)?;
-        if n != len {
-            return Err(ReadFailure::Unreadable(format!(
-                "shrank while it was read ({n} of {len} bytes at offset {off})"
-            )));
-        }
         size += n;
+        if n < len {
+            extents[i].1 = n;
+            extents.truncate(i + 1);
+            break;
+        }
     }
     content(sink, size)
 }
