@@ -267,14 +267,31 @@ fn check_tree(
                         continue;
                     }
                 };
+                if let Some(why) = n.extents_problem() {
+                    errors.push(format!("snapshot {}: {p}: {why}", &snap[..8]));
+                    continue;
+                }
+                let mut content = 0u64;
+                let mut missing = false;
                 for id in ids {
-                    if !index.contains(&id) {
-                        errors.push(format!(
-                            "snapshot {}: {p}: blob {id} is not in the index",
-                            &snap[..8]
-                        ));
-                        break;
+                    match index.get(&id) {
+                        Some(at) => content += u64::from(at.raw_length),
+                        None => {
+                            errors.push(format!(
+                                "snapshot {}: {p}: blob {id} is not in the index",
+                                &snap[..8]
+                            ));
+                            missing = true;
+                            break;
+                        }
                     }
+                }
+                if !missing && content != n.data_size() {
+                    errors.push(format!(
+                        "snapshot {}: {p}: its content is {content} bytes, its data {} bytes",
+                        &snap[..8],
+                        n.data_size()
+                    ));
                 }
             }
             NodeKind::Unknown => errors.push(format!(

@@ -880,6 +880,29 @@ mod tests {
     }
 
     #[test]
+    fn remove_tree_removes_wide_trees_of_many_subdirectories_at_every_level() {
+        let (t, fd) = root();
+        let outside = tempfile::tempdir().unwrap();
+        // 12 x 12 x 12 directories, files and links (one leading outside) at each level.
+        for a in 0..12 {
+            for b in 0..12 {
+                for c in 0..12 {
+                    let d = t.path().join(format!("w/{a}/{b}/{c}"));
+                    std::fs::create_dir_all(&d).unwrap();
+                    std::fs::write(d.join("f"), b"x").unwrap();
+                }
+                let d = t.path().join(format!("w/{a}/{b}"));
+                std::fs::write(d.join("g"), b"y").unwrap();
+                std::os::unix::fs::symlink(outside.path(), d.join("out")).unwrap();
+            }
+        }
+        std::fs::write(outside.path().join("precious"), b"z").unwrap();
+        remove_tree(&fd, OsStr::new("w")).unwrap();
+        assert!(std::fs::symlink_metadata(t.path().join("w")).is_err());
+        assert!(outside.path().join("precious").exists());
+    }
+
+    #[test]
     fn table_reopens_and_detects_replaced_directories() {
         let (t, fd) = root();
         let mut table = DirTable::new(fd, t.path().to_path_buf()).unwrap();

@@ -154,7 +154,10 @@ fn node_json(path: &str, n: &Node) -> Value {
         v["xattrs"] = json!(n
             .xattrs
             .iter()
-            .map(|x| json!({"name": x.name, "value": x.value}))
+            .map(|x| match &x.raw_name {
+                Some(raw) => json!({"name": x.name, "raw_name": raw, "value": x.value}),
+                None => json!({"name": x.name, "value": x.value}),
+            })
             .collect::<Vec<_>>());
     }
     if n.flags != 0 {

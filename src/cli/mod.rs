@@ -399,6 +399,21 @@ fn upgrade(g: &GlobalArgs, a: UpgradeArgs) -> Result<()> {
         }
         return Ok(());
     }
+    // Whatever runs on the repository now may be an older backupd: its next open will
+    // refuse format 2, so the hosts are named.
+    let now = chrono::Utc::now();
+    for (_, l) in crate::repo::lock::list_locks(repo.backend(), repo.keys())? {
+        if !l.is_stale(now) {
+            eprintln!(
+                "warning: a {} is running on {} (pid {}, since {}); if that host's backupd is older than 0.2, it cannot open the repository once it is format {}",
+                format!("{:?}", l.kind).to_lowercase(),
+                l.host,
+                l.pid,
+                l.started.to_rfc3339(),
+                crate::repo::config::FORMAT_VERSION
+            );
+        }
+    }
     if a.dry_run {
         println!(
             "would make repository {} format {} (from {from}); backupd before 0.2 could no longer open it",

@@ -695,14 +695,17 @@ impl Repository {
         Ok(out)
     }
 
-    /// Resolves `latest`, a full id or a unique prefix.
+    /// Resolves `latest`, a full id or a unique prefix. `latest` is an error when any
+    /// snapshot cannot be read by this build (it may be the newest).
     ///
     /// # Errors
     /// `NoSnapshot`, `AmbiguousSnapshot`, or load failures.
     pub fn resolve_snapshot(&self, spec: &str) -> Result<(BlobId, Snapshot), RepoError> {
         if spec == "latest" {
+            // Every snapshot counts: one this build cannot read may be the newest, and
+            // "latest" must not quietly mean an older one.
             return self
-                .snapshots()?
+                .all_snapshots()?
                 .pop()
                 .ok_or_else(|| RepoError::NoSnapshot(spec.into()));
         }

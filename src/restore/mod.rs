@@ -254,6 +254,11 @@ fn open_target(target: &Path, delta: bool) -> Result<DirTable, RestoreError> {
 /// only what a walk touches is committed).
 const WALK_STACK: usize = 1 << 30;
 
+/// The deepest directory a backup writes: the source's own path (at most `PATH_MAX`, so
+/// 2,048 components), then the walker's levels and the one past its limit, kept empty.
+/// Anything deeper came from no backupd and is refused.
+const MAX_TREE_DEPTH: usize = 2048 + crate::source::files::MAX_DEPTH + 1;
+
 /// Restores a snapshot tree into `target`.
 ///
 /// # Errors
@@ -398,7 +403,9 @@ fn apply_metadata(
         .map(|&i| &plan.files[i])
         .filter(|f| f.node.flags != 0);
     let flagged_dirs = dirs.iter().filter(|d| d.node.flags != 0);
-    if filter.file_flags {
+    // A cluster's copy (an owner forced) gets no flags: immutable files would stop the
+    // server that is to run on it.
+    if filter.file_flags && force.is_none() {
         for f in flagged_files {
             if let Err(e) = meta::file_flags(plan, f) {
                 warnings.push((f.snap_path(&plan.table), format!("file flags: {e}")));
@@ -411,6 +418,29 @@ fn apply_metadata(
         }
     } else {
         report.flags_not_set = (flagged_files.count() + flagged_dirs.count()) as u64;
+    }
+    if force.is_some() {
+        let withheld = plan
+            .files
+            .iter()
+            .map(|f| &f.node)
+            .chain(plan.dirs.iter().map(|d| &d.node))
+            .chain(plan.links.iter().map(|l| &l.node))
+            .chain(plan.specials.iter().map(|s| &s.node))
+            .filter(|n| {
+                n.xattrs
+                    .iter()
+                    .any(|x| !meta::allowed_when_forced(&x.name_bytes()))
+            })
+            .count();
+        if withheld > 0 {
+            warnings.push((
+                "(attributes)".into(),
+                format!(
+                    "{withheld} entries have security.* or trusted.* attributes (capabilities, labels) in the snapshot; a restore that gives every file to one owner leaves them off"
+                ),
+            ));
+        }
     }
     // Not root: owners cannot be given; said once, not per file.
     if force.is_none() && !rustix::process::geteuid().is_root() {
@@ -594,6 +624,12 @@ fn plan_tree(
         // the recursion below.
         let dfd = plan.table.open(dir).map_err(|e| dir_err(&plan.table, e))?;
         match node.kind {
+            NodeKind::Dir if depth + 1 > MAX_TREE_DEPTH => report.failed.push((
+                snap.clone(),
+                format!(
+                    "more than {MAX_TREE_DEPTH} directory levels deep (no backup writes that); not restored"
+                ),
+            )),
             NodeKind::Dir => {
                 let sub = node.subtree.ok_or_else(|| RepoError::CorruptOrTampered {
                     object: format!("tree {tree}"),
@@ -646,6 +682,22 @@ fn plan_tree(
                 }
                 plan.links.push(PlannedLink { dir, name, node });
             }
+            NodeKind::CharDevice | NodeKind::BlockDevice if filter.force_owner.is_some() => {
+                // A device node given to the cluster's owner would hand that user the raw
+                // device: a cluster restore makes none.
+                report.failed.push((
+                    snap.clone(),
+                    format!(
+                        "a {} in a restore that gives every file to one owner; refused",
+                        node.kind.word()
+                    ),
+                ))
+            }
+            NodeKind::Fifo | NodeKind::CharDevice | NodeKind::BlockDevice
+                if linked_again(plan, &dfd, name_os, &node, filter.delta) =>
+            {
+                report.specials += 1;
+            }
             NodeKind::Fifo | NodeKind::CharDevice | NodeKind::BlockDevice => {
                 if filter.delta {
                     dirfd::remove_entry(&*dfd, name_os).map_err(|e| err(&plan.table, e))?;
@@ -665,6 +717,10 @@ fn plan_tree(
                 });
                 match made {
                     Ok(st) => {
+                        if node.links > 1 && node.inode != 0 {
+                            plan.hardlinks
+                                .insert((node.device, node.inode), (dir, name.clone()));
+                        }
                         report.specials += 1;
                         plan.specials.push(PlannedSpecial {
                             dir,
@@ -690,28 +746,13 @@ fn plan_tree(
                     .failed
                     .push((snap.clone(), format!("{why}; not restored")));
             }
+            NodeKind::File if linked_again(plan, &dfd, name_os, &node, filter.delta) => {
+                report.files += 1;
+            }
             NodeKind::File => {
                 if node.links > 1 && node.inode != 0 {
-                    let key = (node.device, node.inode);
-                    if let Some((first_dir, first_name)) = plan.hardlinks.get(&key) {
-                        let linked = plan.table.open(*first_dir).and_then(|src| {
-                            if filter.delta {
-                                dirfd::remove_entry(&*dfd, name_os)?;
-                            }
-                            dirfd::hard_link_at(
-                                &*src,
-                                OsStr::from_bytes(first_name),
-                                &*dfd,
-                                name_os,
-                            )
-                        });
-                        if linked.is_ok() {
-                            report.files += 1;
-                            continue;
-                        }
-                    } else {
-                        plan.hardlinks.insert(key, (dir, name.clone()));
-                    }
+                    plan.hardlinks
+                        .insert((node.device, node.inode), (dir, name.clone()));
                 }
                 plan_file(
                     repo,
@@ -730,6 +771,32 @@ fn plan_tree(
     }
     snap.truncate(base);
     Ok(())
+}
+
+/// Whether `node` is a further name of a file or special already restored in this run,
+/// and was made a hard link to it here.
+fn linked_again(
+    plan: &Plan,
+    dfd: &impl std::os::fd::AsFd,
+    name: &OsStr,
+    node: &Node,
+    delta: bool,
+) -> bool {
+    if node.links <= 1 || node.inode == 0 {
+        return false;
+    }
+    let Some((first_dir, first_name)) = plan.hardlinks.get(&(node.device, node.inode)) else {
+        return false;
+    };
+    plan.table
+        .open(*first_dir)
+        .and_then(|src| {
+            if delta {
+                dirfd::remove_entry(dfd, name)?;
+            }
+            dirfd::hard_link_at(&*src, OsStr::from_bytes(first_name), dfd, name)
+        })
+        .is_ok()
 }
 
 /// Makes (or, in `--delta`, keeps) one regular file at its size, and plans where each of
@@ -1154,6 +1221,120 @@ mod tests {
             if rustix::process::geteuid().is_root() {
                 assert_eq!((m.uid(), m.gid()), owner, "{}", p.display());
             }
+        }
+    }
+
+    #[test]
+    fn a_cluster_restore_makes_no_device_and_no_security_attribute_or_flag() {
+        let mut f = Fixture::new();
+        // A forged base backup: a device the cluster's owner would then own, a capability
+        // and a flag on a file, a FIFO with two names.
+        let mut dev = node("disk", NodeKind::BlockDevice);
+        dev.rdev = Some((8, 0));
+        let mut x = f.file("x", b"data");
+        x.xattrs = vec![
+            crate::repo::tree::Xattr::new(b"security.capability", &[1, 0, 0, 2, 0, 4, 0, 0]),
+            crate::repo::tree::Xattr::new(b"user.note", b"kept"),
+        ];
+        x.flags = crate::fsattr::nodump_flag();
+        let mut fifos = vec![];
+        for name in ["p1", "p2"] {
+            let mut p = node(name, NodeKind::Fifo);
+            (p.device, p.inode, p.links) = (1, 77, 2);
+            fifos.push(p);
+        }
+        let mut nodes = vec![dev];
+        nodes.extend(fifos);
+        nodes.push(x);
+        let root = f.tree(nodes);
+        let index = f.finish();
+        let target = tempfile::tempdir().unwrap();
+        let t = target.path().join("t");
+        let filter = RestoreFilter {
+            force_owner: Some((4242, 4343)),
+            file_flags: true,
+            ..RestoreFilter::default()
+        };
+        let report = restore(&f.repo, &index, &root, &t, &filter, 2, &AtomicU64::new(0)).unwrap();
+        assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+        assert_eq!(report.failed[0].0, "/disk");
+        assert!(
+            report.failed[0].1.contains("refused"),
+            "{:?}",
+            report.failed
+        );
+        assert!(std::fs::symlink_metadata(t.join("disk")).is_err());
+        let fd = std::fs::File::open(t.join("x")).unwrap();
+        use std::os::fd::AsFd;
+        let names = crate::fsattr::XattrOn::Fd(fd.as_fd()).names().unwrap();
+        assert_eq!(names, [b"user.note".to_vec()]);
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|(p, w)| p == "(attributes)" && w.starts_with("1 entries have security")),
+            "{:?}",
+            report.warnings
+        );
+        let fd = std::fs::File::open(t.join("x")).unwrap();
+        assert_eq!(
+            crate::fsattr::read_flags(&fd) & crate::fsattr::nodump_flag(),
+            0
+        );
+        assert_eq!(report.flags_not_set, 1);
+        // Both names of the FIFO are one inode again.
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (
+            std::fs::symlink_metadata(t.join("p1")).unwrap(),
+            std::fs::symlink_metadata(t.join("p2")).unwrap(),
+        );
+        assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+        assert_eq!(report.specials, 2);
+    }
+
+    #[test]
+    fn extents_that_do_not_fit_are_refused_and_dump_writes_holes_as_zeros() {
+        let mut f = Fixture::new();
+        let mut sparse = f.file("sparse", b"hello");
+        (sparse.size, sparse.extents) = (10_000, vec![(4096, 5)]);
+        let mut overlap = f.file("overlap", b"0123456789");
+        (overlap.size, overlap.extents) = (100, vec![(0, 6), (4, 4)]);
+        let mut past = f.file("past", b"hello");
+        (past.size, past.extents) = (6, vec![(3, 5)]);
+        let mut long = f.file("long", b"hello");
+        (long.size, long.extents) = (100, vec![(0, 3)]);
+        let mut short = f.file("short", b"hello");
+        (short.size, short.extents) = (100, vec![(0, 9)]);
+        let mut holes = node("holes", NodeKind::File);
+        (holes.size, holes.extents) = (1 << 40, vec![(1 << 40, 0)]);
+        let nodes = vec![holes, long, overlap, past, short, sparse];
+        let root = f.tree(nodes.clone());
+        let index = f.finish();
+        let target = tempfile::tempdir().unwrap();
+        let t = target.path().join("t");
+        let report = run(&f, &index, &root, &t, false);
+        let failed: Vec<&str> = report.failed.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            failed,
+            ["/long", "/overlap", "/past", "/short"],
+            "{:?}",
+            report.failed
+        );
+        let mut want = vec![0u8; 10_000];
+        want[4096..4101].copy_from_slice(b"hello");
+        assert_eq!(std::fs::read(t.join("sparse")).unwrap(), want);
+        let all_holes = std::fs::File::open(t.join("holes")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let m = all_holes.metadata().unwrap();
+        assert_eq!((m.len(), m.blocks()), (1 << 40, 0));
+        let dump = |n: &Node| {
+            let mut out = vec![];
+            dump_file(&f.repo, &index, n, &mut out).map(|()| out)
+        };
+        assert_eq!(dump(&nodes[5]).unwrap(), want);
+        for n in &nodes[1..5] {
+            let e = dump(n).unwrap_err().to_string();
+            assert!(e.contains(&format!("file {}", n.name)), "{e}");
         }
     }
 

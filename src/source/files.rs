@@ -47,8 +47,6 @@ use crate::repo::snapshot::{
 use crate::repo::tree::Xattr;
 use crate::repo::{Index, Node, NodeKind, RepoError, Repository, Tree};
 
-pub use super::reader::save_stream;
-
 /// Why a files backup stopped (unreadable files are not errors: they are listed).
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
@@ -372,7 +370,7 @@ struct Walker<'a> {
 
 /// The stack of the walking thread: the walk recurses once per directory level, and a
 /// tree may be deeper than any `PATH_MAX`; [`MAX_DEPTH`] levels fit in it.
-const WALK_STACK: usize = 256 << 20;
+const WALK_STACK: usize = 512 << 20;
 
 /// The deepest directory level a backup reads: a directory below it is kept, empty, and
 /// reported (a tree deeper than this is made only to break tools).

@@ -150,15 +150,12 @@ pub(super) fn read_job(
         || dirfd::mtime_ns(&after) != dirfd::mtime_ns(&before)
         || dirfd::ctime_ns(&after) != dirfd::ctime_ns(&before);
     c.replaced = replaced.then_some(before);
-    c.file_size = match extents.last() {
-        None => c.size,
-        // Shrunk while read: it ends where the reading did.
-        Some(&(off, len)) if c.changed && (after.st_size as u64) < file_size => {
-            (off + len).max(after.st_size as u64)
-        }
-        Some(_) => file_size,
+    let shrunk = c.changed && (after.st_size as u64) < file_size;
+    (c.file_size, c.extents) = if extents.is_empty() {
+        (c.size, extents)
+    } else {
+        holes_settled(extents, file_size, shrunk.then_some(after.st_size as u64))
     };
-    c.extents = extents;
     c.flags = flags;
     c.xattrs = xattrs;
     c.attr_error = attr_error;
@@ -303,6 +300,26 @@ fn read_extents(
     content(sink, size)
 }
 
+/// A sparse file's size and data extents once read: extents cut short by a shrinking file
+/// end where the reading did (and one cut to nothing is dropped); a file that `shrunk_to`
+/// a smaller size ends at its last data or that size, whichever is further; a file with no
+/// data left is the one extent `[size, 0]` (all hole).
+fn holes_settled(
+    mut extents: Vec<(u64, u64)>,
+    size: u64,
+    shrunk_to: Option<u64>,
+) -> (u64, Vec<(u64, u64)>) {
+    extents.retain(|&(_, len)| len > 0);
+    let size = match shrunk_to {
+        Some(now) => extents.last().map_or(0, |&(off, len)| off + len).max(now),
+        None => size,
+    };
+    if extents.is_empty() {
+        extents.push((size, 0));
+    }
+    (size, extents)
+}
+
 /// Reads a file in blocks of `block` bytes (the last one shorter), one blob each.
 fn read_fixed(
     mut file: &File,
@@ -425,6 +442,67 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(p).unwrap();
         (m.dev(), m.ino())
+    }
+
+    #[test]
+    fn a_sparse_file_that_shrinks_while_read_ends_where_the_reading_did() {
+        use crate::pipeline::stages::SaverOptions;
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().unwrap();
+        let backend = Arc::new(crate::backend::LocalBackend::new(t.path().join("repo")));
+        let repo = crate::repo::Repository::init_local(backend, b"pw", "h", "u", 3).unwrap();
+        let (saver, threads) = BlobSaver::start(
+            repo.keys().clone(),
+            Arc::new(crate::repo::Index::default()),
+            repo.backend().clone(),
+            SaverOptions::default(),
+        );
+        let p = t.path().join("sparse");
+        let f = File::create(&p).unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(&[1; 4096], 0).unwrap();
+        f.write_all_at(&[2; 8192], 1 << 20).unwrap();
+        f.write_all_at(&[3; 4096], 3 << 20).unwrap();
+        f.sync_all().unwrap();
+        let found = fsattr::data_extents(&f, 4 << 20).unwrap();
+        assert_eq!(found, [(0, 4096), (1 << 20, 8192), (3 << 20, 4096)]);
+        // Truncated after its holes were found, inside the second extent.
+        f.set_len((1 << 20) + 100).unwrap();
+        let read = File::open(&p).unwrap();
+        let mut extents = found.clone();
+        let cutter = Cutter::new(repo.config().chunker, repo.keys().gear_table());
+        let stats = FilesStats::default();
+        let c = read_extents(
+            &read,
+            &mut extents,
+            &saver,
+            &cutter,
+            &CancelToken::default(),
+            &stats,
+        )
+        .ok()
+        .expect("read as far as the file goes");
+        assert_eq!(extents, [(0, 4096), (1 << 20, 100)]);
+        assert_eq!(c.size, 4196);
+        assert_eq!(
+            holes_settled(extents, 4 << 20, Some((1 << 20) + 100)),
+            ((1 << 20) + 100, vec![(0, 4096), (1 << 20, 100)])
+        );
+        // The second extent cut to nothing (the file ends at 8 KiB now): dropped.
+        assert_eq!(
+            holes_settled(vec![(0, 4096), (1 << 20, 0)], 4 << 20, Some(8192)),
+            (8192, vec![(0, 4096)])
+        );
+        // All hole, shrunk: still all hole, at its new size; not shrunk: as it was.
+        assert_eq!(
+            holes_settled(vec![(4 << 20, 0)], 4 << 20, Some(1 << 20)),
+            (1 << 20, vec![(1 << 20, 0)])
+        );
+        assert_eq!(
+            holes_settled(vec![(0, 5), (9, 1)], 100, None),
+            (100, vec![(0, 5), (9, 1)])
+        );
+        drop(saver.finish(threads));
     }
 
     #[test]

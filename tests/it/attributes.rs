@@ -1652,3 +1652,192 @@ fn ls_long_marks_attributes_and_shows_devices() {
         .collect();
     assert_eq!(names, ["system.posix_acl_access"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. Files of holes only, dumps, stale attributes, unsearchable directories
+// ---------------------------------------------------------------------------------------
+
+/// The names of the extended attributes of `p` (not following a link), sorted.
+fn xattr_names(p: &Path) -> Vec<String> {
+    let out = stdout_of(
+        Path::new("/"),
+        "getfattr",
+        &[
+            os("-h"),
+            os("-m"),
+            os("-"),
+            os("--absolute-names"),
+            p.as_os_str(),
+        ],
+    );
+    let mut names: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split('=').next().unwrap_or(l).to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_file_of_holes_only_restores_sparse_dump_writes_the_holes_and_delta_drops_stale_attributes() {
+    let repo = Repo::new();
+    let src = repo.scratch("holes_src");
+    fs::create_dir(&src).unwrap();
+    // 1 TiB of nothing at all, and 16 MiB with one 4 KiB block of data in the middle.
+    let holes = src.join("holes");
+    fs::File::create(&holes).unwrap().set_len(TIB).unwrap();
+    let some = src.join("some");
+    let f = fs::File::create(&some).unwrap();
+    f.set_len(16 * MIB).unwrap();
+    f.write_all_at(&random_bytes(4096), 8 * MIB).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    setfattr(&some, "user.kept", "0x6b");
+
+    let s = repo.backup(&[&src]);
+    assert_eq!(s["bytes_read"].as_u64(), Some(4096), "{s}");
+    let ls = repo
+        .cmd()
+        .args(["ls", "--json", "latest"])
+        .arg(&holes)
+        .run()
+        .ok()
+        .ndjson();
+    assert_eq!(ls[0]["extents"], serde_json::json!([[TIB, 0]]), "{ls:?}");
+
+    let target = repo.scratch("restored");
+    repo.ok(&[
+        os("restore"),
+        os("latest"),
+        os("--target"),
+        target.as_os_str(),
+    ]);
+    let back = restored_path(&target, &holes);
+    assert_eq!((lmeta(&back).size, allocated(&back)), (TIB, 0));
+    // `dump` writes the holes as the zeros they read as.
+    let dumped = repo
+        .cmd()
+        .args(["dump", "latest"])
+        .arg(&some)
+        .run()
+        .ok()
+        .stdout;
+    assert!(dumped == fs::read(&some).unwrap(), "dump differs");
+
+    // A --delta restore makes the attributes the snapshot's: one set since is removed, one
+    // removed since comes back.
+    let back_some = restored_path(&target, &some);
+    setfattr(&back_some, "user.stale", "0x73");
+    run_prog(
+        "setfattr",
+        &[os("-x"), os("user.kept"), back_some.as_os_str()],
+    );
+    assert_eq!(xattr_names(&back_some), ["user.stale"]);
+    repo.ok(&[
+        os("restore"),
+        os("latest"),
+        os("--delta"),
+        os("--target"),
+        target.as_os_str(),
+    ]);
+    assert_eq!(xattr_names(&back_some), ["user.kept"]);
+
+    // A marker name holding a `/` names no file in a directory: refused up front.
+    repo.cmd()
+        .args(["backup", "--exclude-if-present", "sub/.nobackup"])
+        .arg(&src)
+        .run()
+        .expect(2)
+        .stderr_has("sub/.nobackup");
+}
+
+#[test]
+fn an_unsearchable_directory_deep_in_a_tree_is_listed_and_what_follows_it_kept() {
+    let work = tempfile::tempdir().unwrap();
+    chmod(work.path(), 0o755);
+    let home = work.path().join("home");
+    fs::create_dir(&home).unwrap();
+    chown(&home, "nobody:nogroup");
+    // 20 levels, deeper than the 8 directories held open under 64 descriptors; at the
+    // bottom a directory nobody may list but not enter (its `..` cannot be opened from
+    // it), then a file and a read-only file with an attribute; a file after the chain
+    // 12 levels down.
+    let src = work.path().join("src");
+    let mut level = src.clone();
+    for i in 0..20 {
+        level = level.join("d");
+        if i == 11 {
+            fs::create_dir_all(&level).unwrap();
+            fs::write(level.with_file_name("z_after"), b"after the chain\n").unwrap();
+        }
+    }
+    fs::create_dir_all(level.join("a_locked")).unwrap();
+    fs::write(level.join("a_locked/inside"), b"unreachable\n").unwrap();
+    fs::write(level.join("b_file"), b"after the locked directory\n").unwrap();
+    let ro = level.join("c_readonly");
+    fs::write(&ro, b"read-only, with an attribute\n").unwrap();
+    setfattr(&ro, "user.ro", "0x726f");
+    run_prog("chown", &[os("-R"), os("nobody:nogroup"), src.as_os_str()]);
+    chmod(&ro, 0o444);
+    chmod(&level.join("a_locked"), 0o600);
+
+    let repo = home.join("repo");
+    let cache = home.join("cache");
+    let env: [(&str, &OsStr); 3] = [
+        ("BACKUPD_REPOSITORY", repo.as_os_str()),
+        ("BACKUPD_PASSWORD", os(PASSWORD)),
+        ("XDG_CACHE_HOME", cache.as_os_str()),
+    ];
+    let nobody = |args: &[&OsStr]| {
+        run_under(
+            &[
+                "prlimit",
+                "--nofile=64:64",
+                "--",
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+            ],
+            &env,
+            &home,
+            args,
+        )
+    };
+    nobody(&[os("init")]).ok();
+    let out = nobody(&[os("backup"), os("--json"), src.as_os_str()]).expect(3);
+    let s = out.json();
+    let locked = level.join("a_locked").display().to_string();
+    let unreadable = strings(&s["unreadable"]);
+    assert_eq!(unreadable, std::slice::from_ref(&locked), "{s}");
+    assert!(
+        out.stderr
+            .contains(&format!("could not read {locked}: Permission denied")),
+        "{}",
+        out.describe()
+    );
+
+    let target = home.join("restore");
+    nobody(&[
+        os("restore"),
+        os("latest"),
+        os("--target"),
+        target.as_os_str(),
+    ])
+    .expect(3)
+    // Only the directories above the source are root's: nothing else is said.
+    .stderr_has("(owners): ")
+    .stderr_has("1 entry restored but not exactly");
+    let back = restored_path(&target, &level);
+    assert_eq!(
+        fs::read(back.join("b_file")).unwrap(),
+        b"after the locked directory\n"
+    );
+    let back_ro = back.join("c_readonly");
+    assert_eq!(lmeta(&back_ro).mode & 0o7777, 0o444);
+    assert_eq!(xattr_names(&back_ro), ["user.ro"]);
+    assert_eq!(lmeta(&back.join("a_locked")).mode & 0o7777, 0o600);
+    let after = restored_path(&target, &src.join("d/d/d/d/d/d/d/d/d/d/d/z_after"));
+    assert_eq!(fs::read(after).unwrap(), b"after the chain\n");
+}

@@ -51,6 +51,12 @@ fn a_version_1_repository_reports_what_it_cannot_hold_until_upgraded() {
     let src = t.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("f"), b"with an attribute").unwrap();
+    // 8 MiB holding 4 KiB in the middle: format 1 stores it whole, without its holes.
+    let sparse = fs::File::create(src.join("sparse")).unwrap();
+    sparse.set_len(8 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &[7u8; 4096], 4 << 20).unwrap();
+    sparse.sync_all().unwrap();
+    drop(sparse);
     sh(&format!(
         "setfattr -n user.kept -v yes {} && mkfifo {}",
         src.join("f").display(),
@@ -91,9 +97,11 @@ fn a_version_1_repository_reports_what_it_cannot_hold_until_upgraded() {
         .ok()
         .json();
     assert_eq!(v["not_kept"].as_array().map(Vec::len), Some(0), "{v}");
+    // The sparse file is unchanged since the format-1 backup, and is read again for its
+    // holes all the same.
     assert_eq!(
         v["features"],
-        serde_json::json!(["special-files", "xattrs"]),
+        serde_json::json!(["sparse", "special-files", "xattrs"]),
         "{v}"
     );
     let target = t.path().join("new");
@@ -109,6 +117,13 @@ fn a_version_1_repository_reports_what_it_cannot_hold_until_upgraded() {
         .output()
         .unwrap();
     assert_eq!(out.stdout, b"yes");
+    use std::os::unix::fs::MetadataExt;
+    let back = fs::metadata(restored.join("sparse")).unwrap();
+    assert_eq!(back.len(), 8 << 20);
+    assert!(back.blocks() * 512 < 1 << 20, "{} blocks", back.blocks());
+    let mut want = vec![0u8; 8 << 20];
+    want[4 << 20..(4 << 20) + 4096].fill(7);
+    assert!(fs::read(restored.join("sparse")).unwrap() == want);
     use std::os::unix::fs::FileTypeExt;
     assert!(fs::symlink_metadata(restored.join("fifo"))
         .unwrap()
