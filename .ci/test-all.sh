@@ -12,6 +12,10 @@ command -v mkfifo >/dev/null || need_apt+=(coreutils)
 # `postgres` user; docs: ../shared/design/recipes.md section 1).
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15 postgresql-client-15)
 command -v runuser >/dev/null || need_apt+=(util-linux)
+# InfluxDB 1.x for the InfluxDB tests (throwaway influxd on free ports; recipes.md
+# section 2), and curl, with which the tests check what the servers hold.
+command -v influxd >/dev/null || need_apt+=(influxdb influxdb-client)
+command -v curl >/dev/null || need_apt+=(curl)
 # The shipped FinChat example policy's pre hook copies an SQLite database.
 command -v sqlite3 >/dev/null || need_apt+=(sqlite3)
 # systemd-analyze checks the shipped units (packaging/systemd).

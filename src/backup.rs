@@ -12,10 +12,13 @@ use crate::pipeline::stages::{BlobSaver, SaveError, SaverOptions};
 use crate::pipeline::BlobId;
 use crate::postgres::basebackup::{wait_for_wal, PgSession, PgWalkPolicy};
 use crate::postgres::PgError;
-use crate::repo::{BackupSummary, PgTablespace, PostgresMeta, RepoError, Repository, Snapshot};
+use crate::repo::{
+    BackupSummary, InfluxMeta, PgTablespace, PostgresMeta, RepoError, Repository, Snapshot,
+};
 use crate::source::files::{
     backup_files, Excludes, FilesError, FilesJob, FilesStats, Layout, WalkOptions,
 };
+use crate::source::influx::{backup_influx, InfluxError, InfluxJob, InfluxSource};
 use crate::source::stream::{backup_stream, StreamError, StreamSource};
 use crate::source::CancelToken;
 
@@ -40,6 +43,9 @@ pub enum BackupError {
     /// PostgreSQL.
     #[error(transparent)]
     Pg(#[from] PgError),
+    /// InfluxDB.
+    #[error(transparent)]
+    Influx(#[from] InfluxError),
     /// Files of a database that could not be read: the backup would not restore.
     #[error("cannot read {0}; no snapshot was written")]
     PgUnreadable(String),
@@ -83,6 +89,8 @@ pub enum BackupSource {
     },
     /// A PostgreSQL base backup.
     Postgres(Box<PgSource>),
+    /// An InfluxDB server's databases.
+    Influx(Box<InfluxSource>),
 }
 
 /// A backup request.
@@ -131,6 +139,7 @@ struct SourceOutcome {
     unreadable: Vec<(String, String)>,
     skipped_special: Vec<String>,
     postgres: Option<PostgresMeta>,
+    influxdb: Option<InfluxMeta>,
     changed: Vec<String>,
     not_kept: Vec<String>,
     features: std::collections::BTreeSet<&'static str>,
@@ -143,6 +152,7 @@ impl SourceOutcome {
             unreadable: vec![],
             skipped_special: vec![],
             postgres: None,
+            influxdb: None,
             changed: vec![],
             not_kept: vec![],
             features: Default::default(),
@@ -207,6 +217,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
             "postgres",
             None,
         ),
+        BackupSource::Influx(ix) => (crate::source::influx::snapshot_paths(ix), "influxdb", None),
     };
     let parent: Option<(BlobId, Snapshot)> = match (&req.source, &req.parent, req.force) {
         (_, _, true) => None,
@@ -227,6 +238,11 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                         .is_some_and(|m| m.system_identifier == sysid)
             })
         }
+        (BackupSource::Influx(ix), None, _) => repo
+            .snapshots()?
+            .into_iter()
+            .rev()
+            .find(|(_, s)| crate::source::influx::is_parent(s, &req.host, ix)),
         _ => None,
     };
     let parent_time_ns = parent
@@ -278,6 +294,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                 unreadable: out.unreadable,
                 skipped_special: out.skipped_special,
                 postgres: None,
+                influxdb: None,
                 changed: out.changed,
                 not_kept: out.not_kept,
                 features: out.features,
@@ -374,6 +391,22 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
                 ..SourceOutcome::tree_only(tree)
             })
         })(),
+        BackupSource::Influx(ref ix) => backup_influx(
+            InfluxJob {
+                repo,
+                index: index.clone(),
+                source: ix,
+                parent: parent.as_ref().map(|(_, s)| s),
+                cancel: req.cancel.clone(),
+                stats: stats.clone(),
+            },
+            &saver,
+        )
+        .map(|(tree, meta)| SourceOutcome {
+            influxdb: Some(meta),
+            ..SourceOutcome::tree_only(tree)
+        })
+        .map_err(BackupError::from),
         BackupSource::Stream {
             ref source,
             ref name,
@@ -402,7 +435,8 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
     let out = match (result, save_err) {
         (_, Some(e)) => return Err(e.into()),
         (Err(BackupError::Files(FilesError::Interrupted)), _)
-        | (Err(BackupError::Stream(StreamError::Interrupted)), _) => {
+        | (Err(BackupError::Stream(StreamError::Interrupted)), _)
+        | (Err(BackupError::Influx(InfluxError::Interrupted)), _) => {
             return Err(BackupError::Interrupted)
         }
         (Err(e), None) => return Err(e),
@@ -452,6 +486,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         policy: req.policy,
         summary,
         postgres: out.postgres,
+        influxdb: out.influxdb,
         program_version: env!("CARGO_PKG_VERSION").into(),
     };
     if !lock.is_fresh() {

@@ -25,8 +25,27 @@ pub struct RestoreArgs {
     /// Snapshot id, unique prefix, or `latest` (not with --at).
     snapshot: Option<String>,
     /// Directory to restore into (must be empty or not exist, unless --delta).
-    #[arg(long, short = 't')]
-    target: PathBuf,
+    #[arg(long, short = 't', required_unless_present = "influx_host")]
+    target: Option<PathBuf>,
+    /// InfluxDB: the RPC address of the running server to restore into.
+    #[arg(long = "influx-host", value_name = "HOST:PORT")]
+    influx_host: Option<String>,
+    /// InfluxDB: its HTTP API (database checks, deletes, continuous queries, counts).
+    #[arg(
+        long = "influx-http",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8086"
+    )]
+    influx_http: String,
+    /// InfluxDB: restore only this database (repeatable; default: all in the snapshot).
+    #[arg(long = "influx-database", value_name = "DB")]
+    influx_database: Vec<String>,
+    /// InfluxDB: restore database OLD as NEW (repeatable).
+    #[arg(long, value_name = "OLD=NEW")]
+    rename: Vec<String>,
+    /// InfluxDB: say what would be created, change nothing.
+    #[arg(long = "dry-run")]
+    dry_run: bool,
     /// PostgreSQL point-in-time restore: a time such as "2026-11-01 14:30:00+00" (without
     /// an offset: this host's time zone), or `latest` to replay all archived WAL. Picks the
     /// newest base backup that ended before it and writes the recovery settings.
@@ -131,7 +150,12 @@ impl RestoreArgs {
         };
         RestoreArgs {
             snapshot: if is_pg { None } else { snapshot },
-            target,
+            target: Some(target),
+            influx_host: None,
+            influx_http: String::new(),
+            influx_database: vec![],
+            rename: vec![],
+            dry_run: false,
             at: is_pg.then(|| "latest".to_string()),
             start: is_pg,
             delta: false,
@@ -159,6 +183,83 @@ pub struct DumpArgs {
     snapshot: String,
     /// File to write out, e.g. the --stdin-filename of a stdin backup.
     name: String,
+}
+
+/// Restores an InfluxDB snapshot into the server at `host`.
+fn influx_restore(
+    g: &GlobalArgs,
+    a: &RestoreArgs,
+    repo: &crate::repo::Repository,
+    id: &crate::pipeline::BlobId,
+    snap: &crate::repo::Snapshot,
+    host: &str,
+) -> Result<i32> {
+    use crate::restore::influx::{restore_influx, InfluxRestore};
+    use crate::source::influx::{http::HttpApi, rpc::Rpc};
+    if snap.influxdb.is_none() {
+        bail!(
+            "snapshot {} is not an InfluxDB backup: --influx-host restores only those",
+            id.short()
+        );
+    }
+    if a.target.is_some() || a.delta || a.start {
+        bail!(
+            "an InfluxDB restore goes to a server (--influx-host): no --target, --delta or --start"
+        );
+    }
+    let mut rename = std::collections::BTreeMap::new();
+    for r in &a.rename {
+        match r.split_once('=') {
+            Some((old, new))
+                if !old.is_empty() && !new.is_empty() && !new.contains(['/', '\\', '"']) =>
+            {
+                if rename.insert(old.to_string(), new.to_string()).is_some() {
+                    bail!("--rename {old}=...: given twice");
+                }
+            }
+            _ => bail!("--rename {r:?}: must be OLD=NEW, NEW a database name"),
+        }
+    }
+    let index = repo.load_index()?;
+    let quiet = g.quiet || g.json;
+    let mut say = |line: String| {
+        if !quiet {
+            println!("{line}");
+        }
+    };
+    let report = restore_influx(
+        repo,
+        &index,
+        id,
+        snap,
+        InfluxRestore {
+            rpc: Rpc::new(host),
+            http: HttpApi::new(&a.influx_http, super::backup_cmd::influx_env_credentials())?,
+            databases: a.influx_database.clone(),
+            rename,
+            dry_run: a.dry_run,
+            say: &mut say,
+        },
+    )?;
+    if g.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else if !g.quiet {
+        if !report.users_not_restored.is_empty() {
+            println!(
+                "note: {} user(s) recorded in the snapshot are not restored (the protocol cannot create users): {}",
+                report.users_not_restored.len(),
+                report.users_not_restored.join(", ")
+            );
+        }
+        for (name, why) in &report.continuous_queries_failed {
+            eprintln!("backupd: warning: continuous query {name} was not created again: {why}");
+        }
+    }
+    Ok(if report.continuous_queries_failed.is_empty() {
+        EXIT_OK
+    } else {
+        3
+    })
 }
 
 /// Runs `restore`.
@@ -212,6 +313,16 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
             (id, snap, pg, segments)
         }
     };
+    if let Some(host) = &a.influx_host {
+        return influx_restore(g, &a, &repo, &id, &snap, host);
+    }
+    if snap.influxdb.is_some() {
+        bail!("snapshot {} is an InfluxDB backup: restore it into a running server with --influx-host HOST:PORT", id.short());
+    }
+    if a.rename.len() + a.influx_database.len() > 0 || a.dry_run {
+        bail!("--rename, --influx-database and --dry-run apply to InfluxDB snapshots only");
+    }
+    let target_dir = a.target.clone().context("--target DIR is required")?;
     if pg.is_none()
         && (a.start
             || !a.tablespace_map.is_empty()
@@ -223,7 +334,7 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
             "--start, --tablespace-map, --pg-port, --waldir and --pg-owner apply to PostgreSQL snapshots only"
         );
     }
-    let target = std::path::absolute(&a.target)?;
+    let target = std::path::absolute(&target_dir)?;
     let waldir = a.waldir.as_deref().map(std::path::absolute).transpose()?;
     let index = repo.load_index()?;
     let mut filter = RestoreFilter {
@@ -269,7 +380,13 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
     );
     let started = std::time::Instant::now();
     let mut report = do_restore(
-        &repo, &index, &snap.tree, &a.target, &filter, workers, &counter,
+        &repo,
+        &index,
+        &snap.tree,
+        &target_dir,
+        &filter,
+        workers,
+        &counter,
     );
     let tablespaces = checked.as_ref().map_or(&[][..], |c| &c.tablespaces[..]);
     for (tree, location) in tablespaces {
@@ -293,7 +410,7 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
             "{}",
             json!({
                 "snapshot_id": id.to_hex(),
-                "target": a.target.display().to_string(),
+                "target": target_dir.display().to_string(),
                 "files": report.files,
                 "dirs": report.dirs,
                 "symlinks": report.symlinks,
@@ -309,7 +426,7 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
         println!(
             "restored snapshot {} to {}: {} files, {} directories, {} symlinks, {} special files, {} bytes in {:.2} s",
             id.short(),
-            a.target.display(),
+            target_dir.display(),
             report.files,
             report.dirs,
             report.symlinks,
@@ -527,7 +644,7 @@ fn finish_pg(
         println!(
             "restored base backup {} to {} ({} files, {} bytes{}) in {:.2} s; recovery settings in postgresql.auto.conf",
             id.short(),
-            a.target.display(),
+            target.display(),
             report.files,
             report.bytes,
             if a.delta {
@@ -565,7 +682,7 @@ fn finish_pg(
                     .cloned()
                     .collect::<Vec<_>>()
                     .join(", "),
-                a.target.display()
+                target.display()
             );
         }
         let archive_command = (!archive_off).then(|| access.command("wal-push %p"));
@@ -606,7 +723,7 @@ fn finish_pg(
     } else if !g.quiet && !g.json {
         println!(
             "start it with: pg_ctl -D {} start (as the owner of the directory)",
-            a.target.display()
+            target.display()
         );
     }
     if g.json {
@@ -614,7 +731,7 @@ fn finish_pg(
             "{}",
             json!({
                 "snapshot_id": id.to_hex(),
-                "target": a.target.display().to_string(),
+                "target": target.display().to_string(),
                 "files": report.files,
                 "bytes": report.bytes,
                 "bytes_unchanged": report.bytes_unchanged,

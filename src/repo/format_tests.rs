@@ -31,6 +31,7 @@ fn snapshot(features: &[&str]) -> Snapshot {
         policy: None,
         summary: Default::default(),
         postgres: None,
+        influxdb: None,
         program_version: "9.9.9".into(),
         features: features.iter().map(|f| f.to_string()).collect(),
         format: 2,

@@ -31,7 +31,10 @@ use crate::pipeline::{blob, BlobId, BlobKind, ChunkerParams};
 pub use cache::Cache;
 pub use config::Config;
 pub use index::Index;
-pub use snapshot::{BackupSummary, PgTablespace, PostgresMeta, Snapshot};
+pub use snapshot::{
+    BackupSummary, InfluxCounts, InfluxDatabase, InfluxMeta, InfluxRetentionPolicy, InfluxShard,
+    PgTablespace, PostgresMeta, Snapshot,
+};
 pub use tree::{Node, NodeKind, Tree};
 
 /// Why a repository operation failed.

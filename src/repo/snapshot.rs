@@ -89,6 +89,9 @@ pub struct Snapshot {
     /// consistent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres: Option<PostgresMeta>,
+    /// For InfluxDB snapshots: the server, its databases, shards and counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub influxdb: Option<InfluxMeta>,
     /// backupd version that wrote it.
     pub program_version: String,
     /// Format features its trees use, which a reader must know to restore it (sorted).
@@ -127,6 +130,86 @@ impl Snapshot {
                 .map(|t| (t.tree, Some(t.name.as_str()))),
         )
     }
+}
+
+/// Per retention policy and measurement (`rp.measurement`), the values of each field
+/// (`SELECT count(*)`).
+pub type InfluxCounts = std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>;
+
+/// What an InfluxDB snapshot records about its server. The tree holds the metastore as the
+/// server gave it (`metastore`), and each shard's files under `<db>/<rp>/<shard id>/`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InfluxMeta {
+    /// The RPC address backed up from.
+    pub rpc: String,
+    /// The HTTP API counted with.
+    pub http: String,
+    /// The server's clock when the backup started (its `Date`): the next backup asks for
+    /// files changed since then, on the server's clock.
+    pub server_time: Option<DateTime<Utc>>,
+    /// The server's version (`X-Influxdb-Version`).
+    pub server_version: String,
+    /// The databases backed up.
+    pub databases: Vec<InfluxDatabase>,
+    /// Users of the server: recorded, not restorable by the protocol.
+    pub users: Vec<String>,
+}
+
+/// One database of an InfluxDB snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InfluxDatabase {
+    /// Name.
+    pub name: String,
+    /// Its default retention policy.
+    pub default_retention_policy: String,
+    /// Its retention policies.
+    pub retention_policies: Vec<InfluxRetentionPolicy>,
+    /// Its shards with files.
+    pub shards: Vec<InfluxShard>,
+    /// Continuous queries: (name, statement).
+    pub continuous_queries: Vec<(String, String)>,
+    /// Counts before the shards were read.
+    pub counts_before: InfluxCounts,
+    /// Counts after (equal on a server that took no writes meanwhile).
+    pub counts_after: InfluxCounts,
+}
+
+/// A retention policy.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InfluxRetentionPolicy {
+    /// Name.
+    pub name: String,
+    /// Nanoseconds; 0 is forever.
+    pub duration_ns: i64,
+    /// Nanoseconds per shard group.
+    pub shard_group_duration_ns: i64,
+    /// Replication factor.
+    pub replica_n: u32,
+}
+
+/// A shard.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InfluxShard {
+    /// Shard id on the server backed up.
+    pub id: u64,
+    /// Retention policy.
+    pub retention_policy: String,
+    /// Its shard group's start, Unix nanoseconds.
+    pub start_ns: i64,
+    /// Its shard group's end (exclusive).
+    pub end_ns: i64,
+    /// Files.
+    pub files: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// Tombstone files among them (deletions a restore replays).
+    pub tombstones: u64,
+    /// Taken from the parent snapshot unread (nothing changed on the server since).
+    pub unchanged: bool,
 }
 
 /// What a PostgreSQL base backup snapshot records about its cluster. The snapshot's tree

@@ -16,6 +16,7 @@
 //! that needed the damaged blobs are named in the report; what cannot be restored exactly
 //! (an extended attribute, a device without root) is a warning naming the entry.
 
+pub mod influx;
 mod meta;
 mod write;
 

@@ -1,7 +1,8 @@
-//! Backup sources: directory trees, and single streams (stdin, a command's stdout).
-//! Both feed the write pipeline and end by committing a snapshot.
+//! Backup sources: directory trees, single streams (stdin, a command's stdout), and
+//! InfluxDB servers. Each feeds the write pipeline; the backup commits the snapshot.
 
 pub mod files;
+pub mod influx;
 pub mod meta;
 mod reader;
 pub mod stream;

@@ -10,6 +10,8 @@ mod conformance;
 mod dedup;
 mod disk_full;
 mod format;
+mod influx;
+pub mod influxserver;
 mod interrupt;
 mod keys;
 mod packaging;

@@ -1,0 +1,490 @@
+//! The InfluxDB 1.x backup protocol on the server's RPC port (8088 by default), as
+//! `influxd backup -portable` and `influxd restore -portable` speak it (1.6:
+//! `services/snapshotter`). The port is a TCP mux: each connection sends the mux byte
+//! (3, the snapshotter), a request-type byte, then, but for a shard upload, one JSON
+//! request and a newline. One request per connection; the reply runs until the server
+//! closes it. The server answers an error by closing the connection with nothing sent, so
+//! an empty reply is an error here, named by what was asked.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The snapshotter's mux byte.
+const MUX_SNAPSHOTTER: u8 = 3;
+/// The first 8 bytes of a metastore backup and of a metastore update's reply.
+pub const BACKUP_MAGIC: u64 = 0x5959_0101;
+/// The zero `time.Time` of Go, as its JSON encoder writes it.
+const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+/// How long a connection may stay silent (a shard's cache is flushed before it streams).
+const IDLE: Duration = Duration::from_secs(600);
+/// How long connecting may take.
+const CONNECT: Duration = Duration::from_secs(10);
+/// A metastore is small; one this large is not one.
+const MAX_META: u64 = 256 << 20;
+
+/// Request types of the snapshotter.
+#[derive(Clone, Copy, Debug)]
+#[repr(u8)]
+enum RequestType {
+    ShardBackup = 0,
+    MetastoreBackup = 1,
+    DatabaseInfo = 3,
+    MetaStoreUpdate = 6,
+    ShardUpdate = 7,
+}
+
+/// The JSON request (Go field names; the server ignores what a type does not use).
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Request<'a> {
+    #[serde(rename = "Type")]
+    kind: u8,
+    backup_database: &'a str,
+    restore_database: &'a str,
+    backup_retention_policy: &'a str,
+    restore_retention_policy: &'a str,
+    #[serde(rename = "ShardID")]
+    shard_id: u64,
+    since: String,
+    export_start: &'a str,
+    export_end: &'a str,
+    upload_size: i64,
+}
+
+impl<'a> Request<'a> {
+    fn new(kind: RequestType) -> Self {
+        Request {
+            kind: kind as u8,
+            backup_database: "",
+            restore_database: "",
+            backup_retention_policy: "",
+            restore_retention_policy: "",
+            shard_id: 0,
+            since: GO_ZERO_TIME.into(),
+            export_start: GO_ZERO_TIME,
+            export_end: GO_ZERO_TIME,
+            upload_size: 0,
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// Could not connect.
+    #[error("cannot reach the InfluxDB RPC port at {addr}: {source} (is influxd running, with bind-address set to it?)")]
+    Connect {
+        /// host:port.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The connection failed mid-request.
+    #[error("InfluxDB at {addr}: {what}: {source}")]
+    Io {
+        /// host:port.
+        addr: String,
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The server closed without an answer (its way of saying no).
+    #[error("InfluxDB at {addr} refused {what} (closed the connection without an answer; its log says why)")]
+    Refused {
+        /// host:port.
+        addr: String,
+        /// What was asked.
+        what: String,
+    },
+    /// An answer that is not what the protocol says.
+    #[error("InfluxDB at {addr}: {what}: unexpected answer: {why}")]
+    Protocol {
+        /// host:port.
+        addr: String,
+        /// What was asked.
+        what: String,
+        /// What was wrong.
+        why: String,
+    },
+}
+
+/// A server's RPC address.
+#[derive(Clone, Debug)]
+pub struct Rpc {
+    addr: String,
+}
+
+/// The metastore as `MetastoreBackup` returns it.
+pub struct Metastore {
+    /// The `meta.Data` protobuf.
+    pub data: Vec<u8>,
+    /// The node's JSON (its id and address).
+    pub node: Vec<u8>,
+}
+
+impl Rpc {
+    /// The server at `addr` (`host:port`).
+    pub fn new(addr: &str) -> Self {
+        Rpc { addr: addr.into() }
+    }
+
+    /// `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn io(&self, what: &str) -> impl Fn(io::Error) -> RpcError + '_ {
+        let what = what.to_string();
+        move |source| RpcError::Io {
+            addr: self.addr.clone(),
+            what: what.clone(),
+            source,
+        }
+    }
+
+    fn protocol(&self, what: &str, why: impl Into<String>) -> RpcError {
+        RpcError::Protocol {
+            addr: self.addr.clone(),
+            what: what.into(),
+            why: why.into(),
+        }
+    }
+
+    fn refused(&self, what: &str) -> RpcError {
+        RpcError::Refused {
+            addr: self.addr.clone(),
+            what: what.into(),
+        }
+    }
+
+    /// Connects and sends the mux and type bytes, then `rest`, in one write.
+    fn open(&self, kind: RequestType, rest: &[u8]) -> Result<TcpStream, RpcError> {
+        let connect = |source| RpcError::Connect {
+            addr: self.addr.clone(),
+            source,
+        };
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+        let mut conn = None;
+        for sa in self.addr.to_socket_addrs().map_err(connect)? {
+            match TcpStream::connect_timeout(&sa, CONNECT) {
+                Ok(c) => {
+                    conn = Some(c);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let mut conn = conn.ok_or_else(|| connect(last))?;
+        let _ = conn.set_nodelay(true);
+        conn.set_read_timeout(Some(IDLE))
+            .and_then(|()| conn.set_write_timeout(Some(IDLE)))
+            .map_err(self.io("setting timeouts"))?;
+        let mut msg = Vec::with_capacity(2 + rest.len());
+        msg.push(MUX_SNAPSHOTTER);
+        msg.push(kind as u8);
+        msg.extend_from_slice(rest);
+        conn.write_all(&msg)
+            .map_err(self.io("sending the request"))?;
+        Ok(conn)
+    }
+
+    fn request(&self, req: &Request<'_>, upload: &[u8]) -> Result<TcpStream, RpcError> {
+        let mut body = serde_json::to_vec(req).expect("a request serializes");
+        body.push(b'\n');
+        body.extend_from_slice(upload);
+        let kind = match req.kind {
+            0 => RequestType::ShardBackup,
+            1 => RequestType::MetastoreBackup,
+            3 => RequestType::DatabaseInfo,
+            _ => RequestType::MetaStoreUpdate,
+        };
+        self.open(kind, &body)
+    }
+
+    /// The whole metastore: databases, retention policies, shard groups, continuous
+    /// queries and users.
+    ///
+    /// # Errors
+    /// Connection failures, or an answer that is not a metastore backup.
+    pub fn metastore(&self) -> Result<Metastore, RpcError> {
+        let what = "the metastore backup";
+        let mut conn = self.request(&Request::new(RequestType::MetastoreBackup), &[])?;
+        let mut head = [0u8; 16];
+        read_exact_or_refused(&mut conn, &mut head).map_err(|e| self.map_read(what, e))?;
+        let magic = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+        if magic != BACKUP_MAGIC {
+            return Err(self.protocol(what, format!("magic {magic:#x}")));
+        }
+        let n = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
+        if n > MAX_META {
+            return Err(self.protocol(what, format!("a metastore of {n} bytes")));
+        }
+        let mut data = vec![0u8; n as usize];
+        conn.read_exact(&mut data).map_err(self.io(what))?;
+        let mut len = [0u8; 8];
+        conn.read_exact(&mut len).map_err(self.io(what))?;
+        let m = u64::from_be_bytes(len);
+        if m > MAX_META {
+            return Err(self.protocol(what, format!("a node description of {m} bytes")));
+        }
+        let mut node = vec![0u8; m as usize];
+        conn.read_exact(&mut node).map_err(self.io(what))?;
+        Ok(Metastore { data, node })
+    }
+
+    /// The shards of `database` (all databases when empty) held on this server, as
+    /// `db/rp/id` paths.
+    ///
+    /// # Errors
+    /// Connection failures; an unknown database is refused by the server.
+    pub fn shard_paths(&self, database: &str) -> Result<Vec<String>, RpcError> {
+        let what = if database.is_empty() {
+            "the shard list".to_string()
+        } else {
+            format!("the shard list of database {database:?}")
+        };
+        let req = Request {
+            backup_database: database,
+            ..Request::new(RequestType::DatabaseInfo)
+        };
+        let conn = self.request(&req, &[])?;
+        let mut reply = vec![];
+        conn.take(MAX_META)
+            .read_to_end(&mut reply)
+            .map_err(self.io(&what))?;
+        if reply.is_empty() {
+            return Err(self.refused(&what));
+        }
+        #[derive(serde::Deserialize)]
+        struct Response {
+            #[serde(rename = "Paths", default)]
+            paths: Option<Vec<String>>,
+        }
+        let r: Response =
+            serde_json::from_slice(&reply).map_err(|e| self.protocol(&what, e.to_string()))?;
+        Ok(r.paths.unwrap_or_default())
+    }
+
+    /// A shard's files as an uncompressed tar stream (`db/rp/id/<file>` names), only
+    /// files modified after `since` (RFC 3339) when given. The server flushes the shard's
+    /// cache to a file first, and streams hard links of its files taken at that moment.
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub fn shard_backup(&self, shard: u64, since: Option<&str>) -> Result<ShardStream, RpcError> {
+        let req = Request {
+            shard_id: shard,
+            since: since.unwrap_or(GO_ZERO_TIME).into(),
+            ..Request::new(RequestType::ShardBackup)
+        };
+        let conn = self.request(&req, &[])?;
+        Ok(ShardStream {
+            conn,
+            read: 0,
+            addr: self.addr.clone(),
+            shard,
+        })
+    }
+
+    /// Creates database `restore` (with its retention policies and empty shards) from
+    /// database `backup` of `meta` (a `meta.Data` protobuf), and returns the pairs (shard
+    /// id in `meta`, new shard id). The server refuses a database that exists.
+    ///
+    /// # Errors
+    /// Connection failures, or the server's refusal (no pairs).
+    pub fn metastore_update(
+        &self,
+        meta: &[u8],
+        backup: &str,
+        restore: &str,
+    ) -> Result<Vec<(u64, u64)>, RpcError> {
+        let what = format!("creating database {restore:?}");
+        let req = Request {
+            backup_database: backup,
+            restore_database: restore,
+            upload_size: meta.len() as i64,
+            ..Request::new(RequestType::MetaStoreUpdate)
+        };
+        // The server reads the upload with one buffered read and one more `Read`: it
+        // must arrive in one piece, so it goes in the request's write.
+        let mut conn = self.request(&req, meta)?;
+        let mut head = [0u8; 16];
+        read_exact_or_refused(&mut conn, &mut head).map_err(|e| self.map_read(&what, e))?;
+        let magic = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+        if magic != BACKUP_MAGIC {
+            return Err(self.protocol(&what, format!("magic {magic:#x}")));
+        }
+        let n = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
+        if n == 0 {
+            return Err(self.refused(&what));
+        }
+        if n > 1 << 24 {
+            return Err(self.protocol(&what, format!("{n} shard pairs")));
+        }
+        let mut pairs = Vec::with_capacity(n as usize);
+        let mut b = [0u8; 16];
+        for _ in 0..n {
+            conn.read_exact(&mut b).map_err(self.io(&what))?;
+            pairs.push((
+                u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+                u64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
+            ));
+        }
+        Ok(pairs)
+    }
+
+    /// Opens the upload of shard `shard`'s files: a tar stream whose `*.tsm` entries
+    /// named `db/rp/<shard>/<file>` the server installs (it skips everything else).
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub fn shard_update(&self, shard: u64) -> Result<ShardUpload, RpcError> {
+        let conn = self.open(RequestType::ShardUpdate, &shard.to_be_bytes())?;
+        Ok(ShardUpload {
+            conn,
+            addr: self.addr.clone(),
+            shard,
+        })
+    }
+
+    fn map_read(&self, what: &str, e: ReadFailure) -> RpcError {
+        match e {
+            ReadFailure::Closed => self.refused(what),
+            ReadFailure::Io(source) => self.io(what)(source),
+        }
+    }
+}
+
+enum ReadFailure {
+    Closed,
+    Io(io::Error),
+}
+
+/// Reads `buf` whole; an end of stream before its first byte is a refusal.
+fn read_exact_or_refused(r: &mut impl Read, buf: &mut [u8]) -> Result<(), ReadFailure> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Err(ReadFailure::Closed),
+            Ok(0) => return Err(ReadFailure::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadFailure::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// A shard's tar stream, read as it arrives.
+pub struct ShardStream {
+    conn: TcpStream,
+    read: u64,
+    addr: String,
+    shard: u64,
+}
+
+impl ShardStream {
+    /// Bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+
+    /// What a failure of this stream is called.
+    pub fn describe(&self) -> String {
+        format!("shard {} from InfluxDB at {}", self.shard, self.addr)
+    }
+}
+
+impl Read for ShardStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.conn.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// A shard upload: a tar stream written to the server.
+pub struct ShardUpload {
+    conn: TcpStream,
+    addr: String,
+    shard: u64,
+}
+
+impl ShardUpload {
+    /// Ends the upload and waits for the server to close (it installs the files first).
+    ///
+    /// # Errors
+    /// The server resetting the connection (it failed to install the shard).
+    pub fn finish(mut self) -> Result<(), RpcError> {
+        let what = format!("uploading shard {}", self.shard);
+        let io = |source| RpcError::Io {
+            addr: self.addr.clone(),
+            what: what.clone(),
+            source,
+        };
+        self.conn.flush().map_err(io)?;
+        self.conn.shutdown(Shutdown::Write).map_err(io)?;
+        // Nothing comes back; the close is the answer.
+        let mut sink = [0u8; 64];
+        loop {
+            match self.conn.read(&mut sink) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+    }
+}
+
+impl Write for ShardUpload {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.flush()
+    }
+}
+
+/// Parses a shard path `db/rp/id`.
+pub fn parse_shard_path(p: &str) -> Option<(String, String, u64)> {
+    let mut it = p.rsplitn(3, '/');
+    let id = it.next()?.parse().ok()?;
+    let rp = it.next()?;
+    let db = it.next()?;
+    (!db.is_empty() && !rp.is_empty()).then(|| (db.to_string(), rp.to_string(), id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_what_the_go_server_decodes() {
+        let r = Request {
+            shard_id: 7,
+            backup_database: "db1",
+            ..Request::new(RequestType::ShardBackup)
+        };
+        let j = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            j,
+            r#"{"Type":0,"BackupDatabase":"db1","RestoreDatabase":"","BackupRetentionPolicy":"","RestoreRetentionPolicy":"","ShardID":7,"Since":"0001-01-01T00:00:00Z","ExportStart":"0001-01-01T00:00:00Z","ExportEnd":"0001-01-01T00:00:00Z","UploadSize":0}"#
+        );
+    }
+
+    #[test]
+    fn shard_paths_split_from_the_right() {
+        assert_eq!(
+            parse_shard_path("db/autogen/12"),
+            Some(("db".into(), "autogen".into(), 12))
+        );
+        assert_eq!(parse_shard_path("autogen/12"), None);
+        assert_eq!(parse_shard_path("db/rp/x"), None);
+    }
+}

@@ -1,0 +1,368 @@
+//! InfluxDB 1.x end to end, against real `influxd` servers: backups through the backup
+//! protocol, restores into another running server (renamed, refused when the database
+//! exists), deletes that must stay deleted, incremental backups that read only changed
+//! shards and still restore alone, and the errors a user must get.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::common::*;
+use super::influxserver::{points, InfluxServer, WEEK};
+
+/// 2023-11-14: every dataset starts there.
+const START_S: i64 = 1_699_920_000;
+
+fn backup(repo: &Repo, s: &InfluxServer, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "--influxdb".to_string(),
+        "--influx-host".into(),
+        s.rpc_addr(),
+        "--influx-http".into(),
+        s.http_url(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    repo.backup(&args)
+}
+
+fn restore(repo: &Repo, snap: &str, s: &InfluxServer, extra: &[&str]) -> Output {
+    repo.cmd()
+        .args(["restore", snap, "--influx-host"])
+        .arg(s.rpc_addr())
+        .arg("--influx-http")
+        .arg(s.http_url())
+        .args(extra)
+        .run()
+}
+
+/// Two databases: `metrics` with a second retention policy, three measurements over four
+/// weeks (several shards each) and a continuous query; `events`, small.
+fn populate(s: &InfluxServer) -> usize {
+    s.exec(None, "CREATE DATABASE metrics");
+    s.exec(None, "CREATE DATABASE events");
+    s.exec(
+        None,
+        "CREATE RETENTION POLICY long ON metrics DURATION 0s REPLICATION 1 SHARD DURATION 2w",
+    );
+    let mut n = 0;
+    for (m, count, seed) in [("cpu", 60_000, 1), ("mem", 50_000, 2), ("disk", 40_000, 3)] {
+        s.write("metrics", None, &points(m, count, START_S, 4 * WEEK, seed));
+        n += count;
+    }
+    s.write(
+        "metrics",
+        Some("long"),
+        &points("cpu_daily", 20_000, START_S, 4 * WEEK, 4),
+    );
+    s.write("events", None, &points("deploy", 500, START_S, WEEK, 5));
+    n += 20_500;
+    s.exec(
+        None,
+        "CREATE CONTINUOUS QUERY cq_cpu ON metrics BEGIN SELECT mean(value) INTO metrics.long.cpu_5m FROM cpu GROUP BY time(5m), host END",
+    );
+    n
+}
+
+#[test]
+fn databases_restore_exactly_into_another_server_renamed_and_an_existing_one_is_refused() {
+    let repo = Repo::new();
+    let a = InfluxServer::start();
+    let total = populate(&a);
+    assert!(total >= 170_000);
+    let s = backup(&repo, &a, &[]);
+    assert!(s["bytes_read"].as_u64().unwrap() > 1 << 20, "{s}");
+    let snaps = repo.snapshots();
+    let snap = &snaps[0];
+    assert_eq!(snap["source"], "influxdb", "{snap}");
+    let meta = &snap["influxdb"];
+    let dbs: Vec<&str> = meta["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(dbs, ["events", "metrics"]);
+    let metrics = &meta["databases"][1];
+    assert!(
+        metrics["shards"].as_array().unwrap().len() >= 5,
+        "{metrics}"
+    );
+    assert_eq!(metrics["counts_before"]["autogen.cpu"]["value"], 60_000);
+    assert_eq!(metrics["counts_before"]["long.cpu_daily"]["ok"], 20_000);
+    assert_eq!(metrics["continuous_queries"][0][0], "cq_cpu");
+
+    // `ls` shows databases, retention policies and shards with their time and size.
+    let ls = repo.ok(&["ls", "latest"]).stdout();
+    assert!(ls.contains("/metrics/long/"), "{ls}");
+    assert!(ls.contains(".tsm"), "{ls}");
+
+    let b = InfluxServer::start();
+    // A dry run creates nothing.
+    let out = restore(&repo, "latest", &b, &["--dry-run"]).ok();
+    assert!(
+        out.stdout().contains("would create database metrics"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(b.databases(), Vec::<String>::new());
+
+    let out = restore(&repo, "latest", &b, &["--rename", "metrics=metrics2"]).ok();
+    assert!(
+        out.stdout().contains("counts match the backup"),
+        "{}",
+        out.describe()
+    );
+    let mut on_b = b.databases();
+    on_b.sort();
+    assert_eq!(on_b, ["events", "metrics2"]);
+    for (rp, m) in [
+        ("autogen", "cpu"),
+        ("autogen", "mem"),
+        ("autogen", "disk"),
+        ("long", "cpu_daily"),
+    ] {
+        let want = a.rows("metrics", rp, m);
+        assert!(!want.is_empty(), "setup: {rp}.{m}");
+        assert!(b.rows("metrics2", rp, m) == want, "{rp}.{m} differs");
+    }
+    assert!(b.rows("events", "autogen", "deploy") == a.rows("events", "autogen", "deploy"));
+    let cqs = b.query("metrics2", "SHOW CONTINUOUS QUERIES").to_string();
+    assert!(cqs.contains("cq_cpu") && cqs.contains("metrics2"), "{cqs}");
+    let rps = b.query("metrics2", "SHOW RETENTION POLICIES").to_string();
+    assert!(rps.contains("long") && rps.contains("336h0m0s"), "{rps}");
+
+    // Again: both exist now; refused by name, nothing changed.
+    let before = b.rows("events", "autogen", "deploy");
+    let out = restore(&repo, "latest", &b, &["--rename", "metrics=metrics2"])
+        .expect(1)
+        .stderr_has("events, metrics2 already exist");
+    drop(out);
+    assert_eq!(b.rows("events", "autogen", "deploy"), before);
+    // One database only, under a third name.
+    restore(
+        &repo,
+        "latest",
+        &b,
+        &["--influx-database", "metrics", "--rename", "metrics=m3"],
+    )
+    .ok();
+    assert!(b.rows("m3", "long", "cpu_daily") == a.rows("metrics", "long", "cpu_daily"));
+    // A database the snapshot does not have.
+    restore(&repo, "latest", &b, &["--influx-database", "nope"])
+        .expect(1)
+        .stderr_has("\"nope\" is not in snapshot");
+}
+
+#[test]
+fn deleted_points_stay_deleted_and_points_written_after_the_delete_stay() {
+    let repo = Repo::new();
+    let a = InfluxServer::start();
+    a.exec(None, "CREATE DATABASE d");
+    a.write("d", None, &points("cpu", 20_000, START_S, 2 * WEEK, 7));
+    // A first backup flushes the points to TSM files: the delete then leaves tombstones.
+    backup(&repo, &a, &[]);
+    let cut = (START_S + 86_400) * 1_000_000_000;
+    a.exec(
+        Some("d"),
+        &format!("DELETE FROM cpu WHERE host = 'h3' AND time < {cut}"),
+    );
+    a.write(
+        "d",
+        None,
+        &format!(
+            "cpu,host=h3,region=r0 value=1.5,count=1i,ok=true,note=\"after\" {}\n",
+            START_S * 1_000_000_000 + 5
+        ),
+    );
+    let deleted_left = |s: &InfluxServer, db: &str| {
+        s.query(
+            db,
+            &format!("SELECT count(value) FROM cpu WHERE host = 'h3' AND time < {cut}"),
+        )["series"][0]["values"][0][1]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        deleted_left(&a, "d"),
+        1,
+        "setup: only the point written after"
+    );
+    backup(&repo, &a, &[]);
+    // The backup follows the delete at once, before influxd compacts the tombstones away
+    // (it does within about a second): they are in the snapshot and are replayed.
+    let snaps = repo.snapshots();
+    let tombstones: u64 = snaps.last().unwrap()["influxdb"]["databases"][0]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tombstones"].as_u64().unwrap())
+        .sum();
+    let b = InfluxServer::start();
+    let out = restore(&repo, "latest", &b, &["--json"]).ok().json();
+    let replayed = out["databases"][0]["deletes_replayed"].as_u64().unwrap();
+    if tombstones > 0 {
+        assert!(replayed > 0, "{out}");
+    } else {
+        eprintln!("influxd compacted the tombstones away before the backup: nothing to replay");
+    }
+    assert_eq!(
+        deleted_left(&b, "d"),
+        1,
+        "deleted points came back, or the later one is gone"
+    );
+    assert!(b.rows("d", "autogen", "cpu") == a.rows("d", "autogen", "cpu"));
+}
+
+#[test]
+fn an_incremental_backup_reads_only_changed_shards_and_restores_alone() {
+    let repo = Repo::new();
+    let a = InfluxServer::start();
+    a.exec(None, "CREATE DATABASE d");
+    a.write("d", None, &points("cpu", 80_000, START_S, 4 * WEEK, 9));
+    let first = backup(&repo, &a, &[]);
+    // The first backup's flush wrote files after its start, and compactions follow: once
+    // they are done, the second backup reads those again, and nothing changes after it.
+    a.settle();
+    backup(&repo, &a, &[]);
+    // A day of points appended to the last shard.
+    let day_start = START_S + 4 * WEEK - 86_400;
+    a.write("d", None, &points("cpu", 2_000, day_start, 86_400, 10));
+    let s = backup(&repo, &a, &[]);
+    assert!(
+        s["bytes_read"].as_u64().unwrap() * 3 < first["bytes_read"].as_u64().unwrap(),
+        "an incremental backup read {} of {}",
+        s["bytes_read"],
+        first["bytes_read"]
+    );
+    assert!(s["files_unchanged"].as_u64().unwrap() >= 3, "{s}");
+    let snaps = repo.snapshots();
+    let last = snaps.last().unwrap();
+    let unchanged = last["influxdb"]["databases"][0]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["unchanged"] == true)
+        .count();
+    assert!(unchanged >= 3, "{last}");
+    // The parents forgotten and pruned: the last snapshot restores on its own.
+    let id = last["id"].as_str().unwrap().to_string();
+    for s in &snaps[..snaps.len() - 1] {
+        repo.ok(&["forget", s["id"].as_str().unwrap()]);
+    }
+    repo.ok(&["prune"]);
+    repo.ok(&["check", "--read-data"]);
+    let b = InfluxServer::start();
+    restore(&repo, &id, &b, &[]).ok();
+    assert!(b.rows("d", "autogen", "cpu") == a.rows("d", "autogen", "cpu"));
+}
+
+/// A TCP proxy to `to` that cuts every connection after `limit` bytes from the server
+/// for the first `cut` connections; counts connections.
+fn cutting_proxy(to: String, limit: usize, cut: u64) -> (String, Arc<AtomicU64>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut client) = c else { return };
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let Ok(mut server) = TcpStream::connect(&to) else {
+                return;
+            };
+            let mut c2 = client.try_clone().unwrap();
+            let mut s2 = server.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let mut sent = 0;
+                let mut buf = [0u8; 8192];
+                loop {
+                    let k = match server.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => k,
+                    };
+                    let k = if n < cut {
+                        k.min(limit.saturating_sub(sent))
+                    } else {
+                        k
+                    };
+                    if k == 0 || client.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                    sent += k;
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn unreachable_servers_missing_databases_and_cut_streams_fail_cleanly() {
+    let repo = Repo::new();
+    let a = InfluxServer::start();
+    a.exec(None, "CREATE DATABASE d");
+    a.write("d", None, &points("cpu", 30_000, START_S, WEEK, 11));
+    // Nothing listening.
+    let port = free_port();
+    repo.cmd()
+        .args(["backup", "--influxdb", "--influx-http"])
+        .arg(a.http_url())
+        .arg("--influx-host")
+        .arg(format!("127.0.0.1:{port}"))
+        .run()
+        .expect(1)
+        .stderr_has(&format!(
+            "cannot reach the InfluxDB RPC port at 127.0.0.1:{port}"
+        ));
+    // A database it does not have.
+    repo.cmd()
+        .args([
+            "backup",
+            "--influxdb",
+            "--influx-database",
+            "nope",
+            "--influx-http",
+        ])
+        .arg(a.http_url())
+        .arg("--influx-host")
+        .arg(a.rpc_addr())
+        .run()
+        .expect(1)
+        .stderr_has("database \"nope\" does not exist on the InfluxDB server");
+    assert!(repo.snapshots().is_empty());
+    // Every stream cut in the middle of the shard: no snapshot.
+    let (proxy, _) = cutting_proxy(a.rpc_addr(), 100_000, u64::MAX);
+    repo.cmd()
+        .args(["backup", "--influxdb", "--influx-http"])
+        .arg(a.http_url())
+        .arg("--influx-host")
+        .arg(&proxy)
+        .run()
+        .expect(1)
+        .stderr_has("no snapshot was written");
+    assert!(repo.snapshots().is_empty());
+    // The shard cut twice, then whole (connections 0 and 1 ask for the metastore and the
+    // shard list): it is read again and the backup completes.
+    let (proxy, seen) = cutting_proxy(a.rpc_addr(), 100_000, 4);
+    let s = repo
+        .cmd()
+        .args(["backup", "--json", "--influxdb", "--influx-http"])
+        .arg(a.http_url())
+        .arg("--influx-host")
+        .arg(&proxy)
+        .run()
+        .ok()
+        .json();
+    assert!(seen.load(Ordering::SeqCst) > 4, "{s}");
+    let b = InfluxServer::start();
+    restore(&repo, "latest", &b, &[]).ok();
+    assert!(b.rows("d", "autogen", "cpu") == a.rows("d", "autogen", "cpu"));
+}
