@@ -375,10 +375,24 @@ fn policy_source(pol: &crate::policy::Policy) -> Result<BackupSource> {
                 pg.archive_timeout,
             )?
         }
-        SourceSpec::Influxdb(_) => bail!(
-            "policy {}: the influxdb source is not supported by this version of backupd",
-            pol.name
-        ),
+        SourceSpec::Influxdb(ix) => {
+            let credentials = match &ix.username {
+                Some(user) => {
+                    let password = ix
+                        .password
+                        .as_ref()
+                        .map(super::password::read_secret)
+                        .transpose()
+                        .context("the policy's InfluxDB password")?;
+                    Some((
+                        user.clone(),
+                        password.unwrap_or_else(|| zeroize::Zeroizing::new(String::new())),
+                    ))
+                }
+                None => influx_env_credentials(),
+            };
+            influx_source(&ix.host, &ix.http, ix.databases.clone(), credentials)?
+        }
     })
 }
 

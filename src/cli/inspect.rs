@@ -106,7 +106,19 @@ pub fn snapshots(g: &GlobalArgs, a: SnapshotsArgs) -> Result<()> {
             s.host,
             s.source,
             s.summary.bytes_total,
-            s.paths.join(" "),
+            match &s.influxdb {
+                // The server, then the databases it held.
+                Some(m) => format!(
+                    "influxdb://{} ({})",
+                    m.rpc,
+                    m.databases
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => s.paths.join(" "),
+            },
             if s.tags.is_empty() {
                 String::new()
             } else {
@@ -323,6 +335,9 @@ pub fn ls(g: &GlobalArgs, a: LsArgs) -> Result<()> {
         (false, true) => LsStyle::Long,
         (false, false) => LsStyle::Short,
     };
+    if let (Some(m), LsStyle::Short | LsStyle::Long, None) = (&snap.influxdb, style, &a.path) {
+        print_influx_layout(m);
+    }
     match a.path.as_deref().map(|p| p.trim_end_matches('/')) {
         None | Some("") => walk_ls(&repo, &index, &snap.tree, "", style),
         Some(p) => {
@@ -334,6 +349,68 @@ pub fn ls(g: &GlobalArgs, a: LsArgs) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// An InfluxDB snapshot's databases, retention policies and shards, each shard with its
+/// time range and size, before its files.
+fn print_influx_layout(m: &crate::repo::InfluxMeta) {
+    let day = |ns: i64| {
+        chrono::DateTime::from_timestamp(ns.div_euclid(1_000_000_000), 0).map_or_else(
+            || ns.to_string(),
+            |t| t.format("%Y-%m-%d %H:%M").to_string(),
+        )
+    };
+    println!("# InfluxDB {} at {} ({})", m.server_version, m.rpc, m.http);
+    for d in &m.databases {
+        println!(
+            "# database {} (default retention policy {})",
+            d.name, d.default_retention_policy
+        );
+        for rp in &d.retention_policies {
+            let shards: Vec<_> = d
+                .shards
+                .iter()
+                .filter(|s| s.retention_policy == rp.name)
+                .collect();
+            let keep = if rp.duration_ns == 0 {
+                "forever".to_string()
+            } else {
+                format!("{} h", rp.duration_ns / 3_600_000_000_000)
+            };
+            println!(
+                "#   retention policy {}: keeps {keep}, shard groups of {} h, {} shards",
+                rp.name,
+                rp.shard_group_duration_ns / 3_600_000_000_000,
+                shards.len()
+            );
+            for s in shards {
+                println!(
+                    "#     shard {:>6}  {} .. {}  {:>4} files  {:>10}{}{}",
+                    s.id,
+                    day(s.start_ns),
+                    day(s.end_ns),
+                    s.files,
+                    super::human(s.bytes),
+                    if s.tombstones > 0 {
+                        format!("  {} tombstones", s.tombstones)
+                    } else {
+                        String::new()
+                    },
+                    if s.unchanged {
+                        "  (unchanged since the parent)"
+                    } else {
+                        ""
+                    },
+                );
+            }
+        }
+        for (name, _) in &d.continuous_queries {
+            println!("#   continuous query {name}");
+        }
+    }
+    if !m.users.is_empty() {
+        println!("# users (recorded, not restorable): {}", m.users.join(", "));
     }
 }
 

@@ -90,6 +90,12 @@ struct RestoreTest {
     amcheck_ok: Option<bool>,
     amcheck_secs: Option<f64>,
     sql_checks: Vec<SqlCheckResult>,
+    /// InfluxDB: the measurements of the restored copy, per database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    measurements: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    /// InfluxDB: the policy's InfluxQL checks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    influxql_checks: Vec<SqlCheckResult>,
 }
 
 /// A free port for the restored server, chosen at random below the kernel's ephemeral
@@ -497,6 +503,10 @@ fn restore_test(
             r.problems
                 .push(format!("stopping the restored server: {e}"));
         }
+    } else if snap.influxdb.is_some() {
+        t.snapshot = id.to_hex();
+        interrupted(stop)?;
+        influx_restore_test(repo, &id, &snap, spec, &dir.dir, &mut t, r)?;
     } else {
         t.snapshot = id.to_hex();
         let args = super::restore_cmd::RestoreArgs::for_test(
@@ -528,6 +538,112 @@ fn restore_test(
         t.restore_secs = started.elapsed().as_secs_f64();
     }
     r.restore = Some(t);
+    Ok(())
+}
+
+/// An InfluxDB restore test: a throwaway `influxd` in the scratch directory, the snapshot
+/// restored into it (which compares the counts with those recorded at backup), then the
+/// policy's measurements and InfluxQL checks.
+fn influx_restore_test(
+    repo: &crate::repo::Repository,
+    id: &crate::pipeline::BlobId,
+    snap: &crate::repo::Snapshot,
+    spec: Option<&VerifySpec>,
+    dir: &Path,
+    t: &mut RestoreTest,
+    r: &mut Report,
+) -> Result<()> {
+    use crate::restore::influx::{restore_influx, InfluxRestore};
+    use crate::source::influx::throwaway::Throwaway;
+    let binary = spec
+        .and_then(|v| v.influxd.clone())
+        .unwrap_or_else(|| PathBuf::from("influxd"));
+    let started = Instant::now();
+    let (http, rpc) = loop {
+        let (h, p) = (free_port()?, free_port()?);
+        if h != p {
+            break (h, p);
+        }
+    };
+    let server = Throwaway::start(&binary, &dir.join("influxd"), http, rpc)?;
+    t.server_secs = Some(started.elapsed().as_secs_f64());
+    let index = repo.load_index()?;
+    let mut say = |_line: String| {};
+    let restored = restore_influx(
+        repo,
+        &index,
+        id,
+        snap,
+        InfluxRestore {
+            rpc: server.rpc.clone(),
+            http: server.http.clone(),
+            databases: vec![],
+            rename: Default::default(),
+            dry_run: false,
+            say: &mut say,
+        },
+    );
+    t.restore_secs = started.elapsed().as_secs_f64();
+    let report = match restored {
+        Ok(rep) => rep,
+        Err(e) => {
+            r.problems.push(format!(
+                "restoring InfluxDB snapshot {} into a throwaway influxd: {}",
+                id.short(),
+                super::error_chain(&anyhow::Error::new(e))
+            ));
+            return Ok(());
+        }
+    };
+    t.files = report.databases.iter().map(|d| d.files).sum();
+    t.bytes = report.databases.iter().map(|d| d.bytes).sum();
+    let mut found = std::collections::BTreeMap::new();
+    for d in &report.databases {
+        found.insert(d.to.clone(), server.http.measurements(&d.to)?);
+    }
+    for m in spec.map(|v| &v.measurements[..]).unwrap_or_default() {
+        if !found.values().any(|ms| ms.contains(m)) {
+            r.problems.push(format!(
+                "measurement {m} (the policy's [verify] measurements) is not in the restored copy"
+            ));
+        }
+    }
+    t.measurements = Some(found);
+    for c in spec.map(|v| &v.influxql_checks[..]).unwrap_or_default() {
+        let database = c.database.clone().unwrap_or_default();
+        let value = server.http.query(Some(&database), &c.query).map(|series| {
+            // The first value of the first row that is not its time.
+            series.first().and_then(|s| {
+                let row = s.values.first()?;
+                let col = s.columns.iter().position(|c| c != "time").unwrap_or(0);
+                row.get(col).map(|v| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+            })
+        });
+        let (value, outcome) = match value {
+            Ok(v) => {
+                let o = crate::postgres::checks::evaluate(&c.expect, v.as_deref());
+                (v, o)
+            }
+            Err(e) => (None, Err(e.to_string())),
+        };
+        if let Err(why) = &outcome {
+            r.problems.push(format!(
+                "InfluxQL check failed in {database}: {}: {why}",
+                c.query
+            ));
+        }
+        t.influxql_checks.push(SqlCheckResult {
+            database,
+            query: c.query.clone(),
+            value,
+            ok: outcome.is_ok(),
+            why: outcome.err(),
+        });
+    }
+    drop(server);
     Ok(())
 }
 

@@ -122,8 +122,15 @@ impl PostgresSpec {
 pub struct InfluxSpec {
     /// The backup/restore RPC address (`influxd`'s bind-address, default 127.0.0.1:8088).
     pub host: String,
-    /// One database, or all.
-    pub database: Option<String>,
+    /// The databases (`databases`, or the one of `database`); all but `_internal` when
+    /// empty.
+    pub databases: Vec<String>,
+    /// The HTTP API (counts, restore tests; default http://127.0.0.1:8086).
+    pub http: String,
+    /// The HTTP API's user, if it asks for one.
+    pub username: Option<String>,
+    /// That user's password.
+    pub password: Option<SecretSource>,
 }
 
 /// When a policy runs.
@@ -185,8 +192,12 @@ pub struct VerifySpec {
     pub restore_test: bool,
     /// SQL checks run against a restored PostgreSQL snapshot.
     pub sql_checks: Vec<SqlCheck>,
-    /// InfluxQL/SQL-free checks for InfluxDB: measurements that must exist.
+    /// InfluxDB: measurements that must exist in the restored copy.
     pub measurements: Vec<String>,
+    /// InfluxDB: InfluxQL checks run against the restored copy.
+    pub influxql_checks: Vec<SqlCheck>,
+    /// InfluxDB: the `influxd` a restore test starts (default: from `PATH`).
+    pub influxd: Option<PathBuf>,
     /// PostgreSQL: the `shared_preload_libraries` the restored server starts with (none
     /// unless given: the snapshot's configuration does not choose the code verify runs).
     pub shared_preload_libraries: Option<String>,

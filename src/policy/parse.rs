@@ -583,7 +583,42 @@ impl Validator<'_> {
                     .map(|v| v.value)
                     .unwrap_or_else(|| "127.0.0.1:8088".into());
                 let database = s.string(p, "database", "a database name").map(|v| v.value);
-                Some(SourceSpec::Influxdb(InfluxSpec { host, database }))
+                let list = s
+                    .strings(p, "databases", "an array of database names")
+                    .unwrap_or_default();
+                if database.is_some() && !list.is_empty() {
+                    p.add(
+                        list[0].span.clone(),
+                        &s.path_of("databases"),
+                        "either database or databases",
+                        "both",
+                    );
+                }
+                let mut databases: Vec<String> = list.into_iter().map(|v| v.value).collect();
+                databases.extend(database);
+                let http = s
+                    .string(p, "http", "the HTTP API URL, http://HOST:8086")
+                    .map(|v| v.value)
+                    .unwrap_or_else(|| "http://127.0.0.1:8086".into());
+                if let Err(e) = crate::source::influx::http::HttpApi::new(&http, None) {
+                    p.add(
+                        s.span(),
+                        &s.path_of("http"),
+                        "an http:// or https:// URL",
+                        e.to_string(),
+                    );
+                }
+                let username = s
+                    .string(p, "username", "the HTTP API user")
+                    .map(|v| v.value);
+                let password = self.secret(s, false, "the InfluxDB user");
+                Some(SourceSpec::Influxdb(InfluxSpec {
+                    host,
+                    databases,
+                    http,
+                    username,
+                    password: password?,
+                }))
             }
             "command" => {
                 let argv = match s.raw("command") {
@@ -826,6 +861,58 @@ impl Validator<'_> {
                 "the OS user owning and running the restored cluster",
             )
             .map(|v| v.value);
+        let mut influxql_checks = vec![];
+        let is_influx = matches!(source, Some(SourceSpec::Influxdb(_)));
+        let iq_span = s.raw("influxql_checks").and_then(|(_, span)| span);
+        if let Some(list) = s.tables(p, "influxql_checks") {
+            if !is_influx && source.is_some() {
+                p.add(
+                    iq_span,
+                    &s.path_of("influxql_checks"),
+                    "influxql_checks only for an influxdb source",
+                    format!("a {} source", source.map(SourceSpec::kind).unwrap_or("?")),
+                );
+            }
+            for mut c in list {
+                let query = c.required_string(p, "query", "the InfluxQL query to run");
+                let database = c.required_string(p, "database", "the database to run it in");
+                let at_least = c.integer(p, "at_least", i64::MIN..=i64::MAX);
+                let equals = c.string(p, "equals", "the text the first value must equal");
+                let expect = match (at_least, equals) {
+                    (Some(_), Some(e)) => {
+                        p.add(
+                            e.span,
+                            &c.path_of("equals"),
+                            "either at_least or equals",
+                            "both",
+                        );
+                        None
+                    }
+                    (Some(n), None) => Some(SqlExpect::AtLeast(n)),
+                    (None, Some(e)) => Some(SqlExpect::Equals(e.value)),
+                    (None, None) => {
+                        p.add(
+                            c.span(),
+                            &c.path_of("at_least"),
+                            "at_least or equals",
+                            "neither",
+                        );
+                        None
+                    }
+                };
+                c.finish(p);
+                if let (Some(q), Some(d), Some(expect)) = (query, database, expect) {
+                    influxql_checks.push(SqlCheck {
+                        database: Some(d.value),
+                        query: q.value,
+                        expect,
+                    });
+                }
+            }
+        }
+        let influxd = s
+            .string(p, "influxd", "the influxd binary a restore test starts")
+            .map(|v| PathBuf::from(v.value));
         let measurements = s
             .strings(p, "measurements", "an array of measurement names")
             .unwrap_or_default();
@@ -844,6 +931,8 @@ impl Validator<'_> {
             restore_test,
             sql_checks,
             measurements: measurements.into_iter().map(|m| m.value).collect(),
+            influxql_checks,
+            influxd,
             shared_preload_libraries,
             cluster_owner,
         })

@@ -312,6 +312,11 @@ pub fn restore_influx(
             done.deletes_replayed +=
                 upload_shard(repo, index, &req.rpc, &req.http, &to, s, new_id)?;
         }
+        let now = req.http.counts(&to, &done.retention_policies)?;
+        if let Some(diff) = counts_outside(&d.counts_before, &d.counts_after, &now) {
+            return Err(InfluxRestoreError::Counts { db: to, diff });
+        }
+        // After the counts: a continuous query may write as soon as it exists.
         for (name, q) in &d.continuous_queries {
             let stmt = if to == d.name {
                 q.clone()
@@ -324,10 +329,6 @@ pub fn restore_influx(
                     .continuous_queries_failed
                     .push((name.clone(), e.to_string())),
             }
-        }
-        let now = req.http.counts(&to, &done.retention_policies)?;
-        if let Some(diff) = counts_outside(&d.counts_before, &d.counts_after, &now) {
-            return Err(InfluxRestoreError::Counts { db: to, diff });
         }
         say(format!(
             "restored database {} as {to}: {} shards, {} TSM files ({} bytes), {} deletes replayed, {} continuous queries; counts match the backup",

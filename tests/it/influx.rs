@@ -94,10 +94,26 @@ fn databases_restore_exactly_into_another_server_renamed_and_an_existing_one_is_
     assert_eq!(metrics["counts_before"]["long.cpu_daily"]["ok"], 20_000);
     assert_eq!(metrics["continuous_queries"][0][0], "cq_cpu");
 
-    // `ls` shows databases, retention policies and shards with their time and size.
+    // `ls` shows databases, retention policies and shards with their time and size, then
+    // the files; `snapshots` the server and its databases.
     let ls = repo.ok(&["ls", "latest"]).stdout();
+    assert!(
+        ls.contains("# database metrics (default retention policy autogen)"),
+        "{ls}"
+    );
+    assert!(
+        ls.contains("#   retention policy long: keeps forever, shard groups of 336 h"),
+        "{ls}"
+    );
+    assert!(ls.contains("2023-11-13 00:00 .. 2023-11-20 00:00"), "{ls}");
+    assert!(ls.contains("#   continuous query cq_cpu"), "{ls}");
     assert!(ls.contains("/metrics/long/"), "{ls}");
     assert!(ls.contains(".tsm"), "{ls}");
+    let list = repo.ok(&["snapshots"]).stdout();
+    assert!(
+        list.contains(&format!("influxdb://{} (events, metrics)", a.rpc_addr())),
+        "{list}"
+    );
 
     let b = InfluxServer::start();
     // A dry run creates nothing.
@@ -365,4 +381,162 @@ fn unreachable_servers_missing_databases_and_cut_streams_fail_cleanly() {
     let b = InfluxServer::start();
     restore(&repo, "latest", &b, &[]).ok();
     assert!(b.rows("d", "autogen", "cpu") == a.rows("d", "autogen", "cpu"));
+}
+
+#[test]
+fn the_financial_pipeline_policies_run_and_a_restore_test_proves_the_influxdb_backup() {
+    use super::policy::PolicyDir;
+    let repo = Repo::new_s3();
+    let a = InfluxServer::start();
+    a.exec(None, "CREATE DATABASE financial_data");
+    let mut lines = String::new();
+    for i in 0..5_000i64 {
+        lines.push_str(&format!(
+            "stock_prices,symbol=S{} open={:.2},close={:.2},volume={}i {}\n",
+            i % 50,
+            100.0 + (i % 97) as f64,
+            101.0 + (i % 89) as f64,
+            1000 + i,
+            (START_S + i * 600) * 1_000_000_000
+        ));
+    }
+    a.write("financial_data", None, &lines);
+    let d = PolicyDir::examples();
+    let root = repo.scratch("root");
+    std::fs::create_dir_all(root.join("opt/financial-pipeline/configs")).unwrap();
+    std::fs::write(
+        root.join("opt/financial-pipeline/configs/pipeline.yaml"),
+        b"sources: [nasdaq]\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("opt/financial-pipeline/.env"), b"API_KEY=x\n").unwrap();
+    let creds = d.secret("aws-credentials");
+    std::fs::write(
+        &creds,
+        format!("[default]\naws_access_key_id = {S3_ACCESS_KEY}\naws_secret_access_key = {S3_SECRET_KEY}\n"),
+    )
+    .unwrap();
+    let cache = repo.scratch("cache").display().to_string();
+    d.edit("financial-pipeline-configs.toml", |doc| {
+        doc["repository"]["location"] = toml_edit::value(repo.location.clone());
+        let mut paths = toml_edit::Array::new();
+        paths.push(
+            root.join("opt/financial-pipeline/configs")
+                .display()
+                .to_string(),
+        );
+        paths.push(
+            root.join("opt/financial-pipeline/.env")
+                .display()
+                .to_string(),
+        );
+        doc["source"]["paths"] = toml_edit::value(paths);
+    });
+    d.edit("financial-pipeline-influxdb.toml", |doc| {
+        doc["repository"]["location"] = toml_edit::value(repo.location.clone());
+        doc["repository"]["cache_dir"] = toml_edit::value(cache.clone());
+        doc["source"]["host"] = toml_edit::value(a.rpc_addr());
+        doc["source"]["http"] = toml_edit::value(a.http_url());
+        let checks: toml_edit::ArrayOfTables = {
+            let mut t = toml_edit::Table::new();
+            t["database"] = toml_edit::value("financial_data");
+            t["query"] = toml_edit::value("SELECT count(close) FROM stock_prices");
+            t["at_least"] = toml_edit::value(5_000);
+            let mut arr = toml_edit::ArrayOfTables::new();
+            arr.push(t);
+            arr
+        };
+        doc["verify"]["influxql_checks"] = toml_edit::Item::ArrayOfTables(checks);
+    });
+    let policies = d.policies();
+    let run = |args: &[&str]| {
+        backupd()
+            .arg("--policies")
+            .arg(&policies)
+            .env("BACKUPD_CACHE_DIR", repo.scratch("cache"))
+            .args(args)
+            .run()
+    };
+    run(&["policy", "check"]).ok();
+    run(&["backup", "--policy", "financial-pipeline-configs"]).ok();
+    run(&["backup", "--policy", "financial-pipeline-influxdb"]).ok();
+    let snaps = repo.snapshots();
+    assert_eq!(snaps.len(), 2);
+    let ix = snaps
+        .iter()
+        .find(|s| s["policy"] == "financial-pipeline-influxdb")
+        .unwrap();
+    assert_eq!(ix["source"], "influxdb");
+    assert_eq!(
+        ix["paths"][0],
+        format!("influxdb://{}/financial_data", a.rpc_addr())
+    );
+
+    let scratch = repo.scratch("scratch");
+    let v = run(&[
+        "verify",
+        "--policy",
+        "financial-pipeline-influxdb",
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ])
+    .ok()
+    .json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["restore"]["source"], "influxdb", "{v}");
+    assert_eq!(
+        v["restore"]["measurements"]["financial_data"],
+        serde_json::json!(["stock_prices"]),
+        "{v}"
+    );
+    assert_eq!(v["restore"]["influxql_checks"][0]["value"], "5000", "{v}");
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "scratch left behind"
+    );
+
+    // A measurement the copy lacks, and a check that does not hold: named, exit 1.
+    d.edit("financial-pipeline-influxdb.toml", |doc| {
+        let mut ms = toml_edit::Array::new();
+        ms.push("stock_prices");
+        ms.push("order_book");
+        doc["verify"]["measurements"] = toml_edit::value(ms);
+        doc["verify"]["influxql_checks"][0]["at_least"] = toml_edit::value(5_001);
+    });
+    let out = run(&[
+        "verify",
+        "--policy",
+        "financial-pipeline-influxdb",
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ])
+    .expect(1);
+    let v = out.json();
+    let problems = v["problems"].to_string();
+    assert!(problems.contains("measurement order_book"), "{v}");
+    assert!(
+        problems.contains("InfluxQL check failed in financial_data"),
+        "{v}"
+    );
+    // No influxd where the policy says: the key is named.
+    d.edit("financial-pipeline-influxdb.toml", |doc| {
+        doc["verify"]["influxd"] = toml_edit::value("/nonexistent/influxd");
+    });
+    let v = run(&[
+        "verify",
+        "--policy",
+        "financial-pipeline-influxdb",
+        "--json",
+        "--scratch",
+        scratch.to_str().unwrap(),
+    ])
+    .expect(1)
+    .json();
+    assert!(
+        v["problems"].to_string().contains("[verify] influxd"),
+        "{v}"
+    );
 }

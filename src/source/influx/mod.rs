@@ -16,6 +16,7 @@
 pub mod http;
 pub mod meta;
 pub mod rpc;
+pub mod throwaway;
 pub mod tombstone;
 
 use std::collections::BTreeMap;
