@@ -596,18 +596,20 @@ impl Validator<'_> {
                 }
                 let mut databases: Vec<String> = list.into_iter().map(|v| v.value).collect();
                 databases.extend(database);
-                let http = s
-                    .string(p, "http", "the HTTP API URL, http://HOST:8086")
-                    .map(|v| v.value)
-                    .unwrap_or_else(|| "http://127.0.0.1:8086".into());
-                if let Err(e) = crate::source::influx::http::HttpApi::new(&http, None) {
-                    p.add(
-                        s.span(),
-                        &s.path_of("http"),
-                        "an http:// or https:// URL",
-                        e.to_string(),
-                    );
-                }
+                let http = match s.string(p, "http", "the HTTP API URL, http://HOST:8086") {
+                    Some(v) => {
+                        if crate::source::influx::http::HttpApi::new(&v.value, None).is_err() {
+                            p.add(
+                                v.span.clone(),
+                                &s.path_of("http"),
+                                "an http:// or https:// URL with a host (and no credentials)",
+                                format!("{:?}", v.value),
+                            );
+                        }
+                        v.value
+                    }
+                    None => "http://127.0.0.1:8086".into(),
+                };
                 let username = s
                     .string(p, "username", "the HTTP API user")
                     .map(|v| v.value);
