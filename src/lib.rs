@@ -5,6 +5,7 @@
 //! [`backup`], [`restore`], [`check`] and the verb handlers in [`cli`].
 
 pub mod agent;
+pub mod allocator;
 pub mod backend;
 pub mod backup;
 pub mod check;
@@ -13,6 +14,7 @@ pub mod crypto;
 pub mod dirfd;
 pub mod error;
 pub mod fsattr;
+pub mod host;
 pub mod pipeline;
 pub mod policy;
 pub mod postgres;
@@ -20,4 +22,5 @@ pub mod repo;
 pub mod restore;
 pub mod secret_env;
 pub mod secret_file;
+pub mod secret_source;
 pub mod source;

@@ -139,7 +139,7 @@ pub fn jitter_for(policy: &str, fire: DateTime<Utc>, max: Duration) -> Duration 
     for b in policy
         .bytes()
         .chain(fire.timestamp().to_le_bytes())
-        .chain(crate::cli::hostname().into_bytes())
+        .chain(crate::host::hostname().into_bytes())
     {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);

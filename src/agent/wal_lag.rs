@@ -58,7 +58,7 @@ async fn poll(policy: &Policy) -> Result<WalStatus, String> {
     let password = match pg.password.clone() {
         Some(src) => Some(
             tokio::task::spawn_blocking(move || {
-                crate::cli::password::read_secret(&src).map_err(|e| format!("{e:#}"))
+                crate::secret_source::read_secret(&src).map_err(|e| format!("{e:#}"))
             })
             .await
             .map_err(|e| e.to_string())??,

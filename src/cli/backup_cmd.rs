@@ -10,12 +10,15 @@ use serde_json::json;
 use super::progress::Progress;
 use super::GlobalArgs;
 use super::{human, interrupt_token};
-use crate::backup::{run_backup, BackupRequest, BackupSource, PgSource};
+use crate::backup::{run_backup, BackupRequest};
 use crate::error::{EXIT_OK, EXIT_PARTIAL};
 use crate::postgres::basebackup::PgSession;
-use crate::source::files::{FilesStats, WalkOptions};
+use crate::source::files::{FilesSource, FilesStats, WalkOptions};
+use crate::source::postgres::PgSource;
+use crate::source::stream::StreamBackup;
 use crate::source::stream::StreamSource;
 use crate::source::CancelToken;
+use crate::source::Source;
 
 /// Arguments of `backup`.
 #[derive(Args, Debug)]
@@ -133,13 +136,13 @@ pub(crate) fn influx_source(
     http: &str,
     databases: Vec<String>,
     credentials: Option<(String, zeroize::Zeroizing<String>)>,
-) -> Result<BackupSource> {
+) -> Result<Box<dyn Source>> {
     use crate::source::influx::{http::HttpApi, rpc::Rpc, InfluxSource};
-    Ok(BackupSource::Influx(Box::new(InfluxSource {
+    Ok(Box::new(InfluxSource {
         rpc: Rpc::new(rpc),
         http: HttpApi::new(http, credentials)?,
         databases,
-    })))
+    }))
 }
 
 /// Connects to PostgreSQL and checks the data directory.
@@ -150,11 +153,11 @@ fn pg_source(
     label: Option<String>,
     fast_checkpoint: bool,
     archive_timeout: std::time::Duration,
-) -> Result<BackupSource> {
+) -> Result<Box<dyn Source>> {
     let resolved = settings.resolve(env);
     let session = PgSession::connect(resolved.config(env)?, &resolved)?;
     session.check(pg_data)?;
-    Ok(BackupSource::Postgres(Box::new(PgSource {
+    Ok(Box::new(PgSource {
         session,
         label: label.unwrap_or_else(|| {
             format!(
@@ -164,7 +167,7 @@ fn pg_source(
         }),
         fast_checkpoint,
         archive_timeout,
-    })))
+    }))
 }
 
 /// Runs `backup`.
@@ -214,18 +217,15 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "stdin".into())
         });
-        BackupSource::Stream {
-            source: StreamSource::Command(a.command.clone()),
-            name,
-        }
+        stream_source(StreamSource::Command(a.command.clone()), name)?
     } else if a.stdin {
         if !a.paths.is_empty() {
             bail!("--stdin takes no paths");
         }
-        BackupSource::Stream {
-            source: StreamSource::Stdin,
-            name: a.stdin_filename.clone().unwrap_or_else(|| "stdin".into()),
-        }
+        stream_source(
+            StreamSource::Stdin,
+            a.stdin_filename.clone().unwrap_or_else(|| "stdin".into()),
+        )?
     } else {
         if a.paths.is_empty() {
             bail!("nothing to back up: give paths, --stdin, or --stdin-from-command -- CMD");
@@ -242,7 +242,7 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
                 std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?,
             );
         }
-        BackupSource::Files {
+        Box::new(FilesSource {
             paths,
             excludes,
             options: WalkOptions {
@@ -253,17 +253,8 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
                 exclude_caches: a.exclude_caches,
                 exclude_if_present: a.exclude_if_present.iter().map(Into::into).collect(),
             },
-        }
+        })
     };
-    let name_check = match &source {
-        BackupSource::Stream { name, .. } => Some(name.clone()),
-        _ => None,
-    };
-    if let Some(n) = name_check {
-        if n.is_empty() || n.contains('/') || n == "." || n == ".." {
-            bail!("--stdin-filename {n:?} must be a plain file name");
-        }
-    }
     let host = a.host.clone().unwrap_or_else(super::hostname);
     execute(g, &a, source, a.tag.clone(), host, None, interrupt_token()?).map(|(code, _)| code)
 }
@@ -342,23 +333,31 @@ fn run_policy(g: &GlobalArgs, a: &BackupArgs, name: &str) -> Result<i32> {
     }
 }
 
+/// A stream source, its file name checked.
+fn stream_source(source: StreamSource, name: String) -> Result<Box<dyn Source>> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        bail!("--stdin-filename {name:?} must be a plain file name");
+    }
+    Ok(Box::new(StreamBackup { source, name }))
+}
+
 /// The backup source a policy describes.
-fn policy_source(pol: &crate::policy::Policy) -> Result<BackupSource> {
+fn policy_source(pol: &crate::policy::Policy) -> Result<Box<dyn Source>> {
     use crate::policy::SourceSpec;
     Ok(match &pol.source {
         SourceSpec::Files {
             paths,
             exclude,
             options,
-        } => BackupSource::Files {
+        } => Box::new(FilesSource {
             paths: paths.clone(),
             excludes: exclude.clone(),
             options: options.clone(),
-        },
-        SourceSpec::Command { argv, filename } => BackupSource::Stream {
+        }),
+        SourceSpec::Command { argv, filename } => Box::new(StreamBackup {
             source: StreamSource::Command(argv.clone()),
             name: filename.clone(),
-        },
+        }),
         SourceSpec::Postgres(pg) => {
             let password = pg
                 .password
@@ -400,7 +399,7 @@ fn policy_source(pol: &crate::policy::Policy) -> Result<BackupSource> {
 fn execute(
     g: &GlobalArgs,
     a: &BackupArgs,
-    source: BackupSource,
+    source: Box<dyn Source>,
     tags: Vec<String>,
     host: String,
     policy: Option<String>,

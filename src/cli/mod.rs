@@ -3,7 +3,6 @@
 //! exit codes.
 
 mod agent_cmd;
-pub mod allocator;
 mod backup_cmd;
 mod forget_cmd;
 mod inspect;
@@ -163,22 +162,7 @@ struct InitArgs {
     compression: i32,
 }
 
-/// This host's name.
-pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
-}
-
-/// The current user's name.
-pub fn current_username() -> String {
-    nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_default()
-}
+pub use crate::host::{current_username, hostname};
 
 impl GlobalArgs {
     fn location(&self) -> Result<String> {
@@ -487,10 +471,10 @@ pub fn main() -> i32 {
     // fetches are in flight and kept buffers would add up (measured: 12 S3 restore workers
     // peaked at 160 MiB with a 4 MiB trim threshold, 131 MiB with glibc's default).
     let remote = cli.global.repo.as_deref().is_some_and(S3Location::is_s3);
-    allocator::ensure_tuned(match cli.command {
-        Verb::Backup(_) | Verb::Init(_) | Verb::Key(_) => allocator::Profile::Write,
-        _ if remote => allocator::Profile::Write,
-        _ => allocator::Profile::Read,
+    crate::allocator::ensure_tuned(match cli.command {
+        Verb::Backup(_) | Verb::Init(_) | Verb::Key(_) => crate::allocator::Profile::Write,
+        _ if remote => crate::allocator::Profile::Write,
+        _ => crate::allocator::Profile::Read,
     });
     let is_agent = matches!(cli.command, Verb::Agent(_));
     let filter = tracing_subscriber::EnvFilter::try_from_env("BACKUPD_LOG").unwrap_or_else(|_| {

@@ -80,7 +80,7 @@ impl ConnSettings {
             .user
             .clone()
             .or_else(|| non_empty("PGUSER"))
-            .unwrap_or_else(crate::cli::current_username);
+            .unwrap_or_else(crate::host::current_username);
         let database = self
             .database
             .clone()
@@ -299,7 +299,7 @@ mod tests {
         assert_eq!(r.host, "db.example");
         assert_eq!(r.port, 7000);
         assert_eq!(r.database, "postgres");
-        assert_eq!(r.user, crate::cli::current_username());
+        assert_eq!(r.user, crate::host::current_username());
     }
 
     #[test]

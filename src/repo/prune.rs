@@ -70,7 +70,7 @@ impl Default for PruneOptions {
             grace: Duration::from_secs(24 * 3600),
             repack_unused: 0.5,
             dry_run: false,
-            host: crate::cli::hostname(),
+            host: crate::host::hostname(),
         }
     }
 }

@@ -170,9 +170,11 @@ pub struct InfluxDatabase {
     pub shards: Vec<InfluxShard>,
     /// Continuous queries: (name, statement).
     pub continuous_queries: Vec<(String, String)>,
-    /// Counts before the shards were read.
+    /// Counts (keyed `rp.measurement`) before the shards were read: the sum of each
+    /// shard's, taken before it was read (or, for a shard taken from the parent, the
+    /// parent's).
     pub counts_before: InfluxCounts,
-    /// Counts after (equal on a server that took no writes meanwhile).
+    /// The same after (equal on a server that took no writes meanwhile).
     pub counts_after: InfluxCounts,
 }
 
@@ -210,6 +212,11 @@ pub struct InfluxShard {
     pub tombstones: u64,
     /// Taken from the parent snapshot unread (nothing changed on the server since).
     pub unchanged: bool,
+    /// Per measurement, values per field in this shard before its files were read
+    /// (empty in snapshots before per-shard counts).
+    pub counts_before: InfluxCounts,
+    /// The same after.
+    pub counts_after: InfluxCounts,
 }
 
 /// What a PostgreSQL base backup snapshot records about its cluster. The snapshot's tree

@@ -251,6 +251,71 @@ pub struct WalkOptions {
     pub exclude_if_present: Vec<OsString>,
 }
 
+/// Directory trees and files as a source.
+pub struct FilesSource {
+    /// Absolute paths.
+    pub paths: Vec<PathBuf>,
+    /// Exclude globs.
+    pub excludes: Vec<String>,
+    /// Walk options (`format2` and `parent_has_attributes` are set from the repository
+    /// and the parent).
+    pub options: WalkOptions,
+}
+
+fn sorted(mut p: Vec<String>) -> Vec<String> {
+    p.sort();
+    p
+}
+
+impl super::Source for FilesSource {
+    fn kind(&self) -> &'static str {
+        "files"
+    }
+
+    fn paths(&self) -> Vec<String> {
+        self.paths.iter().map(|p| p.display().to_string()).collect()
+    }
+
+    fn is_parent(&self, host: &str, s: &crate::repo::Snapshot) -> bool {
+        s.host == host && s.source == "files" && sorted(s.paths.clone()) == sorted(self.paths())
+    }
+
+    fn read(
+        &self,
+        ctx: &super::ReadContext<'_>,
+    ) -> Result<super::SourceOutput, super::SourceError> {
+        let job = FilesJob {
+            repo: ctx.repo,
+            index: ctx.index.clone(),
+            paths: self.paths.clone(),
+            excludes: Excludes::new(&self.excludes)?,
+            parent_tree: ctx.parent.map(|s| s.tree),
+            readers: ctx.readers,
+            cancel: ctx.cancel.clone(),
+            stats: ctx.stats.clone(),
+            // Files sources trust (size, mtime, ctime, inode) as restic does.
+            parent_time_ns: None,
+            layout: Layout::Absolute,
+            policy: None,
+            options: WalkOptions {
+                format2: ctx.repo.config().is_v2(),
+                parent_has_attributes: ctx.parent.is_some_and(|s| s.format >= 2),
+                ..self.options.clone()
+            },
+        };
+        let out = backup_files(job, ctx.saver.clone())?;
+        Ok(super::SourceOutput {
+            tree: out.tree,
+            unreadable: out.unreadable,
+            skipped_special: out.skipped_special,
+            changed: out.changed,
+            not_kept: out.not_kept,
+            features: out.features,
+            ..super::SourceOutput::default()
+        })
+    }
+}
+
 /// The signature a `CACHEDIR.TAG` starts with (bford.info/cachedir).
 const CACHEDIR_SIGNATURE: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55";
 

@@ -58,6 +58,57 @@ pub enum StreamSource {
     Command(Vec<String>),
 }
 
+/// One stream (stdin or a command's output) as a source: one file, `name`.
+pub struct StreamBackup {
+    /// Where the bytes come from.
+    pub source: StreamSource,
+    /// The file's name in the snapshot.
+    pub name: String,
+}
+
+impl super::Source for StreamBackup {
+    fn kind(&self) -> &'static str {
+        match self.source {
+            StreamSource::Stdin => "stdin",
+            StreamSource::Command(_) => "command",
+        }
+    }
+
+    fn paths(&self) -> Vec<String> {
+        vec![format!("/{}", self.name)]
+    }
+
+    fn command(&self) -> Option<Vec<String>> {
+        match &self.source {
+            StreamSource::Command(c) => Some(c.clone()),
+            StreamSource::Stdin => None,
+        }
+    }
+
+    /// A stream has no parent: nothing of it can be taken without reading it.
+    fn is_parent(&self, _host: &str, _s: &crate::repo::Snapshot) -> bool {
+        false
+    }
+
+    fn read(
+        &self,
+        ctx: &super::ReadContext<'_>,
+    ) -> Result<super::SourceOutput, super::SourceError> {
+        use std::sync::atomic::Ordering;
+        ctx.stats.files_new.fetch_add(1, Ordering::Relaxed);
+        let (tree, size) = backup_stream(
+            ctx.repo,
+            ctx.saver,
+            &self.source,
+            &self.name,
+            ctx.cancel,
+            &ctx.stats.bytes_read,
+        )?;
+        ctx.stats.bytes_total.fetch_add(size, Ordering::Relaxed);
+        Ok(super::SourceOutput::tree_only(tree))
+    }
+}
+
 /// Saves one stream as file `name`; returns the root tree and the byte count.
 ///
 /// # Errors
@@ -88,7 +139,7 @@ pub fn backup_stream(
                 // stopped, so a blocked read of its output ends.
                 .process_group(0)
                 // Our allocator setting is for us, not for the command.
-                .env_remove(crate::cli::allocator::MMAP_THRESHOLD_VAR)
+                .env_remove(crate::allocator::MMAP_THRESHOLD_VAR)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped());
             // Nor are our secrets: a command that needs a database password gets it from

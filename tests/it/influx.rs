@@ -263,6 +263,25 @@ fn an_incremental_backup_reads_only_changed_shards_and_restores_alone() {
         .filter(|s| s["unchanged"] == true)
         .count();
     assert!(unchanged >= 3, "{last}");
+    // Shards taken from the parent keep its counts; the database's are their sums.
+    let db = &last["influxdb"]["databases"][0];
+    let on_server =
+        a.query("d", "SELECT count(value) FROM cpu")["series"][0]["values"][0][1].clone();
+    assert!(on_server.as_u64().unwrap() > 80_000, "{on_server}");
+    assert_eq!(
+        db["counts_before"]["autogen.cpu"]["value"], on_server,
+        "{db}"
+    );
+    assert_eq!(
+        db["counts_after"]["autogen.cpu"]["count"], on_server,
+        "{db}"
+    );
+    for shard in db["shards"].as_array().unwrap() {
+        assert!(
+            shard["counts_before"]["cpu"]["value"].as_u64().unwrap() > 0,
+            "{shard}"
+        );
+    }
     // The parents forgotten and pruned: the last snapshot restores on its own.
     let id = last["id"].as_str().unwrap().to_string();
     for s in &snaps[..snaps.len() - 1] {

@@ -368,6 +368,42 @@ impl HttpApi {
         Ok(out)
     }
 
+    /// Per measurement of retention policy `rp` of `db`, its values per field with times
+    /// in `[start_ns, end_ns)` (one shard group's range): one query, over that shard only.
+    ///
+    /// # Errors
+    /// As [`HttpApi::query`].
+    pub fn counts_in(
+        &self,
+        db: &str,
+        rp: &str,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Counts, HttpError> {
+        let q = format!(
+            "SELECT count(*) FROM {}./.*/ WHERE time >= {start_ns} AND time < {end_ns}",
+            quote_ident(rp)
+        );
+        let mut out = Counts::new();
+        for s in self.query(Some(db), &q)? {
+            let mut fields = BTreeMap::new();
+            for row in &s.values {
+                for (c, v) in s.columns.iter().zip(row) {
+                    if let (Some(field), Some(n)) = (c.strip_prefix("count_"), v.as_u64()) {
+                        *fields.entry(field.to_string()).or_insert(0) += n;
+                    }
+                }
+            }
+            if !fields.is_empty() {
+                let e: &mut BTreeMap<String, u64> = out.entry(s.name.clone()).or_default();
+                for (f, n) in fields {
+                    *e.entry(f).or_insert(0) += n;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The tag keys of measurement `m` of `db`.
     ///
     /// # Errors

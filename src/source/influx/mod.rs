@@ -10,8 +10,9 @@
 //! snapshot must not hold a file the server no longer has. Every snapshot is therefore a
 //! full restore point on its own.
 //!
-//! Counts per measurement and field are taken over HTTP before and after the shards are
-//! read: a restore's counts must lie between them.
+//! Counts per measurement and field are taken over HTTP for each shard read, before and
+//! after it is read (a shard taken from the parent keeps the parent's): a restore's
+//! counts must lie between their sums.
 
 pub mod http;
 pub mod meta;
@@ -43,6 +44,10 @@ pub const METASTORE_FILE: &str = "metastore";
 pub const NODE_FILE: &str = "node.json";
 /// The database InfluxDB keeps its own statistics in: never backed up unless named.
 pub const INTERNAL_DB: &str = "_internal";
+/// InfluxDB's smallest and largest time (`influxql.MinTime`, `MaxTime`): the range of a
+/// shard the metastore does not describe.
+const INFLUX_MIN_TIME: i64 = -9_223_372_036_854_775_806;
+const INFLUX_MAX_TIME: i64 = 9_223_372_036_854_775_806;
 /// Attempts at a shard the server refuses or cuts short: it refuses while a delete or a
 /// compaction has its snapshots disabled, and `influxd backup` retries too.
 const SHARD_ATTEMPTS: u32 = 5;
@@ -124,14 +129,45 @@ pub struct InfluxJob<'a> {
     pub stats: Arc<FilesStats>,
 }
 
-/// Whether `s` is an earlier backup of the same server and databases.
-pub fn is_parent(s: &Snapshot, host: &str, source: &InfluxSource) -> bool {
-    s.host == host
-        && s.source == "influxdb"
-        && s.influxdb
-            .as_ref()
-            .is_some_and(|m| m.rpc == source.rpc.addr())
-        && s.paths == snapshot_paths(source)
+impl super::Source for InfluxSource {
+    fn kind(&self) -> &'static str {
+        "influxdb"
+    }
+
+    fn paths(&self) -> Vec<String> {
+        snapshot_paths(self)
+    }
+
+    /// An earlier backup of the same server and databases.
+    fn is_parent(&self, host: &str, s: &Snapshot) -> bool {
+        s.host == host
+            && s.source == "influxdb"
+            && s.influxdb
+                .as_ref()
+                .is_some_and(|m| m.rpc == self.rpc.addr())
+            && s.paths == snapshot_paths(self)
+    }
+
+    fn read(
+        &self,
+        ctx: &super::ReadContext<'_>,
+    ) -> Result<super::SourceOutput, super::SourceError> {
+        let (tree, meta) = backup_influx(
+            InfluxJob {
+                repo: ctx.repo,
+                index: ctx.index.clone(),
+                source: self,
+                parent: ctx.parent,
+                cancel: ctx.cancel.clone(),
+                stats: ctx.stats.clone(),
+            },
+            ctx.saver,
+        )?;
+        Ok(super::SourceOutput {
+            influxdb: Some(meta),
+            ..super::SourceOutput::tree_only(tree)
+        })
+    }
 }
 
 /// The snapshot's `paths`: the server and the databases asked for.
@@ -296,12 +332,6 @@ pub fn backup_influx(
     let mut databases = vec![];
     for name in &names {
         let info = data.database(name).expect("checked above");
-        let rps: Vec<String> = info
-            .retention_policies
-            .iter()
-            .map(|r| r.name.clone())
-            .collect();
-        let counts_before = src.http.counts(name, &rps)?;
         let on_server: Vec<(String, String, u64)> = src
             .rpc
             .shard_paths(name)?
@@ -319,7 +349,9 @@ pub fn backup_influx(
             let (start_ns, end_ns) = info
                 .shards()
                 .find(|(_, _, sid)| *sid == id)
-                .map_or((0, 0), |(_, g, _)| (g.start_time, g.end_time));
+                .map_or((INFLUX_MIN_TIME, INFLUX_MAX_TIME), |(_, g, _)| {
+                    (g.start_time, g.end_time)
+                });
             let dir_path = [db.as_str(), rp.as_str(), &id.to_string()];
             let reused = match (&since, parent_tree, parent_meta) {
                 (Some(since), Some(ptree), Some(pm)) => {
@@ -339,7 +371,14 @@ pub fn backup_influx(
             };
             let shard_dir = root.dir(&db).dir(&rp);
             let shard = match reused {
-                Some((before, node)) => {
+                Some((mut before, node)) => {
+                    if before.counts_before.is_empty() && before.counts_after.is_empty() {
+                        // A parent from before per-shard counts: counted now, once (the
+                        // shard has not changed since).
+                        let now = src.http.counts_in(&db, &rp, start_ns, end_ns)?;
+                        before.counts_before = now.clone();
+                        before.counts_after = now;
+                    }
                     job.stats
                         .files_unchanged
                         .fetch_add(before.files, Ordering::Relaxed);
@@ -355,9 +394,13 @@ pub fn backup_influx(
                     }
                 }
                 None => {
+                    // Counted before and after its files are read: on a server taking
+                    // writes, what the shard's files hold lies between the two.
+                    let counts_before = src.http.counts_in(&db, &rp, start_ns, end_ns)?;
                     let (dir, files, bytes, tombstones) = retrying(&src.rpc, id, || {
                         read_shard(src, &db, &rp, id, saver, &cutter, &job)
                     })?;
+                    let counts_after = src.http.counts_in(&db, &rp, start_ns, end_ns)?;
                     job.stats.files_new.fetch_add(files, Ordering::Relaxed);
                     job.stats.bytes_total.fetch_add(bytes, Ordering::Relaxed);
                     job.stats.dirs.fetch_add(1, Ordering::Relaxed);
@@ -375,12 +418,29 @@ pub fn backup_influx(
                         bytes,
                         tombstones,
                         unchanged: false,
+                        counts_before,
+                        counts_after,
                     }
                 }
             };
             shards.push(shard);
         }
-        let counts_after = src.http.counts(name, &rps)?;
+        let sum = |pick: fn(&InfluxShard) -> &crate::repo::InfluxCounts| {
+            let mut total = crate::repo::InfluxCounts::new();
+            for s in &shards {
+                for (m, fields) in pick(s) {
+                    let e = total
+                        .entry(format!("{}.{m}", s.retention_policy))
+                        .or_default();
+                    for (f, n) in fields {
+                        *e.entry(f.clone()).or_insert(0) += n;
+                    }
+                }
+            }
+            total
+        };
+        let counts_before = sum(|s| &s.counts_before);
+        let counts_after = sum(|s| &s.counts_after);
         databases.push(InfluxDatabase {
             name: name.clone(),
             default_retention_policy: info.default_retention_policy.clone(),
