@@ -248,6 +248,7 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
             options: WalkOptions {
                 format2: false,
                 parent_has_attributes: false,
+                parent_same_user: false,
                 exclude_nodump: a.exclude_nodump,
                 one_file_system: a.one_file_system,
                 exclude_caches: a.exclude_caches,

@@ -468,6 +468,7 @@ impl Validator<'_> {
                 let options = crate::source::files::WalkOptions {
                     format2: false,
                     parent_has_attributes: false,
+                    parent_same_user: false,
                     one_file_system: s.boolean(p, "one_file_system").unwrap_or(false),
                     exclude_caches: s.boolean(p, "exclude_caches").unwrap_or(false),
                     exclude_nodump: s.boolean(p, "exclude_nodump").unwrap_or(false),

@@ -240,6 +240,10 @@ pub struct WalkOptions {
     /// The parent snapshot recorded attributes (format 2): an unchanged file's may be
     /// taken from it. Not so after an upgrade from format 1, when they are read again.
     pub parent_has_attributes: bool,
+    /// The parent was taken by this user, so it could read the same attributes: an
+    /// unchanged file's are taken from it. Otherwise (taken as another user, who may have
+    /// seen fewer) they are listed again.
+    pub parent_same_user: bool,
     /// Leave out files and directories marked nodump (`chattr +d`).
     pub exclude_nodump: bool,
     /// Stay on the file systems of the source paths: a directory on another one (a mount
@@ -300,6 +304,9 @@ impl super::Source for FilesSource {
             options: WalkOptions {
                 format2: ctx.repo.config().is_v2(),
                 parent_has_attributes: ctx.parent.is_some_and(|s| s.format >= 2),
+                parent_same_user: ctx
+                    .parent
+                    .is_some_and(|s| s.username == crate::host::current_username()),
                 ..self.options.clone()
             },
         };
@@ -1083,15 +1090,19 @@ impl Walker<'_> {
             && (st.st_blocks as u64) * 512 < st.st_size as u64;
         if let Some(p) = parent.filter(|p| !may_gain_holes && self.unchanged(p, &node)) {
             // Unchanged (size, times, inode; a new xattr or flag changes the ctime): its
-            // content comes from the parent, its flags too when the parent has them. The
-            // xattrs are read again: the parent's reader may have seen fewer of them (run
-            // without privilege, or failing).
+            // content comes from the parent, its flags and xattrs too when the parent has
+            // them and was taken by this user. A parent taken as another user may have
+            // seen fewer xattrs (trusted.* needs root): then they are listed again.
             node.content = p.content.clone();
             node.content_lists = p.content_lists.clone();
             node.extents = p.extents.clone();
             if self.options.format2 && self.options.parent_has_attributes {
                 node.flags = p.flags;
-                self.entry_xattrs(dir, name, &mut node);
+                if self.options.parent_same_user {
+                    node.xattrs = p.xattrs.clone();
+                } else {
+                    self.entry_xattrs(dir, name, &mut node);
+                }
             } else {
                 // A format-1 parent holds neither: read now (and in a format-1 repository
                 // counted as not kept, every time).

@@ -88,6 +88,8 @@ impl Source for PgSource {
                 options: WalkOptions {
                     format2: ctx.repo.config().is_v2(),
                     parent_has_attributes: parent.is_some_and(|s| s.format >= 2),
+                    parent_same_user: parent
+                        .is_some_and(|s| s.username == crate::host::current_username()),
                     ..WalkOptions::default()
                 },
             };

@@ -48,7 +48,11 @@ fn populate(s: &InfluxServer) -> usize {
         "CREATE RETENTION POLICY long ON metrics DURATION 0s REPLICATION 1 SHARD DURATION 2w",
     );
     let mut n = 0;
-    for (m, count, seed) in [("cpu", 60_000, 1), ("mem", 50_000, 2), ("disk", 40_000, 3)] {
+    for (m, count, seed) in [
+        ("cpu", 120_000, 1),
+        ("mem", 100_000, 2),
+        ("disk", 60_000, 3),
+    ] {
         s.write("metrics", None, &points(m, count, START_S, 4 * WEEK, seed));
         n += count;
     }
@@ -71,7 +75,7 @@ fn databases_restore_exactly_into_another_server_renamed_and_an_existing_one_is_
     let repo = Repo::new();
     let a = InfluxServer::start();
     let total = populate(&a);
-    assert!(total >= 170_000);
+    assert!(total >= 300_000);
     let s = backup(&repo, &a, &[]);
     assert!(s["bytes_read"].as_u64().unwrap() > 1 << 20, "{s}");
     let snaps = repo.snapshots();
@@ -90,7 +94,7 @@ fn databases_restore_exactly_into_another_server_renamed_and_an_existing_one_is_
         metrics["shards"].as_array().unwrap().len() >= 5,
         "{metrics}"
     );
-    assert_eq!(metrics["counts_before"]["autogen.cpu"]["value"], 60_000);
+    assert_eq!(metrics["counts_before"]["autogen.cpu"]["value"], 120_000);
     assert_eq!(metrics["counts_before"]["long.cpu_daily"]["ok"], 20_000);
     assert_eq!(metrics["continuous_queries"][0][0], "cq_cpu");
 
