@@ -24,7 +24,13 @@ use crate::repo::{
 use crate::source::influx::http::{quote_ident, quote_str, HttpApi, HttpError};
 use crate::source::influx::meta::Data;
 use crate::source::influx::rpc::{Rpc, RpcError};
-use crate::source::influx::{tombstone, METASTORE_FILE};
+use crate::source::influx::{tombstone, DATABASES_DIR, METASTORE_FILE};
+
+/// How many shards the metastore gives database `db`: a database without any is created
+/// with none, and the server's answer then holds no pairs.
+fn known_shards(data: &Data, db: &str) -> usize {
+    data.database(db).map_or(0, |d| d.all_shards().count())
+}
 
 /// Why an InfluxDB restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +169,8 @@ struct ShardFiles {
     old_id: u64,
     start_ns: i64,
     end_ns: i64,
+    counts_before: InfluxCounts,
+    counts_after: InfluxCounts,
     /// (generation, sequence, tsm node, its tombstone node if any).
     files: Vec<(u64, u64, Node, Option<Node>)>,
 }
@@ -223,8 +231,25 @@ pub fn restore_influx(
         }
     }
     let target = |d: &str| req.rename.get(d).cloned().unwrap_or_else(|| d.to_string());
-    // Everything is checked before anything is created.
-    let existing = req.http.databases()?;
+    // Everything is checked before anything is created: the names in the server's whole
+    // metastore (SHOW DATABASES lists only what the user may see), and each target once.
+    let mut targets: Vec<String> = chosen.iter().map(|d| target(&d.name)).collect();
+    targets.sort();
+    if let Some(w) = targets.windows(2).find(|w| w[0] == w[1]) {
+        return Err(InfluxRestoreError::Rename(
+            w[0].clone(),
+            "two databases would be restored under this name".into(),
+        ));
+    }
+    let existing: Vec<String> = Data::parse(&req.rpc.metastore()?.data)
+        .map_err(|why| InfluxRestoreError::Incomplete {
+            snapshot: format!("the target server's metastore ({})", req.rpc.addr()),
+            why,
+        })?
+        .databases
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
     let clash: Vec<String> = chosen
         .iter()
         .map(|d| target(&d.name))
@@ -250,6 +275,16 @@ pub fn restore_influx(
             Plan::Missing(why) => incomplete(why),
         })?;
         check_tombstone_overlaps(d, &shards)?;
+        let known: Vec<u64> = data
+            .database(&d.name)
+            .map(|x| x.all_shards().map(|(_, _, id)| id).collect())
+            .unwrap_or_default();
+        if let Some(s) = shards.iter().find(|s| !known.contains(&s.old_id)) {
+            return Err(incomplete(format!(
+                "shard {} of {}.{} is not in its metastore",
+                s.old_id, d.name, s.rp
+            )));
+        }
         let cut = data
             .only_database(&d.name)
             .ok_or_else(|| incomplete(format!("database {} is not in its metastore", d.name)))?;
@@ -295,7 +330,7 @@ pub fn restore_influx(
         }
         let pairs: BTreeMap<u64, u64> = req
             .rpc
-            .metastore_update(&cut, &d.name, &to)?
+            .metastore_update(&cut, &d.name, &to, known_shards(&data, &d.name))?
             .into_iter()
             .collect();
         // Shards with tombstones first, so deletes replayed meet no file of another shard
@@ -311,10 +346,27 @@ pub fn restore_influx(
             })?;
             done.deletes_replayed +=
                 upload_shard(repo, index, &req.rpc, &req.http, &to, s, new_id)?;
+            // Each shard checked as soon as it is in: a failed install is named at once
+            // (the server closes an upload the same way whether it succeeded or not).
+            if !(s.counts_before.is_empty() && s.counts_after.is_empty()) {
+                let now = req.http.counts_in(&to, &s.rp, s.start_ns, s.end_ns)?;
+                if let Some(diff) = counts_outside(&s.counts_before, &s.counts_after, &now) {
+                    return Err(InfluxRestoreError::Counts {
+                        db: to,
+                        diff: format!("shard {} ({}): {diff}", s.old_id, s.rp),
+                    });
+                }
+            }
         }
-        let now = req.http.counts(&to, &done.retention_policies)?;
-        if let Some(diff) = counts_outside(&d.counts_before, &d.counts_after, &now) {
-            return Err(InfluxRestoreError::Counts { db: to, diff });
+        // Snapshots from before per-shard counts: the database's, once.
+        if shards
+            .iter()
+            .any(|s| s.counts_before.is_empty() && s.counts_after.is_empty())
+        {
+            let now = req.http.counts(&to, &done.retention_policies)?;
+            if let Some(diff) = counts_outside(&d.counts_before, &d.counts_after, &now) {
+                return Err(InfluxRestoreError::Counts { db: to, diff });
+            }
         }
         // After the counts: a continuous query may write as soon as it exists.
         for (name, q) in &d.continuous_queries {
@@ -371,7 +423,8 @@ fn shard_files(
     if d.shards.is_empty() {
         return Ok(out);
     }
-    let db = subdir(repo, index, root, &d.name)?;
+    let dbs = subdir(repo, index, root, DATABASES_DIR)?;
+    let db = subdir(repo, index, &dbs, &d.name)?;
     let mut rps: BTreeMap<&str, Vec<Node>> = BTreeMap::new();
     for s in &d.shards {
         if !rps.contains_key(s.retention_policy.as_str()) {
@@ -404,6 +457,8 @@ fn shard_files(
             old_id: s.id,
             start_ns: s.start_ns,
             end_ns: s.end_ns,
+            counts_before: s.counts_before.clone(),
+            counts_after: s.counts_after.clone(),
             files: tsm
                 .into_iter()
                 .map(|(g, q, n)| {
@@ -424,7 +479,8 @@ fn check_tombstone_overlaps(
         .iter()
         .filter(|s| s.files.iter().any(|f| f.3.is_some()))
     {
-        for o in shards.iter().filter(|o| o.rp != s.rp) {
+        // Shard groups of one policy may overlap too (after its shard duration changed).
+        for o in shards.iter().filter(|o| o.old_id != s.old_id) {
             if o.start_ns < s.end_ns && s.start_ns < o.end_ns {
                 return Err(InfluxRestoreError::TombstoneOverlap {
                     db: d.name.clone(),
@@ -446,6 +502,7 @@ struct BlobReader<'a> {
     ids: std::vec::IntoIter<BlobId>,
     buf: Vec<u8>,
     pos: usize,
+    read: u64,
 }
 
 impl Read for BlobReader<'_> {
@@ -465,6 +522,7 @@ impl Read for BlobReader<'_> {
         let n = out.len().min(self.buf.len() - self.pos);
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
+        self.read += n as u64;
         Ok(n)
     }
 }
@@ -482,6 +540,10 @@ fn upload_shard(
 ) -> Result<u64, InfluxRestoreError> {
     let mut replayed = 0;
     let mut batch: Vec<&Node> = vec![];
+    // Files get fresh names in write order (generation 1, 2, ... sequence 1): the server
+    // installs an upload under its names, and a compaction of an earlier batch may have
+    // made a file of the same name as a later one (its outputs have sequence 2 and up).
+    let mut generation = 0u64;
     let upload_err = |source| InfluxRestoreError::Upload {
         shard: new_id,
         source,
@@ -500,16 +562,24 @@ fn upload_shard(
             h.set_mode(0o644);
             h.set_mtime(u64::try_from(n.mtime_ns / 1_000_000_000).unwrap_or(0));
             h.set_entry_type(tar::EntryType::Regular);
-            let path = format!("{db}/{}/{new_id}/{}", s.rp, n.name);
-            let r = BlobReader {
+            generation += 1;
+            let path = format!("{db}/{}/{new_id}/{generation:09}-{:09}.tsm", s.rp, 1);
+            let mut r = BlobReader {
                 repo,
                 index,
                 ids: repo.file_content(index, n)?.into_iter(),
                 buf: vec![],
                 pos: 0,
+                read: 0,
             };
-            b.append_data(&mut h, &path, r.take(n.size))
+            b.append_data(&mut h, &path, (&mut r).take(n.size))
                 .map_err(upload_err)?;
+            if r.read != n.size {
+                return Err(InfluxRestoreError::Incomplete {
+                    snapshot: format!("file {}", n.name),
+                    why: format!("its content is {} bytes, its size {}", r.read, n.size),
+                });
+            }
         }
         b.finish().map_err(upload_err)?;
         b.into_inner().map_err(upload_err)?.finish()?;

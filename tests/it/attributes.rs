@@ -940,7 +940,9 @@ fn an_unprivileged_user_backs_up_and_restores_what_it_may_and_is_told_what_not()
     // The same tree backed up as root, nobody's snapshot its parent: the unchanged files'
     // attributes are read again (nobody could not read trusted.*), not taken from it.
     let as_root = |args: &[&OsStr]| run_under(&["env"], &env, &home, args);
-    let s = as_root(&[os("backup"), os("--json"), src.as_os_str()]).ok().json();
+    let s = as_root(&[os("backup"), os("--json"), src.as_os_str()])
+        .ok()
+        .json();
     assert!(s["files_unchanged"].as_u64().unwrap() > 5, "{s}");
     let plain = src.join("xdir/plain");
     let ls = as_root(&[os("ls"), os("--json"), os("latest"), plain.as_os_str()]).ok();

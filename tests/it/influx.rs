@@ -43,6 +43,8 @@ fn restore(repo: &Repo, snap: &str, s: &InfluxServer, extra: &[&str]) -> Output 
 fn populate(s: &InfluxServer) -> usize {
     s.exec(None, "CREATE DATABASE metrics");
     s.exec(None, "CREATE DATABASE events");
+    // Empty, and named like a file of the snapshot's tree.
+    s.exec(None, "CREATE DATABASE metastore");
     s.exec(
         None,
         "CREATE RETENTION POLICY long ON metrics DURATION 0s REPLICATION 1 SHARD DURATION 2w",
@@ -88,8 +90,9 @@ fn databases_restore_exactly_into_another_server_renamed_and_an_existing_one_is_
         .iter()
         .map(|d| d["name"].as_str().unwrap())
         .collect();
-    assert_eq!(dbs, ["events", "metrics"]);
-    let metrics = &meta["databases"][1];
+    assert_eq!(dbs, ["events", "metastore", "metrics"]);
+    let metrics = &meta["databases"][2];
+    assert_eq!(metrics["name"], "metrics");
     assert!(
         metrics["shards"].as_array().unwrap().len() >= 5,
         "{metrics}"
@@ -115,7 +118,10 @@ fn databases_restore_exactly_into_another_server_renamed_and_an_existing_one_is_
     assert!(ls.contains(".tsm"), "{ls}");
     let list = repo.ok(&["snapshots"]).stdout();
     assert!(
-        list.contains(&format!("influxdb://{} (events, metrics)", a.rpc_addr())),
+        list.contains(&format!(
+            "influxdb://{} (events, metastore, metrics)",
+            a.rpc_addr()
+        )),
         "{list}"
     );
 
@@ -128,6 +134,11 @@ fn databases_restore_exactly_into_another_server_renamed_and_an_existing_one_is_
         out.describe()
     );
     assert_eq!(b.databases(), Vec::<String>::new());
+    // Two databases under one name: refused before anything is created.
+    restore(&repo, "latest", &b, &["--rename", "metrics=events"])
+        .expect(1)
+        .stderr_has("two databases would be restored under this name");
+    assert_eq!(b.databases(), Vec::<String>::new());
 
     let out = restore(&repo, "latest", &b, &["--rename", "metrics=metrics2"]).ok();
     assert!(
@@ -137,7 +148,7 @@ fn databases_restore_exactly_into_another_server_renamed_and_an_existing_one_is_
     );
     let mut on_b = b.databases();
     on_b.sort();
-    assert_eq!(on_b, ["events", "metrics2"]);
+    assert_eq!(on_b, ["events", "metastore", "metrics2"]);
     for (rp, m) in [
         ("autogen", "cpu"),
         ("autogen", "mem"),
@@ -158,7 +169,7 @@ fn databases_restore_exactly_into_another_server_renamed_and_an_existing_one_is_
     let before = b.rows("events", "autogen", "deploy");
     let out = restore(&repo, "latest", &b, &["--rename", "metrics=metrics2"])
         .expect(1)
-        .stderr_has("events, metrics2 already exist");
+        .stderr_has("events, metastore, metrics2 already exist");
     drop(out);
     assert_eq!(b.rows("events", "autogen", "deploy"), before);
     // One database only, under a third name.

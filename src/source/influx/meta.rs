@@ -190,6 +190,15 @@ impl Data {
 }
 
 impl DatabaseInfo {
+    /// Every shard, of deleted groups too: (retention policy, shard group, shard id).
+    pub fn all_shards(&self) -> impl Iterator<Item = (&RetentionPolicyInfo, &ShardGroupInfo, u64)> {
+        self.retention_policies.iter().flat_map(|rp| {
+            rp.shard_groups
+                .iter()
+                .flat_map(move |g| g.shards.iter().map(move |s| (rp, g, s.id)))
+        })
+    }
+
     /// Every live shard: (retention policy, shard group, shard id).
     pub fn shards(&self) -> impl Iterator<Item = (&RetentionPolicyInfo, &ShardGroupInfo, u64)> {
         self.retention_policies.iter().flat_map(|rp| {

@@ -1,8 +1,8 @@
 //! InfluxDB 1.x as a source: the metastore and every shard's files, read with the server's
 //! own backup protocol ([`rpc`]) and streamed into the pipeline as they arrive — no
 //! staging directory. Each TSM and tombstone file is a file of the snapshot's tree, under
-//! `<db>/<rp>/<shard id>/`, beside the metastore as the server gave it (`metastore`) and
-//! its node description (`node.json`).
+//! `databases/<db>/<rp>/<shard id>/`, beside the metastore as the server gave it
+//! (`metastore`, read after the shard lists) and its node description (`node.json`).
 //!
 //! A later backup asks each shard for the files changed since the parent's start (on the
 //! server's clock). None: the shard is taken from the parent unread. Any: the shard is read
@@ -42,12 +42,11 @@ use crate::repo::{
 pub const METASTORE_FILE: &str = "metastore";
 /// The tree entry holding the node description.
 pub const NODE_FILE: &str = "node.json";
+/// The tree directory holding one directory per database (so no database name can clash
+/// with the files beside it).
+pub const DATABASES_DIR: &str = "databases";
 /// The database InfluxDB keeps its own statistics in: never backed up unless named.
 pub const INTERNAL_DB: &str = "_internal";
-/// InfluxDB's smallest and largest time (`influxql.MinTime`, `MaxTime`): the range of a
-/// shard the metastore does not describe.
-const INFLUX_MIN_TIME: i64 = -9_223_372_036_854_775_806;
-const INFLUX_MAX_TIME: i64 = 9_223_372_036_854_775_806;
 /// Attempts at a shard the server refuses or cuts short: it refuses while a delete or a
 /// compaction has its snapshots disabled, and `influxd backup` retries too.
 const SHARD_ATTEMPTS: u32 = 5;
@@ -274,11 +273,14 @@ pub fn backup_influx(
     let src = job.source;
     let addr = src.rpc.addr().to_string();
     let (server_time, server_version) = src.http.ping()?;
-    let store = src.rpc.metastore()?;
-    let data = meta::Data::parse(&store.data).map_err(|why| InfluxError::Meta {
-        addr: addr.clone(),
-        why,
-    })?;
+    let parse = |store: &rpc::Metastore| {
+        meta::Data::parse(&store.data).map_err(|why| InfluxError::Meta {
+            addr: addr.clone(),
+            why,
+        })
+    };
+    let first = src.rpc.metastore()?;
+    let data = parse(&first)?;
     let have: Vec<&str> = data.databases.iter().map(|d| d.name.as_str()).collect();
     let mut names: Vec<String> = if src.databases.is_empty() {
         have.iter()
@@ -303,6 +305,50 @@ pub fn backup_influx(
             });
         }
     }
+    // The shard lists, then the metastore again: a shard group created meanwhile (a group
+    // boundary passed, points written in the past) is then in the metastore the snapshot
+    // keeps, with its time range.
+    let mut listed: Vec<Vec<(String, String, u64)>> = vec![];
+    for name in &names {
+        listed.push(
+            src.rpc
+                .shard_paths(name)?
+                .iter()
+                .filter_map(|p| rpc::parse_shard_path(p))
+                .filter(|(db, _, _)| db == name)
+                .collect(),
+        );
+    }
+    let (store, data) = {
+        let mut attempt = 0;
+        loop {
+            let store = src.rpc.metastore()?;
+            let data = parse(&store)?;
+            let missing = names.iter().zip(&listed).find_map(|(name, shards)| {
+                let known: Vec<u64> = data
+                    .database(name)
+                    .map(|d| d.all_shards().map(|(_, _, id)| id).collect())
+                    .unwrap_or_default();
+                shards
+                    .iter()
+                    .find(|(_, _, id)| !known.contains(id))
+                    .map(|(_, _, id)| *id)
+            });
+            match missing {
+                None => break (store, data),
+                Some(id) if attempt >= 3 => {
+                    return Err(InfluxError::Meta {
+                        addr: addr.clone(),
+                        why: format!("shard {id} is on the server but not in its metastore"),
+                    })
+                }
+                Some(_) => {
+                    attempt += 1;
+                    std::thread::sleep(SHARD_RETRY_PAUSE);
+                }
+            }
+        }
+    };
     let cutter = Cutter::new(job.repo.config().chunker, job.repo.keys().gear_table());
     let mut root = DirBuild::default();
     let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
@@ -330,29 +376,26 @@ pub fn backup_influx(
         (t - chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     });
     let mut databases = vec![];
-    for name in &names {
-        let info = data.database(name).expect("checked above");
-        let on_server: Vec<(String, String, u64)> = src
-            .rpc
-            .shard_paths(name)?
-            .iter()
-            .filter_map(|p| rpc::parse_shard_path(p))
-            .collect();
+    for (name, on_server) in names.iter().zip(listed) {
+        let info = data.database(name).ok_or_else(|| InfluxError::NoDatabase {
+            db: name.clone(),
+            addr: addr.clone(),
+            have: "(it was dropped during the backup)".into(),
+        })?;
         let mut shards = vec![];
         for (db, rp, id) in on_server {
-            if db != *name {
-                continue;
-            }
             if job.cancel.is_cancelled() {
                 return Err(InfluxError::Interrupted);
             }
-            let (start_ns, end_ns) = info
+            // A shard of a deleted group is on its way out: not backed up.
+            let Some((start_ns, end_ns)) = info
                 .shards()
                 .find(|(_, _, sid)| *sid == id)
-                .map_or((INFLUX_MIN_TIME, INFLUX_MAX_TIME), |(_, g, _)| {
-                    (g.start_time, g.end_time)
-                });
-            let dir_path = [db.as_str(), rp.as_str(), &id.to_string()];
+                .map(|(_, g, _)| (g.start_time, g.end_time))
+            else {
+                continue;
+            };
+            let dir_path = [DATABASES_DIR, db.as_str(), rp.as_str(), &id.to_string()];
             let reused = match (&since, parent_tree, parent_meta) {
                 (Some(since), Some(ptree), Some(pm)) => {
                     let before = pm.databases.iter().find(|d| d.name == db).and_then(|d| {
@@ -369,7 +412,7 @@ pub fn backup_influx(
                 }
                 _ => None,
             };
-            let shard_dir = root.dir(&db).dir(&rp);
+            let shard_dir = root.dir(DATABASES_DIR).dir(&db).dir(&rp);
             let shard = match reused {
                 Some((mut before, node)) => {
                     if before.counts_before.is_empty() && before.counts_after.is_empty() {

@@ -291,8 +291,9 @@ impl Rpc {
     }
 
     /// Creates database `restore` (with its retention policies and empty shards) from
-    /// database `backup` of `meta` (a `meta.Data` protobuf), and returns the pairs (shard
-    /// id in `meta`, new shard id). The server refuses a database that exists.
+    /// database `backup` of `meta` (a `meta.Data` protobuf) holding `shards` shards, and
+    /// returns the pairs (shard id in `meta`, new shard id). The server refuses a database
+    /// that exists by answering no pairs (as it answers for one without shards).
     ///
     /// # Errors
     /// Connection failures, or the server's refusal (no pairs).
@@ -301,6 +302,7 @@ impl Rpc {
         meta: &[u8],
         backup: &str,
         restore: &str,
+        shards: usize,
     ) -> Result<Vec<(u64, u64)>, RpcError> {
         let what = format!("creating database {restore:?}");
         let req = Request {
@@ -319,8 +321,17 @@ impl Rpc {
             return Err(self.protocol(&what, format!("magic {magic:#x}")));
         }
         let n = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
-        if n == 0 {
-            return Err(self.refused(&what));
+        if n == 0 && shards > 0 {
+            // 1.6 and 1.7 read the upload with one buffered read and one more `Read`: a
+            // large one arrives cut, and is refused.
+            return Err(if meta.len() > 64 << 10 {
+                RpcError::Refused {
+                    addr: self.addr.clone(),
+                    what: format!("{what} (a metastore upload of {} bytes; InfluxDB before 1.8 may read only part of one that large)", meta.len()),
+                }
+            } else {
+                self.refused(&what)
+            });
         }
         if n > 1 << 24 {
             return Err(self.protocol(&what, format!("{n} shard pairs")));
@@ -428,6 +439,8 @@ impl ShardUpload {
         };
         self.conn.flush().map_err(io)?;
         self.conn.shutdown(Shutdown::Write).map_err(io)?;
+        // Installing and reopening a large shard may take longer than any idle limit.
+        self.conn.set_read_timeout(None).map_err(io)?;
         // Nothing comes back; the close is the answer.
         let mut sink = [0u8; 64];
         loop {
