@@ -824,22 +824,7 @@ impl Validator<'_> {
             for mut c in list {
                 let query = c.required_string(p, "query", "the SQL query to run");
                 let database = c.string(p, "database", "a database name").map(|v| v.value);
-                let at_least = c.integer(p, "at_least", i64::MIN..=i64::MAX);
-                let equals = c.string(p, "equals", "the text the first value must equal");
-                let expect = match (at_least, equals) {
-                    (Some(_), Some(e)) => {
-                        p.add(
-                            e.span,
-                            &c.path_of("equals"),
-                            "either at_least or equals",
-                            "both",
-                        );
-                        None
-                    }
-                    (Some(n), None) => Some(SqlExpect::AtLeast(n)),
-                    (None, Some(e)) => Some(SqlExpect::Equals(e.value)),
-                    (None, None) => Some(SqlExpect::True),
-                };
+                let expect = check_expect(p, &mut c, true);
                 c.finish(p);
                 if let (Some(q), Some(expect)) = (query, expect) {
                     sql_checks.push(SqlCheck {
@@ -879,30 +864,7 @@ impl Validator<'_> {
             for mut c in list {
                 let query = c.required_string(p, "query", "the InfluxQL query to run");
                 let database = c.required_string(p, "database", "the database to run it in");
-                let at_least = c.integer(p, "at_least", i64::MIN..=i64::MAX);
-                let equals = c.string(p, "equals", "the text the first value must equal");
-                let expect = match (at_least, equals) {
-                    (Some(_), Some(e)) => {
-                        p.add(
-                            e.span,
-                            &c.path_of("equals"),
-                            "either at_least or equals",
-                            "both",
-                        );
-                        None
-                    }
-                    (Some(n), None) => Some(SqlExpect::AtLeast(n)),
-                    (None, Some(e)) => Some(SqlExpect::Equals(e.value)),
-                    (None, None) => {
-                        p.add(
-                            c.span(),
-                            &c.path_of("at_least"),
-                            "at_least or equals",
-                            "neither",
-                        );
-                        None
-                    }
-                };
+                let expect = check_expect(p, &mut c, false);
                 c.finish(p);
                 if let (Some(q), Some(d), Some(expect)) = (query, database, expect) {
                     influxql_checks.push(SqlCheck {
@@ -993,5 +955,36 @@ impl Validator<'_> {
             download_kib,
             s3_connections,
         })
+    }
+}
+
+/// What one check's value must be: `at_least` or `equals`, not both. With neither, a SQL
+/// check is a boolean query (`true_if_neither`); an InfluxQL check has no booleans, so
+/// that is a problem.
+fn check_expect(p: &mut Problems, c: &mut Section, true_if_neither: bool) -> Option<SqlExpect> {
+    let at_least = c.integer(p, "at_least", i64::MIN..=i64::MAX);
+    let equals = c.string(p, "equals", "the text the first value must equal");
+    match (at_least, equals) {
+        (Some(_), Some(e)) => {
+            p.add(
+                e.span,
+                &c.path_of("equals"),
+                "either at_least or equals",
+                "both",
+            );
+            None
+        }
+        (Some(n), None) => Some(SqlExpect::AtLeast(n)),
+        (None, Some(e)) => Some(SqlExpect::Equals(e.value)),
+        (None, None) if true_if_neither => Some(SqlExpect::True),
+        (None, None) => {
+            p.add(
+                c.span(),
+                &c.path_of("at_least"),
+                "at_least or equals",
+                "neither",
+            );
+            None
+        }
     }
 }

@@ -94,6 +94,16 @@ pub enum InfluxRestoreError {
         /// Why.
         why: String,
     },
+    /// A failure after the server created the database: it holds only part of the data.
+    #[error("{cause}; database {db} was created on the server and holds only part of the snapshot: drop it (DROP DATABASE) before restoring again{}", if done.is_empty() { String::new() } else { format!(" (restored completely before it: {done})") })]
+    Partial {
+        /// The database left incomplete.
+        db: String,
+        /// Databases this run restored completely.
+        done: String,
+        /// What failed (shown in the message, so not a `source`).
+        cause: Box<InfluxRestoreError>,
+    },
     /// The RPC port.
     #[error(transparent)]
     Rpc(#[from] RpcError),
@@ -333,40 +343,59 @@ pub fn restore_influx(
             .metastore_update(&cut, &d.name, &to, known_shards(&data, &d.name))?
             .into_iter()
             .collect();
-        // Shards with tombstones first, so deletes replayed meet no file of another shard
-        // restored after them.
-        let mut order: Vec<&ShardFiles> = shards.iter().collect();
-        order.sort_by_key(|s| (s.files.iter().all(|f| f.3.is_none()), s.old_id));
-        for s in order {
-            let new_id = *pairs.get(&s.old_id).ok_or_else(|| {
-                incomplete(format!(
-                    "the server created no shard for shard {} of {}.{}",
-                    s.old_id, d.name, s.rp
-                ))
-            })?;
-            done.deletes_replayed +=
-                upload_shard(repo, index, &req.rpc, &req.http, &to, s, new_id)?;
-            // Each shard checked as soon as it is in: a failed install is named at once
-            // (the server closes an upload the same way whether it succeeded or not).
-            if !(s.counts_before.is_empty() && s.counts_after.is_empty()) {
-                let now = req.http.counts_in(&to, &s.rp, s.start_ns, s.end_ns)?;
-                if let Some(diff) = counts_outside(&s.counts_before, &s.counts_after, &now) {
+        // From here on the database exists: a failure says so, and what to do.
+        let filled = (|| -> Result<(), InfluxRestoreError> {
+            // Shards with tombstones first, so deletes replayed meet no file of another shard
+            // restored after them.
+            let mut order: Vec<&ShardFiles> = shards.iter().collect();
+            order.sort_by_key(|s| (s.files.iter().all(|f| f.3.is_none()), s.old_id));
+            for s in order {
+                let new_id = *pairs.get(&s.old_id).ok_or_else(|| {
+                    incomplete(format!(
+                        "the server created no shard for shard {} of {}.{}",
+                        s.old_id, d.name, s.rp
+                    ))
+                })?;
+                done.deletes_replayed +=
+                    upload_shard(repo, index, &req.rpc, &req.http, &to, s, new_id)?;
+                // Each shard checked as soon as it is in: a failed install is named at once
+                // (the server closes an upload the same way whether it succeeded or not).
+                if !(s.counts_before.is_empty() && s.counts_after.is_empty()) {
+                    let now = req.http.counts_in(&to, &s.rp, s.start_ns, s.end_ns)?;
+                    if let Some(diff) = counts_outside(&s.counts_before, &s.counts_after, &now) {
+                        return Err(InfluxRestoreError::Counts {
+                            db: to.clone(),
+                            diff: format!("shard {} ({}): {diff}", s.old_id, s.rp),
+                        });
+                    }
+                }
+            }
+            // Snapshots from before per-shard counts: the database's, once.
+            if shards
+                .iter()
+                .any(|s| s.counts_before.is_empty() && s.counts_after.is_empty())
+            {
+                let now = req.http.counts(&to, &done.retention_policies)?;
+                if let Some(diff) = counts_outside(&d.counts_before, &d.counts_after, &now) {
                     return Err(InfluxRestoreError::Counts {
-                        db: to,
-                        diff: format!("shard {} ({}): {diff}", s.old_id, s.rp),
+                        db: to.clone(),
+                        diff,
                     });
                 }
             }
-        }
-        // Snapshots from before per-shard counts: the database's, once.
-        if shards
-            .iter()
-            .any(|s| s.counts_before.is_empty() && s.counts_after.is_empty())
-        {
-            let now = req.http.counts(&to, &done.retention_policies)?;
-            if let Some(diff) = counts_outside(&d.counts_before, &d.counts_after, &now) {
-                return Err(InfluxRestoreError::Counts { db: to, diff });
-            }
+            Ok(())
+        })();
+        if let Err(e) = filled {
+            return Err(InfluxRestoreError::Partial {
+                db: to,
+                done: report
+                    .databases
+                    .iter()
+                    .map(|d| d.to.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cause: Box::new(e),
+            });
         }
         // After the counts: a continuous query may write as soon as it exists.
         for (name, q) in &d.continuous_queries {

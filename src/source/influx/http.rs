@@ -352,13 +352,7 @@ impl HttpApi {
                 );
                 let mut fields = BTreeMap::new();
                 for s in self.query(Some(db), &q)? {
-                    for row in &s.values {
-                        for (c, v) in s.columns.iter().zip(row) {
-                            if let (Some(field), Some(n)) = (c.strip_prefix("count_"), v.as_u64()) {
-                                *fields.entry(field.to_string()).or_insert(0) += n;
-                            }
-                        }
-                    }
+                    add_counts(&s, &mut fields);
                 }
                 if !fields.is_empty() {
                     out.insert(format!("{rp}.{m}"), fields);
@@ -386,21 +380,9 @@ impl HttpApi {
         );
         let mut out = Counts::new();
         for s in self.query(Some(db), &q)? {
-            let mut fields = BTreeMap::new();
-            for row in &s.values {
-                for (c, v) in s.columns.iter().zip(row) {
-                    if let (Some(field), Some(n)) = (c.strip_prefix("count_"), v.as_u64()) {
-                        *fields.entry(field.to_string()).or_insert(0) += n;
-                    }
-                }
-            }
-            if !fields.is_empty() {
-                let e: &mut BTreeMap<String, u64> = out.entry(s.name.clone()).or_default();
-                for (f, n) in fields {
-                    *e.entry(f).or_insert(0) += n;
-                }
-            }
+            add_counts(&s, out.entry(s.name.clone()).or_default());
         }
+        out.retain(|_, fields| !fields.is_empty());
         Ok(out)
     }
 
@@ -416,6 +398,17 @@ impl HttpApi {
 
 /// Per measurement, values per field.
 pub type Counts = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// Adds the `count_<field>` columns of a `SELECT count(*)` result to `fields`.
+fn add_counts(s: &Series, fields: &mut BTreeMap<String, u64>) {
+    for row in &s.values {
+        for (c, v) in s.columns.iter().zip(row) {
+            if let (Some(field), Some(n)) = (c.strip_prefix("count_"), v.as_u64()) {
+                *fields.entry(field.to_string()).or_insert(0) += n;
+            }
+        }
+    }
+}
 
 fn first_column(series: &[Series]) -> Vec<String> {
     series
