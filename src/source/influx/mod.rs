@@ -12,7 +12,10 @@
 //!
 //! Counts per measurement and field are taken over HTTP for each shard read, before and
 //! after it is read (a shard taken from the parent keeps the parent's): a restore's
-//! counts must lie between their sums.
+//! counts must lie between their sums. When the shard has no file changed since the
+//! backup began (asked after its read; the question flushes the server's cache, so a
+//! point written meanwhile shows as a new file), nothing was written to it in between and
+//! the count before is the count after: a quiet server is counted once.
 
 pub mod http;
 pub mod meta;
@@ -20,7 +23,7 @@ pub mod rpc;
 pub mod throwaway;
 pub mod tombstone;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -375,7 +378,29 @@ pub fn backup_influx(
     let since = parent_meta.and_then(|m| m.server_time).map(|t| {
         (t - chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     });
-    let mut databases = vec![];
+    // Which shards the parent holds have no file changed since it began: asked of all of
+    // them at once, a few connections at a time (each question is a round trip in which
+    // the server flushes the shard's cache and lists its files).
+    let unchanged_since_parent: HashSet<u64> = match (&since, parent_meta) {
+        (Some(since), Some(pm)) => {
+            let candidates: Vec<u64> = listed
+                .iter()
+                .flatten()
+                .filter(|(db, rp, id)| parent_shard(pm, db, rp, *id).is_some())
+                .map(|(_, _, id)| *id)
+                .collect();
+            let answers = in_parallel(&candidates, |id| nothing_since(src, *id, since))?;
+            candidates
+                .into_iter()
+                .zip(answers)
+                .filter_map(|(id, unchanged)| unchanged.then_some(id))
+                .collect()
+        }
+        _ => HashSet::new(),
+    };
+    // The plan: per database, each shard with its time range, and the parent's copy where
+    // it is unchanged (a shard of a deleted group is on its way out: not backed up).
+    let mut plan: Vec<(&meta::DatabaseInfo, Vec<PlannedShard>)> = vec![];
     for (name, on_server) in names.iter().zip(listed) {
         let info = data.database(name).ok_or_else(|| InfluxError::NoDatabase {
             db: name.clone(),
@@ -384,10 +409,6 @@ pub fn backup_influx(
         })?;
         let mut shards = vec![];
         for (db, rp, id) in on_server {
-            if job.cancel.is_cancelled() {
-                return Err(InfluxError::Interrupted);
-            }
-            // A shard of a deleted group is on its way out: not backed up.
             let Some((start_ns, end_ns)) = info
                 .shards()
                 .find(|(_, _, sid)| *sid == id)
@@ -395,30 +416,64 @@ pub fn backup_influx(
             else {
                 continue;
             };
-            let dir_path = [DATABASES_DIR, db.as_str(), rp.as_str(), &id.to_string()];
-            let reused = match (&since, parent_tree, parent_meta) {
-                (Some(since), Some(ptree), Some(pm)) => {
-                    let before = pm.databases.iter().find(|d| d.name == db).and_then(|d| {
-                        d.shards
-                            .iter()
-                            .find(|s| s.id == id && s.retention_policy == rp)
-                    });
-                    match (before, find_dir(job.repo, &job.index, ptree, &dir_path)?) {
-                        (Some(before), Some(node)) if nothing_since(src, id, since)? => {
-                            Some((before.clone(), node))
-                        }
+            let reused = match (parent_tree, parent_meta) {
+                (Some(ptree), Some(pm)) if unchanged_since_parent.contains(&id) => {
+                    let dir_path = [DATABASES_DIR, db.as_str(), rp.as_str(), &id.to_string()];
+                    match (
+                        parent_shard(pm, &db, &rp, id),
+                        find_dir(job.repo, &job.index, ptree, &dir_path)?,
+                    ) {
+                        (Some(before), Some(node)) => Some((before.clone(), node)),
                         _ => None,
                     }
                 }
                 _ => None,
             };
-            let shard_dir = root.dir(DATABASES_DIR).dir(&db).dir(&rp);
-            let shard = match reused {
-                Some((mut before, node)) => {
+            shards.push(PlannedShard {
+                db,
+                rp,
+                id,
+                start_ns,
+                end_ns,
+                reused,
+            });
+        }
+        plan.push((info, shards));
+    }
+    // Counted before their files are read, all at once: on a server taking writes, what a
+    // shard's files hold is at least this.
+    let to_read: Vec<&PlannedShard> = plan
+        .iter()
+        .flat_map(|(_, shards)| shards)
+        .filter(|s| s.reused.is_none())
+        .collect();
+    let mut counted_before: HashMap<u64, crate::repo::InfluxCounts> = to_read
+        .iter()
+        .map(|s| s.id)
+        .zip(in_parallel(&to_read, |s| {
+            src.http.counts_in(&s.db, &s.rp, s.start_ns, s.end_ns)
+        })?)
+        .collect();
+    // The backup's start on the server's clock, one second early (as `since`).
+    let began = server_time.map(|t| {
+        (t - chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    });
+    let mut databases = vec![];
+    for (info, planned) in &plan {
+        let mut shards = vec![];
+        for p in planned {
+            if job.cancel.is_cancelled() {
+                return Err(InfluxError::Interrupted);
+            }
+            let (db, rp, id) = (&p.db, &p.rp, p.id);
+            let shard_dir = root.dir(DATABASES_DIR).dir(db).dir(rp);
+            let shard = match &p.reused {
+                Some((before, node)) => {
+                    let mut before = before.clone();
                     if before.counts_before.is_empty() && before.counts_after.is_empty() {
                         // A parent from before per-shard counts: counted now, once (the
                         // shard has not changed since).
-                        let now = src.http.counts_in(&db, &rp, start_ns, end_ns)?;
+                        let now = src.http.counts_in(db, rp, p.start_ns, p.end_ns)?;
                         before.counts_before = now.clone();
                         before.counts_after = now;
                     }
@@ -428,22 +483,18 @@ pub fn backup_influx(
                     job.stats
                         .bytes_total
                         .fetch_add(before.bytes, Ordering::Relaxed);
-                    shard_dir.put(node);
+                    shard_dir.put(node.clone());
                     InfluxShard {
                         unchanged: true,
-                        start_ns,
-                        end_ns,
+                        start_ns: p.start_ns,
+                        end_ns: p.end_ns,
                         ..before
                     }
                 }
                 None => {
-                    // Counted before and after its files are read: on a server taking
-                    // writes, what the shard's files hold lies between the two.
-                    let counts_before = src.http.counts_in(&db, &rp, start_ns, end_ns)?;
                     let (dir, files, bytes, tombstones) = retrying(&src.rpc, id, || {
-                        read_shard(src, &db, &rp, id, saver, &cutter, &job)
+                        read_shard(src, db, rp, id, saver, &cutter, &job)
                     })?;
-                    let counts_after = src.http.counts_in(&db, &rp, start_ns, end_ns)?;
                     job.stats.files_new.fetch_add(files, Ordering::Relaxed);
                     job.stats.bytes_total.fetch_add(bytes, Ordering::Relaxed);
                     job.stats.dirs.fetch_add(1, Ordering::Relaxed);
@@ -454,38 +505,23 @@ pub fn backup_influx(
                     shard_dir.put(n);
                     InfluxShard {
                         id,
-                        retention_policy: rp.clone(),
-                        start_ns,
-                        end_ns,
+                        retention_policy: rp.to_string(),
+                        start_ns: p.start_ns,
+                        end_ns: p.end_ns,
                         files,
                         bytes,
                         tombstones,
                         unchanged: false,
-                        counts_before,
-                        counts_after,
+                        counts_before: counted_before.remove(&id).unwrap_or_default(),
+                        // Below, once every shard is read.
+                        counts_after: Default::default(),
                     }
                 }
             };
             shards.push(shard);
         }
-        let sum = |pick: fn(&InfluxShard) -> &crate::repo::InfluxCounts| {
-            let mut total = crate::repo::InfluxCounts::new();
-            for s in &shards {
-                for (m, fields) in pick(s) {
-                    let e = total
-                        .entry(format!("{}.{m}", s.retention_policy))
-                        .or_default();
-                    for (f, n) in fields {
-                        *e.entry(f.clone()).or_insert(0) += n;
-                    }
-                }
-            }
-            total
-        };
-        let counts_before = sum(|s| &s.counts_before);
-        let counts_after = sum(|s| &s.counts_after);
         databases.push(InfluxDatabase {
-            name: name.clone(),
+            name: info.name.clone(),
             default_retention_policy: info.default_retention_policy.clone(),
             retention_policies: info
                 .retention_policies
@@ -503,9 +539,44 @@ pub fn backup_influx(
                 .iter()
                 .map(|c| (c.name.clone(), c.query.clone()))
                 .collect(),
-            counts_before,
-            counts_after,
+            counts_before: Default::default(),
+            counts_after: Default::default(),
         });
+    }
+    // Counted again after every shard is read, where anything was written: a shard with no
+    // file changed since the backup began (asked now; the question flushes its cache, so a
+    // point written meanwhile shows as a new file) holds what its count before said.
+    let read: Vec<(&str, &InfluxShard)> = databases
+        .iter()
+        .flat_map(|d| d.shards.iter().map(move |s| (d.name.as_str(), s)))
+        .filter(|(_, s)| !s.unchanged)
+        .collect();
+    let quiet = match &began {
+        Some(began) => in_parallel(&read, |(_, s)| nothing_since(src, s.id, began))?,
+        None => vec![false; read.len()],
+    };
+    let written: Vec<(&str, &InfluxShard)> = read
+        .iter()
+        .zip(&quiet)
+        .filter(|(_, q)| !**q)
+        .map(|(r, _)| *r)
+        .collect();
+    let mut counted_after: HashMap<u64, crate::repo::InfluxCounts> = written
+        .iter()
+        .map(|(_, s)| s.id)
+        .zip(in_parallel(&written, |(db, s)| {
+            src.http
+                .counts_in(db, &s.retention_policy, s.start_ns, s.end_ns)
+        })?)
+        .collect();
+    for d in &mut databases {
+        for s in d.shards.iter_mut().filter(|s| !s.unchanged) {
+            s.counts_after = counted_after
+                .remove(&s.id)
+                .unwrap_or_else(|| s.counts_before.clone());
+        }
+        d.counts_before = sum_counts(&d.shards, |s| &s.counts_before);
+        d.counts_after = sum_counts(&d.shards, |s| &s.counts_after);
     }
     let tree = root.save(saver, &job.stats)?;
     Ok((
@@ -575,6 +646,73 @@ fn find_dir(
 /// archive.
 fn nothing_since(src: &InfluxSource, id: u64, since: &str) -> Result<bool, InfluxError> {
     retrying(&src.rpc, id, || nothing_since_once(src, id, since))
+}
+
+/// One shard of the plan: where it is, its time range, and the parent's copy (its
+/// record and directory) when it is unchanged.
+struct PlannedShard {
+    db: String,
+    rp: String,
+    id: u64,
+    start_ns: i64,
+    end_ns: i64,
+    reused: Option<(InfluxShard, Node)>,
+}
+
+/// The parent's record of shard `id` of `db`/`rp`.
+fn parent_shard<'m>(pm: &'m InfluxMeta, db: &str, rp: &str, id: u64) -> Option<&'m InfluxShard> {
+    pm.databases
+        .iter()
+        .find(|d| d.name == db)?
+        .shards
+        .iter()
+        .find(|s| s.id == id && s.retention_policy == rp)
+}
+
+/// The counts of `shards` summed per `<rp>.<measurement>` and field.
+fn sum_counts(
+    shards: &[InfluxShard],
+    pick: fn(&InfluxShard) -> &crate::repo::InfluxCounts,
+) -> crate::repo::InfluxCounts {
+    let mut total = crate::repo::InfluxCounts::new();
+    for s in shards {
+        for (m, fields) in pick(s) {
+            let e = total
+                .entry(format!("{}.{m}", s.retention_policy))
+                .or_default();
+            for (f, n) in fields {
+                *e.entry(f.clone()).or_insert(0) += n;
+            }
+        }
+    }
+    total
+}
+
+/// Questions (counts, "changed since?") asked of the server at once.
+const PARALLEL_QUESTIONS: usize = 4;
+
+/// `ask` for every item, [`PARALLEL_QUESTIONS`] at a time, answers in `items` order; the
+/// first error (in that order) is returned.
+fn in_parallel<T: Sync, R: Send, E: Send>(
+    items: &[T],
+    ask: impl Fn(&T) -> Result<R, E> + Sync,
+) -> Result<Vec<R>, InfluxError>
+where
+    InfluxError: From<E>,
+{
+    let mut out = Vec::with_capacity(items.len());
+    for group in items.chunks(PARALLEL_QUESTIONS) {
+        let answers: Vec<Result<R, E>> = std::thread::scope(|s| {
+            let asks: Vec<_> = group.iter().map(|item| s.spawn(|| ask(item))).collect();
+            asks.into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for a in answers {
+            out.push(a?);
+        }
+    }
+    Ok(out)
 }
 
 /// Runs `f` again while the server refuses the shard or cuts its stream short (not when
