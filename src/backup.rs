@@ -90,11 +90,14 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
     // that started before the mark is running, and this one sees every mark made before it.
     let lock = crate::repo::lock::RepoLock::acquire(
         repo.backend().clone(),
-        repo.keys().clone(),
+        repo.live_keys().clone(),
         crate::repo::lock::LockKind::Backup,
         &crate::host::hostname(),
         source.postgres_system_id(),
     )?;
+    // With the lock visible, the newest generation: a `key retire` that did not see the
+    // lock already made it, and this backup seals with it.
+    repo.live_keys().refresh()?;
     let (marked, _) = crate::repo::prune::load_marks(repo)?;
     let index = Arc::new(repo.load_index_excluding(&marked.keys().copied().collect())?);
     let parent: Option<(BlobId, Snapshot)> = match (&req.parent, req.force) {

@@ -314,10 +314,10 @@ fn check_pack(repo: &Repository, name: &str) -> Result<(), String> {
             "{path}: corrupt or tampered (content does not match its name)"
         ));
     }
-    let entries = pack::read_header(repo.keys(), &path, &bytes).map_err(|e| e.to_string())?;
+    let entries = pack::read_header(&repo.keys(), &path, &bytes).map_err(|e| e.to_string())?;
     for e in entries {
         let sealed = &bytes[e.offset as usize..(e.offset + e.length) as usize];
-        let plain = blob::decode(repo.keys(), e.kind, &e.id, sealed, e.raw_length as usize)
+        let plain = blob::decode(&repo.keys(), e.kind, &e.id, sealed, e.raw_length as usize)
             .map_err(|err| format!("{path}: {err}"))?;
         if repo.keys().blob_id(&plain) != e.id.0 {
             return Err(format!("{path}: blob {} does not hash to its id", e.id));

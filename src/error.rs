@@ -43,6 +43,7 @@ fn repo_code(e: &RepoError) -> Option<i32> {
         RepoError::WrongPassword { .. } => Some(EXIT_WRONG_PASSWORD),
         // Transparent: the chain skips the backend error inside, so look at it here.
         RepoError::Backend(b) => backend_code(b),
+        RepoError::Lock(crate::repo::lock::LockError::Locked { .. }) => Some(EXIT_LOCKED),
         _ => None,
     }
 }

@@ -15,6 +15,7 @@ pub mod dirfd;
 pub mod error;
 pub mod fsattr;
 pub mod host;
+pub mod keyring_secret;
 pub mod pipeline;
 pub mod policy;
 pub mod postgres;

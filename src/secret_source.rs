@@ -1,5 +1,6 @@
 //! Secrets a policy names: a file (modes checked by [`crate::secret_file`]), a shell
-//! command run without the secret variables, or an environment variable. Below the CLI,
+//! command run without the secret variables, an environment variable, or an OS keyring
+//! entry ([`crate::keyring_secret`]). Below the CLI,
 //! so the agent and the sources read them without going through it.
 
 use std::process::{Command, Stdio};
@@ -27,6 +28,7 @@ pub fn read_secret(src: &crate::policy::SecretSource) -> Result<Zeroizing<String
             std::env::var(var)
                 .with_context(|| format!("environment variable {var} (password_env) is not set"))?,
         ),
+        SecretSource::Keyring(name) => crate::keyring_secret::read(name)?,
     };
     if pw.is_empty() {
         bail!("empty password");

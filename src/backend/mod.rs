@@ -34,6 +34,9 @@ pub enum ObjectType {
     Lock,
     /// `marks/<id>`: packs prune found unused, with when (see `repo::prune`).
     Mark,
+    /// `generations/<serial>`: the key generations and their grants (see
+    /// `repo::generations`), named by a 20-digit serial.
+    Generations,
 }
 
 /// What one folder of a kind holds (see [`Backend::list_dir`]).
@@ -57,12 +60,16 @@ impl ObjectType {
             ObjectType::Wal => "wal",
             ObjectType::Lock => "locks",
             ObjectType::Mark => "marks",
+            ObjectType::Generations => "generations",
         }
     }
 
     /// True when every object of this kind is named by the SHA-256 of its bytes.
     pub fn named_by_content(self) -> bool {
-        !matches!(self, ObjectType::Config | ObjectType::Wal)
+        !matches!(
+            self,
+            ObjectType::Config | ObjectType::Wal | ObjectType::Generations
+        )
     }
 
     /// The object's path relative to the repository root.

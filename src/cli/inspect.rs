@@ -449,7 +449,7 @@ pub fn cat(g: &GlobalArgs, a: CatArgs) -> Result<()> {
         CatKind::Pack => {
             let id = need_id()?;
             let bytes = repo.backend().get(ObjectType::Pack, &id)?;
-            let entries = pack::read_header(repo.keys(), &id, &bytes)?;
+            let entries = pack::read_header(&repo.keys(), &id, &bytes)?;
             json!({"id": id, "size": bytes.len(), "blobs": entries_json(&entries)})
         }
         CatKind::Key => {

@@ -160,6 +160,11 @@ struct InitArgs {
     /// than 3 on the benchmark corpus (docs/decisions/0005-compression-level.md).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=19))]
     compression: i32,
+    /// With the password in the OS keyring (BACKUPD_PASSWORD_KEYRING), no recovery code:
+    /// by default one is made and printed once, since a password only one host's keyring
+    /// holds dies with the host.
+    #[arg(long)]
+    no_recovery_code: bool,
 }
 
 pub use crate::host::{current_username, hostname};
@@ -228,9 +233,24 @@ impl GlobalArgs {
         // Check for the repository before asking for a password.
         let sealed_config = Repository::read_config(&backend)?;
         let remote = backend.connections().is_some();
-        let pw = match &self.secret {
-            Some(src) => password::read_secret(src).context("the policy's repository password")?,
-            None => password::read_password(&password::REPO_PASSWORD, false)?,
+        // A recovery code only where no password source is set.
+        let recovery = std::env::var(password::RECOVERY_CODE_VAR)
+            .ok()
+            .filter(|_| !password::REPO_PASSWORD.is_set());
+        let mut pw = match (&self.secret, recovery) {
+            (Some(src), _) => {
+                password::read_secret(src).context("the policy's repository password")?
+            }
+            (None, Some(code)) => {
+                let code = zeroize::Zeroizing::new(code);
+                password::normalize_recovery_code(&code).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} is not a recovery code (8 groups of 4 letters and digits, as `key add --recovery` printed it)",
+                        password::RECOVERY_CODE_VAR
+                    )
+                })?
+            }
+            (None, None) => password::read_password(&password::REPO_PASSWORD, false)?,
         };
         // The key that opened it last time goes first (one key derivation, however many
         // key files someone added to the store); the hint is kept with the cache but used
@@ -238,12 +258,26 @@ impl GlobalArgs {
         let location = backend.location();
         let hints = self.key_hints();
         let preferred = hints.as_ref().and_then(|h| h.get(&location));
-        let repo = Repository::open_preferring(
-            backend,
+        let repo = match Repository::open_preferring(
+            backend.clone(),
             &sealed_config,
             pw.as_bytes(),
             preferred.as_deref(),
-        )?;
+        ) {
+            // A recovery code typed at the prompt as printed (groups, dashes, capitals).
+            Err(crate::repo::RepoError::WrongPassword { .. })
+                if password::normalize_recovery_code(&pw).is_some_and(|c| *c != *pw) =>
+            {
+                pw = password::normalize_recovery_code(&pw).unwrap_or_default();
+                Repository::open_preferring(
+                    backend,
+                    &sealed_config,
+                    pw.as_bytes(),
+                    preferred.as_deref(),
+                )?
+            }
+            other => other?,
+        };
         if let Some(h) = &hints {
             if preferred.as_deref() != Some(repo.key_id()) {
                 h.set(&location, repo.key_id());
@@ -332,16 +366,30 @@ fn init(g: &GlobalArgs, a: InitArgs) -> Result<()> {
         )?
     };
     g.remember_key(&repo.backend().location(), repo.key_id());
+    let from_keyring = std::env::var_os("BACKUPD_PASSWORD_FILE").is_none()
+        && std::env::var_os("BACKUPD_PASSWORD_COMMAND").is_none()
+        && std::env::var_os("BACKUPD_PASSWORD_KEYRING").is_some();
+    let recovery = if from_keyring && !a.no_recovery_code {
+        Some(keys::add_recovery_key(&repo)?)
+    } else {
+        None
+    };
     if g.json {
-        println!(
-            "{}",
-            serde_json::json!({"id": repo.config().id, "location": loc, "key": repo.key_id()})
-        );
+        let mut v =
+            serde_json::json!({"id": repo.config().id, "location": loc, "key": repo.key_id()});
+        if let Some((id, code)) = &recovery {
+            v["recovery_key"] = (*id).clone().into();
+            v["recovery_code"] = code.as_str().into();
+        }
+        println!("{v}");
     } else {
         g.say(format!(
             "created backupd repository {} at {loc}\n\nKeep the password safe: without it the data cannot be restored.",
             &repo.config().id[..10]
         ));
+        if let Some((id, code)) = &recovery {
+            keys::print_recovery_code(id, code);
+        }
     }
     Ok(())
 }
@@ -370,49 +418,83 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-/// Runs `upgrade`.
+/// Runs `upgrade`: the format version, then the key files (key generations).
 fn upgrade(g: &GlobalArgs, a: UpgradeArgs) -> Result<()> {
-    let mut repo = g.open()?;
+    let (mut repo, pw) = g.open_on_with_password(g.backend()?)?;
     let from = repo.config().version;
-    if from >= crate::repo::config::FORMAT_VERSION {
-        if !g.quiet {
-            println!(
-                "repository {} is format {from} already: nothing to do",
-                repo.backend().location()
-            );
-        }
+    let format_todo = from < crate::repo::config::FORMAT_VERSION;
+    let keys_todo = !repo.has_generations() || !repo.live_keys().follows_generations();
+    if !format_todo && !keys_todo {
+        g.say(format!(
+            "repository {} is format {from} with key generations already: nothing to do",
+            repo.backend().location()
+        ));
         return Ok(());
     }
     // Whatever runs on the repository now may be an older backupd: its next open will
-    // refuse format 2, so the hosts are named.
+    // refuse the new format, so the hosts are named.
     let now = chrono::Utc::now();
-    for (_, l) in crate::repo::lock::list_locks(repo.backend(), repo.keys())? {
+    for (_, l) in crate::repo::lock::list_locks(repo.backend(), repo.live_keys())? {
         if !l.is_stale(now) {
             eprintln!(
-                "warning: a {} is running on {} (pid {}, since {}); if that host's backupd is older than 0.2, it cannot open the repository once it is format {}",
+                "warning: a {} is running on {} (pid {}, since {}); if that host's backupd is older than 0.3, it cannot open the repository once it is upgraded",
                 format!("{:?}", l.kind).to_lowercase(),
                 l.host,
                 l.pid,
                 l.started.to_rfc3339(),
-                crate::repo::config::FORMAT_VERSION
             );
         }
     }
     if a.dry_run {
-        println!(
-            "would make repository {} format {} (from {from}); backupd before 0.2 could no longer open it",
-            repo.backend().location(),
-            crate::repo::config::FORMAT_VERSION
-        );
+        if format_todo {
+            println!(
+                "would make repository {} format {} (from {from}); backupd before 0.2 could no longer open it",
+                repo.backend().location(),
+                crate::repo::config::FORMAT_VERSION
+            );
+        }
+        if keys_todo {
+            println!(
+                "would convert the key file in use ({}) to key generations (version 2); backupd before 0.3 could no longer open the repository",
+                repo.key_id().get(..8).unwrap_or(repo.key_id())
+            );
+        }
         return Ok(());
     }
-    repo.upgrade()?;
-    if !g.quiet {
-        println!(
+    if format_todo {
+        repo.upgrade()?;
+        g.say(format!(
             "repository {} is format {} now (was {from}): backups keep extended attributes, ACLs, capabilities, special and sparse files, file flags; backupd before 0.2 refuses to open it",
             repo.backend().location(),
             repo.config().version
-        );
+        ));
+    }
+    if keys_todo {
+        let old = repo.key_id().to_string();
+        if let Some(id) = repo.upgrade_keys(pw.as_bytes(), &hostname(), &current_username())? {
+            g.remember_key(&repo.backend().location(), &id);
+            g.say(format!(
+                "key {} (version 2, key generations) replaces key {}: `key rotate` can add generations now; backupd before 0.3 refuses to open the repository",
+                id.get(..8).unwrap_or(&id),
+                old.get(..8).unwrap_or(&old)
+            ));
+        }
+        let legacy: Vec<String> = repo
+            .key_entries()?
+            .into_iter()
+            .filter(crate::repo::generations::KeyEntry::is_legacy)
+            .map(|e| e.id)
+            .collect();
+        if !legacy.is_empty() {
+            eprintln!(
+                "note: key files {} are still version 1: run `backupd key passwd` once with each of their passwords before the first `key rotate`",
+                legacy
+                    .iter()
+                    .map(|k| k.get(..8).unwrap_or(k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     Ok(())
 }

@@ -982,12 +982,19 @@ fn wal_access(g: &GlobalArgs, target: &Path, password: &str) -> Result<WalAccess
             password_file(&mut secrets, &mut vars);
             origins.push(format!("the policy's password_env {v}"));
         }
+        // The server runs as the cluster's owner, whose keyring is not this one.
+        Some(crate::policy::SecretSource::Keyring(n)) => {
+            password_file(&mut secrets, &mut vars);
+            origins.push(format!("the policy's password_keyring {n}"));
+        }
         None => {
             if std::env::var_os("BACKUPD_PASSWORD_FILE").is_none()
                 && std::env::var_os("BACKUPD_PASSWORD_COMMAND").is_none()
             {
                 password_file(&mut secrets, &mut vars);
-                origins.push(if std::env::var_os("BACKUPD_PASSWORD").is_some() {
+                origins.push(if std::env::var_os("BACKUPD_PASSWORD_KEYRING").is_some() {
+                    "BACKUPD_PASSWORD_KEYRING".to_string()
+                } else if std::env::var_os("BACKUPD_PASSWORD").is_some() {
                     "BACKUPD_PASSWORD".to_string()
                 } else {
                     "the prompt".to_string()

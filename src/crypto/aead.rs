@@ -43,6 +43,8 @@ pub enum ObjectKind {
     Lock = 9,
     /// Prune's marks of unused packs.
     Marks = 10,
+    /// A grant of generation keys to one key file (inside `generations/<serial>`).
+    Grant = 11,
 }
 
 /// Why an object could not be opened.

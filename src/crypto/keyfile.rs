@@ -1,7 +1,10 @@
-//! Key files: the master keys wrapped by a key derived from a password with Argon2id.
+//! Key files: secrets wrapped by a key derived from a password with Argon2id.
 //!
 //! A key file is a small JSON envelope: the KDF parameters and salt in clear (they are
-//! needed to derive the wrapping key), and the sealed master-key bundle. Tampering with the
+//! needed to derive the wrapping key), and what it wraps — version 1: the whole master-key
+//! bundle; version 2: its own X25519 secret key (the public key, authenticated, in clear)
+//! and the two secrets that never change, the encryption keys coming from its grant in the
+//! newest `generations/` bundle (decision 0014). Tampering with the
 //! parameters only yields a different wrapping key, so the seal fails closed. Its name in
 //! the repository is the SHA-256 of its bytes.
 //!
@@ -17,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::aead::{open_with, seal_with, ObjectKind};
-use super::MasterKeys;
+use super::generations::{public_key_mac, verify_public_key_mac, KeyPair};
+use super::{MasterKeys, Secret32};
 
 /// Why a key file could not be made or opened.
 #[derive(Debug, thiserror::Error)]
@@ -125,25 +129,55 @@ impl KdfParams {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyFile {
-    /// Envelope version (1).
+    /// 1: `data` wraps the master-key bundle itself; 2: `data` wraps the key file's X25519
+    /// secret key and the two secrets that never change, and the encryption keys come from
+    /// its grant in the newest `generations/` bundle (decision 0014).
     pub version: u32,
-    /// When it was made (RFC 3339).
     pub created: String,
-    /// Host it was made on.
     pub host: String,
-    /// User who made it.
     pub username: String,
-    /// Password KDF.
     pub kdf: KdfParams,
-    /// Sealed master-key bundle, hex.
+    /// Version 2: hex of the X25519 public key grants are sealed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// Version 2: the public key's authentication code (see `generations`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_mac: Option<String>,
+    /// Version 2: a recovery-code key file (`key add --recovery`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovery: bool,
     pub data: String,
 }
 
+/// What a version-2 key file wraps.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairPrivate {
+    secret_key: Secret32,
+    id_key: Secret32,
+    chunker_secret: Secret32,
+}
+
+/// A version-2 key file, opened: its key pair and the secrets that never change.
+pub struct PairKey {
+    /// The key pair grants are sealed to.
+    pub pair: KeyPair,
+    /// The blob-id key.
+    pub id_key: Secret32,
+    /// The chunker secret.
+    pub chunker_secret: Secret32,
+}
+
+/// A key file, opened.
+pub enum OpenedKey {
+    /// Version 1: the whole bundle.
+    Legacy(MasterKeys),
+    /// Version 2: the key pair (the encryption keys are in its grant).
+    Pair(PairKey),
+}
+
 impl KeyFile {
-    /// Wraps `keys` under `password`.
-    ///
-    /// # Errors
-    /// Only if the KDF fails.
+    /// A version-1 key file wrapping `keys` (repositories without key generations).
     pub fn create(
         keys: &MasterKeys,
         password: &[u8],
@@ -163,38 +197,96 @@ impl KeyFile {
             host: host.into(),
             username: username.into(),
             kdf,
+            public_key: None,
+            public_key_mac: None,
+            recovery: false,
             data: hex::encode(sealed),
         })
     }
 
-    /// Parses the stored bytes.
-    ///
-    /// # Errors
-    /// `Malformed` when they are not a key file.
+    /// A version-2 key file with a fresh key pair, for a repository whose secrets are
+    /// `id_key` and `chunker_secret`; returns it with what it wraps.
+    pub fn create_pair(
+        id_key: &Secret32,
+        chunker_secret: &Secret32,
+        password: &[u8],
+        host: &str,
+        username: &str,
+        recovery: bool,
+    ) -> Result<(Self, PairKey), KeyFileError> {
+        let kdf = KdfParams::new_default();
+        let wrap = kdf.derive(password)?;
+        let pair = KeyPair::generate();
+        let private = PairPrivate {
+            secret_key: pair.secret_bytes(),
+            id_key: id_key.clone(),
+            chunker_secret: chunker_secret.clone(),
+        };
+        let mut buf = super::master::SecretBuf::with_capacity(256);
+        serde_json::to_writer(&mut buf, &private)
+            .map_err(|e| KeyFileError::Malformed(e.to_string()))?;
+        let sealed = seal_with(&wrap, 0, ObjectKind::Key, None, &buf.into_inner());
+        let public = pair.public;
+        Ok((
+            KeyFile {
+                version: 2,
+                created: chrono::Utc::now().to_rfc3339(),
+                host: host.into(),
+                username: username.into(),
+                kdf,
+                public_key: Some(hex::encode(public)),
+                public_key_mac: Some(public_key_mac(id_key, &public, recovery)),
+                recovery,
+                data: hex::encode(sealed),
+            },
+            PairKey {
+                pair,
+                id_key: id_key.clone(),
+                chunker_secret: chunker_secret.clone(),
+            },
+        ))
+    }
+
     pub fn parse(bytes: &[u8]) -> Result<Self, KeyFileError> {
         let kf: KeyFile =
             serde_json::from_slice(bytes).map_err(|e| KeyFileError::Malformed(e.to_string()))?;
-        if kf.version != 1 {
-            return Err(KeyFileError::Malformed(format!(
-                "unknown key file version {}",
-                kf.version
-            )));
+        match kf.version {
+            1 if kf.public_key.is_none() && kf.public_key_mac.is_none() && !kf.recovery => {}
+            2 if kf.public_key.is_some() && kf.public_key_mac.is_some() => {}
+            1 | 2 => {
+                return Err(KeyFileError::Malformed(format!(
+                    "fields do not match key file version {}",
+                    kf.version
+                )))
+            }
+            v => {
+                return Err(KeyFileError::Malformed(format!(
+                    "unknown key file version {v}"
+                )))
+            }
         }
         Ok(kf)
     }
 
-    /// Serialized bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("a key file always serializes")
     }
 
-    /// Unwraps the master keys with `password`. Runs the KDF only once
-    /// [`KdfParams::check`] has passed.
-    ///
-    /// # Errors
-    /// `WrongPassword` when the seal does not open; `Malformed` for bad fields or a KDF
-    /// cost above the caps.
-    pub fn open(&self, password: &[u8]) -> Result<MasterKeys, KeyFileError> {
+    /// The public key of a version-2 key file whose authentication code holds under
+    /// `id_key` (None: version 1, or not made by a holder of this repository's keys).
+    pub fn verified_public_key(&self, id_key: &Secret32) -> Option<[u8; 32]> {
+        let mut public = [0u8; 32];
+        hex::decode_to_slice(self.public_key.as_ref()?, &mut public).ok()?;
+        verify_public_key_mac(
+            id_key,
+            &public,
+            self.recovery,
+            self.public_key_mac.as_ref()?,
+        )
+        .then_some(public)
+    }
+
+    pub fn open(&self, password: &[u8]) -> Result<OpenedKey, KeyFileError> {
         let wrap = self.kdf.derive(password)?;
         let sealed = hex::decode(&self.data)
             .map_err(|_| KeyFileError::Malformed("data is not hex".into()))?;
@@ -202,14 +294,30 @@ impl KeyFile {
             open_with(&wrap, ObjectKind::Key, None, &sealed)
                 .map_err(|_| KeyFileError::WrongPassword)?,
         );
-        let keys: MasterKeys = serde_json::from_slice(&plain)
-            .map_err(|e| KeyFileError::Malformed(format!("master key bundle: {e}")))?;
-        if keys.enc_keys.is_empty() {
+        if self.version == 1 {
+            let keys: MasterKeys = serde_json::from_slice(&plain)
+                .map_err(|e| KeyFileError::Malformed(format!("master key bundle: {e}")))?;
+            if keys.enc_keys.is_empty() {
+                return Err(KeyFileError::Malformed(
+                    "no encryption key in bundle".into(),
+                ));
+            }
+            return Ok(OpenedKey::Legacy(keys));
+        }
+        let p: PairPrivate = serde_json::from_slice(&plain)
+            .map_err(|e| KeyFileError::Malformed(format!("key pair: {e}")))?;
+        let pair = KeyPair::from_secret(&p.secret_key);
+        // The public key in clear must be this secret's, authenticated by these secrets.
+        if self.verified_public_key(&p.id_key) != Some(pair.public) {
             return Err(KeyFileError::Malformed(
-                "no encryption key in bundle".into(),
+                "its public key does not match its secret key".into(),
             ));
         }
-        Ok(keys)
+        Ok(OpenedKey::Pair(PairKey {
+            pair,
+            id_key: p.id_key,
+            chunker_secret: p.chunker_secret,
+        }))
     }
 }
 
@@ -222,7 +330,9 @@ mod tests {
         let keys = MasterKeys::generate();
         let kf = KeyFile::create(&keys, b"correct horse", "h", "u").unwrap();
         let parsed = KeyFile::parse(&kf.to_bytes()).unwrap();
-        let back = parsed.open(b"correct horse").unwrap();
+        let OpenedKey::Legacy(back) = parsed.open(b"correct horse").unwrap() else {
+            panic!("a version-1 key file opens as one")
+        };
         assert!(back.id_key == keys.id_key);
         assert!(matches!(
             parsed.open(b"wrong"),
@@ -275,5 +385,41 @@ mod tests {
                 other => panic!("{over:?}: {:?}", other.map(|_| ())),
             }
         }
+    }
+
+    #[test]
+    fn a_pair_key_file_opens_with_its_password_and_its_public_key_is_bound() {
+        let (id_key, chunker) = (Secret32::random(), Secret32::random());
+        let (kf, made) = KeyFile::create_pair(&id_key, &chunker, b"pw", "h", "u", false).unwrap();
+        let public = made.pair.public;
+        let parsed = KeyFile::parse(&kf.to_bytes()).unwrap();
+        assert_eq!(parsed.version, 2);
+        assert_eq!(parsed.verified_public_key(&id_key), Some(public));
+        assert_eq!(parsed.verified_public_key(&Secret32::random()), None);
+        let OpenedKey::Pair(p) = parsed.open(b"pw").unwrap() else {
+            panic!("a version-2 key file opens as a pair")
+        };
+        assert!(p.id_key == id_key && p.chunker_secret == chunker && p.pair.public == public);
+        assert!(matches!(
+            parsed.open(b"no"),
+            Err(KeyFileError::WrongPassword)
+        ));
+        // Another key file's public key (with its valid MAC) in this one: refused at open.
+        let (other, _) = KeyFile::create_pair(&id_key, &chunker, b"pw2", "h", "u", false).unwrap();
+        let mut swapped = parsed.clone();
+        swapped.public_key = other.public_key.clone();
+        swapped.public_key_mac = other.public_key_mac.clone();
+        assert!(matches!(
+            swapped.open(b"pw"),
+            Err(KeyFileError::Malformed(_))
+        ));
+        // The recovery flag is part of what the MAC covers.
+        let mut flagged = parsed.clone();
+        flagged.recovery = true;
+        assert_eq!(flagged.verified_public_key(&id_key), None);
+        // A version-1 file claiming a public key, or a version-2 one without: malformed.
+        let mut v: serde_json::Value = serde_json::from_slice(&kf.to_bytes()).unwrap();
+        v["version"] = 1.into();
+        assert!(KeyFile::parse(&serde_json::to_vec(&v).unwrap()).is_err());
     }
 }

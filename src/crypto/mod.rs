@@ -4,9 +4,10 @@
 //! Nothing outside this module touches a cipher or a raw key.
 
 pub mod aead;
+pub mod generations;
 pub mod keyfile;
 pub mod master;
 
 pub use aead::{open, open_in_place, seal, ObjectKind, SealError, SEAL_HEADER, SEAL_OVERHEAD};
-pub use keyfile::{KdfParams, KeyFile, KeyFileError};
+pub use keyfile::{KdfParams, KeyFile, KeyFileError, OpenedKey, PairKey};
 pub use master::{MasterKeys, Secret32};

@@ -28,6 +28,8 @@ pub enum SecretSource {
     Command(String),
     /// An environment variable of the agent.
     Env(String),
+    /// An entry of the OS keyring (Secret Service), service `backupd`.
+    Keyring(String),
 }
 
 /// The repository a policy writes to.

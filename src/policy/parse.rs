@@ -260,7 +260,8 @@ impl Validator<'_> {
         }
     }
 
-    /// `password_file` | `password_command` | `password_env`: at most one (`required`: exactly).
+    /// `password_file` | `password_command` | `password_env` | `password_keyring`: at most one
+    /// (`required`: exactly).
     fn secret(
         &mut self,
         s: &mut Section,
@@ -275,15 +276,26 @@ impl Validator<'_> {
             "a shell command printing the password",
         );
         let env = s.string(p, "password_env", "the name of an environment variable");
-        let given = [file.is_some(), command.is_some(), env.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let keyring = s.string(
+            p,
+            "password_keyring",
+            "the name of an OS keyring entry (backupd key keyring-set NAME)",
+        );
+        let given = [
+            file.is_some(),
+            command.is_some(),
+            env.is_some(),
+            keyring.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if given > 1 {
             let present: Vec<(&str, usize, Option<std::ops::Range<usize>>)> = [
                 ("password_file", &file),
                 ("password_command", &command),
                 ("password_env", &env),
+                ("password_keyring", &keyring),
             ]
             .into_iter()
             .filter_map(|(k, v)| {
@@ -304,7 +316,7 @@ impl Validator<'_> {
             p.add(
                 last_span,
                 &s.path_of(last_key),
-                format!("only one of password_file, password_command, password_env for {what}"),
+                format!("only one of password_file, password_command, password_env, password_keyring for {what}"),
                 found,
             );
             return None;
@@ -315,7 +327,7 @@ impl Validator<'_> {
                     s.span(),
                     &s.path_of("password_file"),
                     format!(
-                        "one of password_file, password_command or password_env for {what} (a policy never holds the password itself)"
+                        "one of password_file, password_command, password_env or password_keyring for {what} (a policy never holds the password itself)"
                     ),
                     "none of them",
                 );
@@ -326,7 +338,7 @@ impl Validator<'_> {
                 p.add(
                     span,
                     &s.path_of("password"),
-                    "password_file, password_command or password_env (a policy never holds a password itself)",
+                    "password_file, password_command, password_env or password_keyring (a policy never holds a password itself)",
                     "a password written in the policy",
                 );
                 return None;
@@ -341,6 +353,18 @@ impl Validator<'_> {
         }
         if let Some(c) = command {
             return Some(Some(SecretSource::Command(c.value)));
+        }
+        if let Some(k) = keyring {
+            if k.value.is_empty() || k.value.chars().any(char::is_control) {
+                p.add(
+                    k.span,
+                    &s.path_of("password_keyring"),
+                    "the name of an OS keyring entry",
+                    format!("{:?}", k.value),
+                );
+                return None;
+            }
+            return Some(Some(SecretSource::Keyring(k.value)));
         }
         let e = env?;
         if e.value.is_empty() || e.value.contains('=') {

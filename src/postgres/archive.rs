@@ -151,7 +151,7 @@ impl<'a> WalArchive<'a> {
         plain.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
         plain.extend_from_slice(payload);
         crypto::seal(
-            self.repo.keys(),
+            &self.repo.keys(),
             ObjectKind::Wal,
             Some(&self.binding(file)),
             &plain,
@@ -166,7 +166,7 @@ impl<'a> WalArchive<'a> {
             why,
         };
         let plain = crypto::open(
-            self.repo.keys(),
+            &self.repo.keys(),
             ObjectKind::Wal,
             Some(&self.binding(file)),
             sealed,
@@ -327,7 +327,7 @@ mod tests {
         plain.extend_from_slice(&raw_len.to_le_bytes());
         plain.extend_from_slice(payload);
         let sealed = crypto::seal(
-            a.repo.keys(),
+            &a.repo.keys(),
             ObjectKind::Wal,
             Some(&a.binding(FILE)),
             &plain,

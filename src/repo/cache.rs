@@ -119,7 +119,8 @@ impl Cache {
             | ObjectType::Key
             | ObjectType::Wal
             | ObjectType::Lock
-            | ObjectType::Mark => return None,
+            | ObjectType::Mark
+            | ObjectType::Generations => return None,
         };
         Some(self.dir.join(sub))
     }

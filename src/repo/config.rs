@@ -19,8 +19,12 @@ pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build reads and writes.
 pub const OLDEST_VERSION: u32 = 1;
 
-/// Repository-wide features this build knows (none yet: version 2 itself is the base).
-pub const KNOWN_REPOSITORY_FEATURES: &[&str] = &[];
+/// The repository's key files are version 2 and take their encryption keys from grants
+/// in `generations/` bundles (decision 0014).
+pub const KEY_GENERATIONS: &str = "key-generations";
+
+/// Repository-wide features this build knows.
+pub const KNOWN_REPOSITORY_FEATURES: &[&str] = &[KEY_GENERATIONS];
 
 /// Contents of `config`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! Repository locks: small sealed objects under `locks/` that say "a backup (or a prune)
 //! is running here since ...". Backups take shared locks and never wait for anything;
-//! prune takes the one exclusive lock (two prunes never run at once) and reads the backup
+//! prune takes an exclusive lock (two prunes never run at once), and so does every change
+//! of the key bundle (`keys`: two hosts never both write serial N+1); prune reads the backup
 //! locks to know which marked packs a running backup might still be deduplicating against
 //! (docs/decisions/0009-prune.md). A holder refreshes its lock every few minutes; a lock
 //! not refreshed for [`STALE_AFTER`] belongs to a dead process and is ignored.
@@ -14,8 +15,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::generations::LiveKeys;
 use crate::backend::{Backend, BackendError, ObjectType};
-use crate::crypto::{self, MasterKeys, ObjectKind};
+use crate::crypto::{self, ObjectKind};
 
 /// A lock not refreshed for this long is stale.
 pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
@@ -30,6 +32,9 @@ pub enum LockKind {
     Backup,
     /// A prune (exclusive among prunes).
     Prune,
+    /// A new key bundle: `key rotate`, `key add`, `key remove`, `key passwd`, `upgrade`
+    /// (exclusive among key changes).
+    Keys,
 }
 
 /// The content of a lock object.
@@ -49,6 +54,9 @@ pub struct LockRecord {
     /// cluster's WAL while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres_system_id: Option<String>,
+    /// The key generation the holder seals with (absent in locks of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
 }
 
 impl LockRecord {
@@ -64,9 +72,11 @@ impl LockRecord {
 /// Lock errors.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    /// Another prune holds the exclusive lock.
-    #[error("the repository is locked by a prune on {host} (pid {pid}) running since {since}; try again later")]
+    /// Another prune (or key change) holds the exclusive lock.
+    #[error("the repository is locked by {} on {host} (pid {pid}) running since {since}; try again later", if *.kind == LockKind::Keys { "a key change" } else { "a prune" })]
     Locked {
+        /// What holds it.
+        kind: LockKind,
         /// Its host.
         host: String,
         /// Its pid.
@@ -81,11 +91,11 @@ pub enum LockError {
 
 fn write_record(
     backend: &Arc<dyn Backend>,
-    keys: &MasterKeys,
+    keys: &LiveKeys,
     rec: &LockRecord,
 ) -> Result<String, BackendError> {
     let plain = serde_json::to_vec(rec).expect("a lock record serializes");
-    let sealed = crypto::seal(keys, ObjectKind::Lock, None, &plain);
+    let sealed = crypto::seal(&keys.get(), ObjectKind::Lock, None, &plain);
     let name = super::sha256_hex(&sealed);
     backend.put(ObjectType::Lock, &name, Bytes::from(sealed))?;
     Ok(name)
@@ -98,7 +108,7 @@ fn write_record(
 /// The store failing to list.
 pub fn list_locks(
     backend: &Arc<dyn Backend>,
-    keys: &MasterKeys,
+    keys: &LiveKeys,
 ) -> Result<Vec<(String, LockRecord)>, BackendError> {
     // A lock gone between list and get was either released or replaced by a refresh
     // (written before the old one is deleted): a new listing shows which.
@@ -119,7 +129,7 @@ pub fn list_locks(
 
 fn list_locks_once(
     backend: &Arc<dyn Backend>,
-    keys: &MasterKeys,
+    keys: &LiveKeys,
 ) -> Result<Option<Vec<(String, LockRecord)>>, BackendError> {
     let mut out = vec![];
     for (name, _) in backend.list(ObjectType::Lock)? {
@@ -129,7 +139,9 @@ fn list_locks_once(
             Err(e) => return Err(e),
         };
         let rec = (super::sha256_hex(&bytes) == name)
-            .then(|| crypto::open(keys, ObjectKind::Lock, None, &bytes).ok())
+            // A generation this process does not know yet (a rotation since it opened the
+            // repository) is read again first, never taken for an unreadable lock.
+            .then(|| keys.open(ObjectKind::Lock, None, &bytes).ok())
             .flatten()
             .and_then(|plain| serde_json::from_slice::<LockRecord>(&plain).ok());
         match rec {
@@ -182,7 +194,7 @@ impl RepoLock {
     /// `Locked`, or the store failing.
     pub fn acquire(
         backend: Arc<dyn Backend>,
-        keys: Arc<MasterKeys>,
+        keys: Arc<LiveKeys>,
         kind: LockKind,
         host: &str,
         postgres_system_id: Option<u64>,
@@ -195,16 +207,18 @@ impl RepoLock {
             started: now,
             refreshed: now,
             postgres_system_id: postgres_system_id.map(|id| id.to_string()),
+            generation: Some(keys.get().current().0),
         };
         let name = write_record(&backend, &keys, &record)?;
-        if kind == LockKind::Prune {
+        if matches!(kind, LockKind::Prune | LockKind::Keys) {
             let others = list_locks(&backend, &keys)?;
             if let Some((_, other)) = others
                 .iter()
-                .find(|(n, r)| *n != name && r.kind == LockKind::Prune && !r.is_stale(Utc::now()))
+                .find(|(n, r)| *n != name && r.kind == kind && !r.is_stale(Utc::now()))
             {
                 let _ = backend.delete(ObjectType::Lock, &name);
                 return Err(LockError::Locked {
+                    kind,
                     host: other.host.clone(),
                     pid: other.pid,
                     since: other.started,
@@ -327,6 +341,7 @@ mod tests {
             started: now - chrono::Duration::hours(5),
             refreshed: now - chrono::Duration::minutes(mins),
             postgres_system_id: None,
+            generation: Some(1),
         };
         assert!(!rec(29).is_stale(now));
         assert!(rec(31).is_stale(now));

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod generations;
 pub mod index;
 pub mod keyhint;
 pub mod lock;
@@ -24,9 +25,10 @@ use chacha20poly1305::aead::{rand_core::RngCore, OsRng};
 use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, BackendError, Bytes, LocalBackend, ObjectType};
-use crate::crypto::{self, KeyFile, KeyFileError, MasterKeys, ObjectKind};
+use crate::crypto::{self, KeyFile, KeyFileError, MasterKeys, ObjectKind, OpenedKey};
 use crate::pipeline::blob::BlobLimits;
 use crate::pipeline::{blob, BlobId, BlobKind, ChunkerParams};
+use generations::LiveKeys;
 
 pub use cache::Cache;
 pub use config::Config;
@@ -91,6 +93,38 @@ pub enum RepoError {
         /// Why.
         source: KeyFileError,
     },
+    /// A key-file removal or a rotation needs the lock another host holds, or a lock
+    /// could not be written.
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    /// A version-2 key file, but no `generations/` bundle.
+    #[error("keys/{key} takes its keys from generations/, which holds no bundle (damaged or deleted): open the repository with a version-1 key file, or restore generations/ from a copy")]
+    NoGenerations {
+        /// Which key.
+        key: String,
+    },
+    /// The newest bundle grants nothing to this key file.
+    #[error("keys/{key} opens with this password but generations/{serial:020} grants it no keys: it was removed (key remove, key retire), or added after that bundle by a build gone wrong; use another password or the recovery code")]
+    KeyNotGranted {
+        /// Which key.
+        key: String,
+        /// The newest bundle.
+        serial: u64,
+    },
+    /// A version-1 key file does not hold a generation in force.
+    #[error("keys/{key} is a version-1 key file and does not hold key generation {generation}, which is in force since a rotation: open the repository with another password (or the recovery code), or remove this key file")]
+    LegacyKey {
+        /// Which key.
+        key: String,
+        /// The generation it lacks.
+        generation: u32,
+    },
+    /// Version-1 key files could not follow a rotation.
+    #[error("key files {} hold the keys themselves (version 1) and could not follow a rotation: run `backupd key passwd` once with each of their passwords (that makes it version 2), or remove them with `backupd key remove ID`", .0.iter().map(|k| k.get(..8).unwrap_or(k)).collect::<Vec<_>>().join(", "))]
+    LegacyKeys(Vec<String>),
+    /// The repository (or the key that opened it) predates key generations.
+    #[error("this repository's key files predate key generations: run `backupd upgrade` first (it converts the key file in use)")]
+    NeedsKeyUpgrade,
     /// Unsupported format version.
     #[error("repository format version {0} is not supported by this backupd (it reads versions 1 and 2): upgrade backupd")]
     UnsupportedVersion(u32),
@@ -126,7 +160,7 @@ pub fn object_path(kind: ObjectType, name: &str) -> String {
 /// An open repository.
 pub struct Repository {
     backend: Arc<dyn Backend>,
-    keys: Arc<MasterKeys>,
+    live: Arc<LiveKeys>,
     config: Config,
     key_id: String,
     kdf_runs: usize,
@@ -157,7 +191,7 @@ pub fn is_key_name(name: &str) -> bool {
 /// Tries one key file's stored bytes with `password`, counting the key derivations run in
 /// `kdf_runs`. Anything wrong with the file is a warning naming it; the caller goes on with
 /// the next one.
-fn try_key(name: &str, bytes: &[u8], password: &[u8], kdf_runs: &mut usize) -> Option<MasterKeys> {
+fn try_key(name: &str, bytes: &[u8], password: &[u8], kdf_runs: &mut usize) -> Option<OpenedKey> {
     if sha256_hex(bytes) != name {
         tracing::warn!(
             "keys/{name}: corrupt or tampered (content does not match its name); skipped"
@@ -244,17 +278,48 @@ impl Repository {
             chunker: ChunkerParams::default(),
             zstd_level,
             pack_size: 16 * 1024 * 1024,
-            features: vec![],
+            features: vec![config::KEY_GENERATIONS.to_string()],
         };
-        let kf = KeyFile::create(&keys, password, host, username).map_err(|source| {
-            RepoError::KeyFile {
-                key: "(new)".into(),
-                source,
-            }
+        // A version-2 key file and bundle 1 granting it generation 1.
+        let (kf, pair) = KeyFile::create_pair(
+            &keys.id_key,
+            &keys.chunker_secret,
+            password,
+            host,
+            username,
+            false,
+        )
+        .map_err(|source| RepoError::KeyFile {
+            key: "(new)".into(),
+            source,
         })?;
         let kbytes = kf.to_bytes();
         let key_id = sha256_hex(&kbytes);
         backend.put(ObjectType::Key, &key_id, kbytes.into())?;
+        let now = chrono::Utc::now().to_rfc3339();
+        let mut bundle = crypto::generations::Bundle {
+            version: crypto::generations::BUNDLE_VERSION,
+            serial: 1,
+            written: now.clone(),
+            note: format!("init on {host}"),
+            generations: vec![crypto::generations::GenerationInfo {
+                generation: 1,
+                created: now,
+            }],
+            retired: vec![],
+            grants: vec![crypto::generations::Grant::new(
+                1,
+                &key_id,
+                &pair.pair.public,
+                &keys.enc_keys,
+            )],
+            mac: String::new(),
+        };
+        backend.put(
+            ObjectType::Generations,
+            &crypto::generations::bundle_name(1),
+            bundle.seal_to_bytes(&keys.id_key).into(),
+        )?;
         let sealed = crypto::seal(
             &keys,
             ObjectKind::Config,
@@ -263,9 +328,10 @@ impl Repository {
         );
         // The config is written last: a repository exists once its config does.
         backend.put(ObjectType::Config, "config", sealed.into())?;
+        let live = LiveKeys::from_pair(backend.clone(), &key_id, pair)?;
         Ok(Repository {
             backend,
-            keys: Arc::new(keys),
+            live: Arc::new(live),
             config,
             key_id,
             kdf_runs: 0,
@@ -296,7 +362,7 @@ impl Repository {
         let mut c = self.config.clone();
         c.version = config::FORMAT_VERSION;
         let sealed = crypto::seal(
-            &self.keys,
+            &self.keys(),
             ObjectKind::Config,
             None,
             &serde_json::to_vec(&c).expect("config serializes"),
@@ -393,12 +459,25 @@ impl Repository {
             location: backend.location(),
         })?;
         tracing::debug!("keys/{key_id} opened the repository; key derivations run: {kdf_runs}");
-        let plain = crypto::open(&keys, ObjectKind::Config, None, sealed).map_err(|e| {
-            RepoError::CorruptOrTampered {
-                object: "config".into(),
-                why: e.to_string(),
-            }
-        })?;
+        let legacy = matches!(keys, OpenedKey::Legacy(_));
+        let live = match keys {
+            OpenedKey::Legacy(k) => LiveKeys::fixed(k),
+            OpenedKey::Pair(p) => LiveKeys::from_pair(backend.clone(), &key_id, p)?,
+        };
+        let plain = live
+            .open(ObjectKind::Config, None, sealed)
+            .map_err(|e| match e {
+                crypto::SealError::UnknownGeneration(generation) if legacy => {
+                    RepoError::LegacyKey {
+                        key: key_id.clone(),
+                        generation,
+                    }
+                }
+                e => RepoError::CorruptOrTampered {
+                    object: "config".into(),
+                    why: e.to_string(),
+                },
+            })?;
         let config: Config =
             serde_json::from_slice(&plain).map_err(|e| RepoError::CorruptOrTampered {
                 object: "config".into(),
@@ -418,7 +497,7 @@ impl Repository {
         }
         Ok(Repository {
             backend,
-            keys: Arc::new(keys),
+            live: Arc::new(live),
             config,
             key_id,
             kdf_runs,
@@ -442,9 +521,14 @@ impl Repository {
         &self.backend
     }
 
-    /// The master keys.
-    pub fn keys(&self) -> &Arc<MasterKeys> {
-        &self.keys
+    /// The master keys now (after any rotation this process has met).
+    pub fn keys(&self) -> Arc<MasterKeys> {
+        self.live.get()
+    }
+
+    /// The live keys: read again when an object names a generation they lack.
+    pub fn live_keys(&self) -> &Arc<LiveKeys> {
+        &self.live
     }
 
     /// The config.
@@ -473,7 +557,7 @@ impl Repository {
         okind: ObjectKind,
         plain: &[u8],
     ) -> Result<BlobId, RepoError> {
-        let sealed = crypto::seal(&self.keys, okind, None, plain);
+        let sealed = crypto::seal(&self.keys(), okind, None, plain);
         let id = BlobId(Sha256::digest(&sealed).into());
         let name = id.to_hex();
         let sealed = Bytes::from(sealed);
@@ -527,10 +611,12 @@ impl Repository {
                 why: "content does not match its name".into(),
             });
         }
-        crypto::open(&self.keys, okind, None, bytes).map_err(|e| RepoError::CorruptOrTampered {
-            object: object_path(kind, name),
-            why: e.to_string(),
-        })
+        self.live
+            .open(okind, None, bytes)
+            .map_err(|e| RepoError::CorruptOrTampered {
+                object: object_path(kind, name),
+                why: e.to_string(),
+            })
     }
 
     /// Loads and merges every index file.
@@ -752,8 +838,14 @@ impl Repository {
                             loc.length as u64,
                         )
                         .and_then(|sealed| {
-                            blob::decode(&self.keys, loc.kind, id, &sealed, loc.raw_length as usize)
-                                .ok()
+                            blob::decode(
+                                &self.keys(),
+                                loc.kind,
+                                id,
+                                &sealed,
+                                loc.raw_length as usize,
+                            )
+                            .ok()
                         })
                     {
                         return Ok(plain);
@@ -784,7 +876,7 @@ impl Repository {
                 },
                 other => RepoError::Backend(other),
             })?;
-        blob::decode(&self.keys, loc.kind, id, &sealed, loc.raw_length as usize).map_err(|e| {
+        blob::decode(&self.keys(), loc.kind, id, &sealed, loc.raw_length as usize).map_err(|e| {
             RepoError::CorruptOrTampered {
                 object: object_path(ObjectType::Pack, &pack),
                 why: e.to_string(),
@@ -850,16 +942,7 @@ impl Repository {
     /// # Errors
     /// Backend or KDF failures.
     pub fn add_key(&self, password: &[u8], host: &str, user: &str) -> Result<String, RepoError> {
-        let kf = KeyFile::create(&self.keys, password, host, user).map_err(|source| {
-            RepoError::KeyFile {
-                key: "(new)".into(),
-                source,
-            }
-        })?;
-        let bytes = kf.to_bytes();
-        let id = sha256_hex(&bytes);
-        self.backend.put(ObjectType::Key, &id, bytes.into())?;
-        Ok(id)
+        self.add_key_file(password, host, user, false)
     }
 }
 

@@ -226,14 +226,15 @@ fn blobs_outside(
 /// Another prune holding the lock, a damaged repository (nothing is deleted), or store
 /// failures (whatever was done before stays consistent).
 pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, PruneError> {
-    let keys = repo.keys().clone();
+    let keys = repo.keys();
+    let live = repo.live_keys().clone();
     let backend = repo.backend().clone();
     let _lock = if opts.dry_run {
         None
     } else {
         Some(RepoLock::acquire(
             backend.clone(),
-            keys.clone(),
+            live.clone(),
             LockKind::Prune,
             &opts.host,
             None,
@@ -241,7 +242,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
     };
     // The backups running now, read before the snapshots: one that finishes later was
     // running when we looked, so its lock is here.
-    let locks_at_start: Vec<LockRecord> = list_locks(&backend, &keys)?
+    let locks_at_start: Vec<LockRecord> = list_locks(&backend, &live)?
         .into_iter()
         .map(|(_, r)| r)
         .collect();
@@ -377,7 +378,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
     let live_locks: Vec<LockRecord> = {
         let mut l = locks_at_start;
         if !opts.dry_run {
-            l.extend(list_locks(&backend, &keys)?.into_iter().map(|(_, r)| r));
+            l.extend(list_locks(&backend, &live)?.into_iter().map(|(_, r)| r));
         }
         l.into_iter()
             .filter(|r| r.kind == LockKind::Backup && !r.is_stale(now))

@@ -97,7 +97,7 @@ pub(super) fn restore_pack(
                         let lo = (off as u64 - start) as usize;
                         let sealed = &mut range[lo..lo + b.length as usize];
                         match blob::decode_in_place(
-                            repo.keys(),
+                            &repo.keys(),
                             b.kind,
                             &b.id,
                             sealed,

@@ -1,0 +1,548 @@
+//! The repository's key generations (decision 0014, format.md §3): the keys an open
+//! repository seals and opens with ([`LiveKeys`], read again when an object names a
+//! generation this process does not know), and the verbs that write a new
+//! `generations/<serial>` bundle — `key rotate`, `key add`, `key remove`, `key passwd` and
+//! the conversion of a repository whose key files predate generations (`upgrade`). Each
+//! writes its bundle under an exclusive `keys` lock, so two hosts never both make serial
+//! N+1 or generation N+1.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::config::KEY_GENERATIONS;
+use super::lock::{LockKind, RepoLock};
+use super::{is_key_name, sha256_hex, RepoError, Repository};
+use crate::backend::{Backend, ObjectType};
+use crate::crypto::generations::{
+    bundle_name, parse_bundle_name, Bundle, GenerationInfo, GenerationsError, Grant, BUNDLE_VERSION,
+};
+use crate::crypto::{self, KeyFile, MasterKeys, ObjectKind, PairKey, SealError, Secret32};
+
+/// A process asks the store for newer keys at most this often (an object naming a
+/// generation nobody made must not turn every read into two requests more).
+const RELOAD_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a version-2 key's generations come from.
+struct PairSource {
+    backend: Arc<dyn Backend>,
+    key_id: String,
+    key: PairKey,
+}
+
+/// The keys of an open repository. A version-1 key file's keys are fixed; a version-2 key
+/// file's are its grant in the newest bundle, read again when an object or a lock names a
+/// generation they lack (a rotation since this process opened the repository).
+pub struct LiveKeys {
+    current: RwLock<Arc<MasterKeys>>,
+    /// The serial of the bundle `current` came from (0: none).
+    serial: Mutex<u64>,
+    source: Option<PairSource>,
+    last_reload: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for LiveKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveKeys(<redacted>)")
+    }
+}
+
+impl LiveKeys {
+    /// Keys that never change (a version-1 key file, or a repository being created).
+    pub fn fixed(keys: MasterKeys) -> Self {
+        LiveKeys {
+            current: RwLock::new(Arc::new(keys)),
+            serial: Mutex::new(0),
+            source: None,
+            last_reload: Mutex::new(None),
+        }
+    }
+
+    /// The keys of key file `key_id` (version 2): its grant in the newest bundle.
+    ///
+    /// # Errors
+    /// No bundle, no grant for the key, a tampered bundle, or backend failures.
+    pub fn from_pair(
+        backend: Arc<dyn Backend>,
+        key_id: &str,
+        key: PairKey,
+    ) -> Result<Self, RepoError> {
+        let (serial, keys) = grant_keys(&backend, key_id, &key)?;
+        Ok(LiveKeys {
+            current: RwLock::new(Arc::new(keys)),
+            serial: Mutex::new(serial),
+            source: Some(PairSource {
+                backend,
+                key_id: key_id.to_string(),
+                key,
+            }),
+            last_reload: Mutex::new(None),
+        })
+    }
+
+    /// The keys now.
+    pub fn get(&self) -> Arc<MasterKeys> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// True when these keys follow the repository's bundle (a version-2 key file).
+    pub fn follows_generations(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// Reads the newest bundle again (a version-1 key: nothing to read).
+    ///
+    /// # Errors
+    /// As [`LiveKeys::from_pair`].
+    pub fn reload(&self) -> Result<(), RepoError> {
+        let Some(src) = &self.source else {
+            return Ok(());
+        };
+        let (serial, keys) = grant_keys(&src.backend, &src.key_id, &src.key)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        *self.serial.lock().unwrap_or_else(|e| e.into_inner()) = serial;
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Reads the bundle again only if a newer one is listed (one listing when none is).
+    ///
+    /// # Errors
+    /// As [`LiveKeys::reload`].
+    pub fn refresh(&self) -> Result<(), RepoError> {
+        let Some(src) = &self.source else {
+            return Ok(());
+        };
+        let known = *self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let newest = src
+            .backend
+            .list(ObjectType::Generations)?
+            .into_iter()
+            .filter_map(|(n, _)| parse_bundle_name(&n))
+            .max()
+            .unwrap_or(0);
+        if newest > known {
+            self.reload()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the bundle again because generation `g` was met, unless it was read less
+    /// than [`RELOAD_AT_MOST_EVERY`] ago; true when `g` is known afterwards.
+    fn reload_for(&self, g: u32) -> bool {
+        if self.source.is_none() {
+            return false;
+        }
+        let recent = self
+            .last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < RELOAD_AT_MOST_EVERY);
+        if !recent {
+            tracing::debug!("generation {g} met: reading the key generations again");
+            if let Err(e) = self.reload() {
+                tracing::warn!("reading the key generations again: {e}");
+            }
+        }
+        self.get().generation(g).is_some()
+    }
+
+    /// Opens a sealed object, reading the generations again first when it names one these
+    /// keys lack.
+    ///
+    /// # Errors
+    /// As [`crypto::open`].
+    pub fn open(
+        &self,
+        kind: ObjectKind,
+        blob_id: Option<&[u8; 32]>,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
+        match crypto::open(&self.get(), kind, blob_id, sealed) {
+            Err(SealError::UnknownGeneration(g)) if self.reload_for(g) => {
+                crypto::open(&self.get(), kind, blob_id, sealed)
+            }
+            other => other,
+        }
+    }
+}
+
+/// The newest authentic bundle (None: the repository has none). A bundle that vanished
+/// between listing and reading was replaced by a newer one: listed again.
+///
+/// # Errors
+/// A newest bundle that does not verify (named), or backend failures.
+pub fn newest_bundle(
+    backend: &Arc<dyn Backend>,
+    id_key: &Secret32,
+) -> Result<Option<Bundle>, RepoError> {
+    for _ in 0..10 {
+        let newest = backend
+            .list(ObjectType::Generations)?
+            .into_iter()
+            .filter_map(|(n, _)| parse_bundle_name(&n).map(|s| (s, n)))
+            .max();
+        let Some((serial, name)) = newest else {
+            return Ok(None);
+        };
+        let bytes = match backend.get(ObjectType::Generations, &name) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let bad = |why: String| RepoError::CorruptOrTampered {
+            object: ObjectType::Generations.path_of(&name),
+            why,
+        };
+        let b = Bundle::parse_verified(&bytes, id_key).map_err(|e| bad(e.to_string()))?;
+        if b.serial != serial {
+            return Err(bad(format!("it says it is serial {}", b.serial)));
+        }
+        return Ok(Some(b));
+    }
+    Err(RepoError::CorruptOrTampered {
+        object: "generations/".into(),
+        why: "bundles keep disappearing while read".into(),
+    })
+}
+
+/// The master keys key file `key_id` gets from the newest bundle, with its serial.
+fn grant_keys(
+    backend: &Arc<dyn Backend>,
+    key_id: &str,
+    key: &PairKey,
+) -> Result<(u64, MasterKeys), RepoError> {
+    let bundle = newest_bundle(backend, &key.id_key)?.ok_or_else(|| RepoError::NoGenerations {
+        key: key_id.to_string(),
+    })?;
+    let enc_keys = bundle.open_grant(key_id, &key.pair).map_err(|e| match e {
+        GenerationsError::NoGrant(_) => RepoError::KeyNotGranted {
+            key: key_id.to_string(),
+            serial: bundle.serial,
+        },
+        other => RepoError::CorruptOrTampered {
+            object: ObjectType::Generations.path_of(&bundle_name(bundle.serial)),
+            why: other.to_string(),
+        },
+    })?;
+    Ok((
+        bundle.serial,
+        MasterKeys {
+            id_key: key.id_key.clone(),
+            chunker_secret: key.chunker_secret.clone(),
+            enc_keys,
+        },
+    ))
+}
+
+/// What a new bundle changes.
+enum Change<'a> {
+    /// A new generation.
+    Rotate,
+    /// Key file `id` (already written) joins.
+    Add(&'a str),
+    /// Key file `id` leaves (its file is deleted afterwards).
+    Remove(&'a str),
+}
+
+/// A key file of the repository as a bundle writer sees it.
+pub struct KeyEntry {
+    /// Its id.
+    pub id: String,
+    /// Its contents (None: unreadable or malformed).
+    pub file: Option<KeyFile>,
+    /// Its public key, when it is version 2 and authentic.
+    pub public: Option<[u8; 32]>,
+}
+
+impl KeyEntry {
+    /// True for a version-1 key file (it holds the keys itself and gets no grant).
+    pub fn is_legacy(&self) -> bool {
+        self.file.as_ref().is_some_and(|f| f.version == 1)
+    }
+}
+
+impl Repository {
+    /// True when the repository's key files take their encryption keys from
+    /// `generations/` bundles (the `key-generations` feature).
+    pub fn has_generations(&self) -> bool {
+        self.config.features.iter().any(|f| f == KEY_GENERATIONS)
+    }
+
+    /// The newest bundle (None: the repository predates key generations).
+    ///
+    /// # Errors
+    /// A tampered bundle, or backend failures.
+    pub fn generations(&self) -> Result<Option<Bundle>, RepoError> {
+        newest_bundle(&self.backend, &self.keys().id_key)
+    }
+
+    /// Every key file, with its public key where it is authentic.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn key_entries(&self) -> Result<Vec<KeyEntry>, RepoError> {
+        let id_key = self.keys().id_key.clone();
+        Ok(self
+            .list_keys()?
+            .into_iter()
+            .map(|(id, file)| {
+                let public = file.as_ref().and_then(|f| f.verified_public_key(&id_key));
+                KeyEntry { id, file, public }
+            })
+            .collect())
+    }
+
+    /// Takes the exclusive `keys` lock.
+    fn keys_lock(&self) -> Result<RepoLock, RepoError> {
+        Ok(RepoLock::acquire(
+            self.backend.clone(),
+            self.live.clone(),
+            LockKind::Keys,
+            &crate::host::hostname(),
+            None,
+        )?)
+    }
+
+    /// Writes the bundle after the newest with `change` applied, under the `keys` lock
+    /// (taken by the caller), then deletes the older bundles; returns it.
+    fn write_bundle(&self, change: Change<'_>, note: &str) -> Result<Bundle, RepoError> {
+        // Whatever was rotated since this process opened the repository is included.
+        self.live.reload()?;
+        let keys = self.keys();
+        let prev = self.generations()?;
+        let serial = prev.as_ref().map_or(1, |b| b.serial + 1);
+        let now = chrono::Utc::now().to_rfc3339();
+        let mut generations = prev.as_ref().map_or_else(
+            || {
+                keys.enc_keys
+                    .keys()
+                    .map(|g| GenerationInfo {
+                        generation: *g,
+                        created: now.clone(),
+                    })
+                    .collect()
+            },
+            |b| b.generations.clone(),
+        );
+        // Every generation in force must be one these keys hold (a version-1 key file
+        // opened after a rotation holds only the older ones).
+        if let Some(g) = generations
+            .iter()
+            .find(|g| keys.generation(g.generation).is_none())
+        {
+            return Err(RepoError::LegacyKey {
+                key: self.key_id.clone(),
+                generation: g.generation,
+            });
+        }
+        let mut enc_keys: BTreeMap<u32, Secret32> = generations
+            .iter()
+            .filter_map(|g| Some((g.generation, keys.generation(g.generation)?.clone())))
+            .collect();
+        if let Change::Rotate = change {
+            let next = generations.last().map_or(1, |g| g.generation + 1);
+            generations.push(GenerationInfo {
+                generation: next,
+                created: now.clone(),
+            });
+            enc_keys.insert(next, Secret32::random());
+        }
+        let entries = self.key_entries()?;
+        let mut grants = vec![];
+        for e in &entries {
+            if matches!(change, Change::Remove(id) if id == e.id) {
+                continue;
+            }
+            match (&e.public, &e.file) {
+                (Some(public), _) => grants.push(Grant::new(serial, &e.id, public, &enc_keys)),
+                (None, Some(f)) if f.version == 1 => {}
+                _ => tracing::warn!(
+                    "keys/{}: not made with this repository's keys (or damaged): no grant",
+                    e.id
+                ),
+            }
+        }
+        if let Change::Add(id) = change {
+            if !grants.iter().any(|g| g.key == id) {
+                return Err(RepoError::CorruptOrTampered {
+                    object: ObjectType::Key.path_of(id),
+                    why: "the key file just written is not listed or not authentic".into(),
+                });
+            }
+        }
+        let mut bundle = Bundle {
+            version: BUNDLE_VERSION,
+            serial,
+            written: now,
+            note: format!("{note} on {}", crate::host::hostname()),
+            generations,
+            retired: prev.as_ref().map(|b| b.retired.clone()).unwrap_or_default(),
+            grants,
+            mac: String::new(),
+        };
+        let bytes = bundle.seal_to_bytes(&keys.id_key);
+        self.backend.put(
+            ObjectType::Generations,
+            &bundle_name(serial),
+            Bytes::from(bytes),
+        )?;
+        // The older bundles grant what the new one does or less (or, after `key remove`,
+        // to a key that is gone): deleted. A reader that listed one lists again.
+        for (name, _) in self.backend.list(ObjectType::Generations)? {
+            if parse_bundle_name(&name).is_some_and(|s| s < serial) {
+                if let Err(e) = self.backend.delete(ObjectType::Generations, &name) {
+                    tracing::warn!("generations/{name}: {e}");
+                }
+            }
+        }
+        // (A key that removed itself — `key passwd` — has nothing more to read.)
+        if !matches!(change, Change::Remove(id) if id == self.key_id) {
+            self.live.reload()?;
+        }
+        Ok(bundle)
+    }
+
+    /// Adds a generation (`key rotate`): from now on every object written is sealed with
+    /// it. No object is rewritten. Refused while a version-1 key file remains (it could
+    /// not follow), and while another host changes the keys (exit 11).
+    ///
+    /// # Errors
+    /// `LegacyKeys`, a held `keys` lock, or backend failures.
+    pub fn rotate(&self) -> Result<Bundle, RepoError> {
+        if !self.has_generations() || !self.live.follows_generations() {
+            return Err(RepoError::NeedsKeyUpgrade);
+        }
+        let legacy: Vec<String> = self
+            .key_entries()?
+            .into_iter()
+            .filter(KeyEntry::is_legacy)
+            .map(|e| e.id)
+            .collect();
+        if !legacy.is_empty() {
+            return Err(RepoError::LegacyKeys(legacy));
+        }
+        let _lock = self.keys_lock()?;
+        self.write_bundle(Change::Rotate, "key rotate")
+    }
+
+    /// Adds a key file for another password (`recovery`: a recovery code's); returns its
+    /// id. With key generations: a version-2 key file and a bundle granting it the keys.
+    ///
+    /// # Errors
+    /// Backend or KDF failures, a held `keys` lock.
+    pub fn add_key_file(
+        &self,
+        password: &[u8],
+        host: &str,
+        user: &str,
+        recovery: bool,
+    ) -> Result<String, RepoError> {
+        let keyfile_err = |source| RepoError::KeyFile {
+            key: "(new)".into(),
+            source,
+        };
+        if !self.has_generations() {
+            let kf = KeyFile::create(&self.keys(), password, host, user).map_err(keyfile_err)?;
+            let bytes = kf.to_bytes();
+            let id = sha256_hex(&bytes);
+            self.backend.put(ObjectType::Key, &id, bytes.into())?;
+            return Ok(id);
+        }
+        let _lock = self.keys_lock()?;
+        let keys = self.keys();
+        let (kf, _) = KeyFile::create_pair(
+            &keys.id_key,
+            &keys.chunker_secret,
+            password,
+            host,
+            user,
+            recovery,
+        )
+        .map_err(keyfile_err)?;
+        let bytes = kf.to_bytes();
+        let id = sha256_hex(&bytes);
+        self.backend.put(ObjectType::Key, &id, bytes.into())?;
+        if let Err(e) = self.write_bundle(Change::Add(&id), "key add") {
+            let _ = self.backend.delete(ObjectType::Key, &id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Removes key file `id`: with key generations, first a bundle without its grant, so
+    /// it opens nothing written afterwards.
+    ///
+    /// # Errors
+    /// Backend failures, a held `keys` lock.
+    pub fn remove_key_file(&self, id: &str) -> Result<(), RepoError> {
+        if self.has_generations() {
+            let _lock = self.keys_lock()?;
+            self.write_bundle(Change::Remove(id), "key remove")?;
+        }
+        self.backend.delete(ObjectType::Key, id)?;
+        Ok(())
+    }
+
+    /// Converts a repository whose key files predate key generations (part of `upgrade`):
+    /// a version-2 key file for `password` (the one that opened it), bundle 1 with the
+    /// generations that key file held, the `key-generations` feature in the config; then
+    /// the version-1 key file in use is removed. Returns the new key id, or None when
+    /// there was nothing to do. Other version-1 key files keep opening the repository
+    /// until a rotation; `key passwd` with their password converts them.
+    ///
+    /// # Errors
+    /// Backend or KDF failures, a held `keys` lock.
+    pub fn upgrade_keys(
+        &mut self,
+        password: &[u8],
+        host: &str,
+        user: &str,
+    ) -> Result<Option<String>, RepoError> {
+        if self.has_generations() && self.live.follows_generations() {
+            return Ok(None);
+        }
+        let _lock = self.keys_lock()?;
+        let keys = self.keys();
+        let (kf, pair) = KeyFile::create_pair(
+            &keys.id_key,
+            &keys.chunker_secret,
+            password,
+            host,
+            user,
+            false,
+        )
+        .map_err(|source| RepoError::KeyFile {
+            key: "(new)".into(),
+            source,
+        })?;
+        let bytes = kf.to_bytes();
+        let id = sha256_hex(&bytes);
+        self.backend.put(ObjectType::Key, &id, bytes.into())?;
+        self.write_bundle(Change::Add(&id), "upgrade")?;
+        if !self.has_generations() {
+            let mut c = self.config.clone();
+            c.features.push(KEY_GENERATIONS.to_string());
+            c.version = c.version.max(2);
+            let sealed = crypto::seal(
+                &keys,
+                ObjectKind::Config,
+                None,
+                &serde_json::to_vec(&c).expect("config serializes"),
+            );
+            self.backend.replace_config(sealed.into())?;
+            self.config = c;
+        }
+        let old = std::mem::replace(&mut self.key_id, id.clone());
+        self.live = Arc::new(LiveKeys::from_pair(self.backend.clone(), &id, pair)?);
+        if is_key_name(&old) && old != id {
+            self.backend.delete(ObjectType::Key, &old)?;
+        }
+        Ok(Some(id))
+    }
+}
