@@ -26,8 +26,17 @@ command -v setfacl >/dev/null || need_apt+=(acl)
 command -v setcap >/dev/null || need_apt+=(libcap2-bin)
 command -v chattr >/dev/null || need_apt+=(e2fsprogs)
 command -v prlimit >/dev/null || need_apt+=(util-linux)
+# The OS-keyring tests: a Secret Service (gnome-keyring) on a private D-Bus session
+# (recipes.md section 4), without gnome-keyring's desktop recommendations.
+need_keyring=()
+command -v gnome-keyring-daemon >/dev/null || need_keyring+=(gnome-keyring)
+command -v dbus-run-session >/dev/null || need_keyring+=(dbus-daemon dbus-bin)
+command -v secret-tool >/dev/null || need_keyring+=(libsecret-tools)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+if [ ${#need_keyring[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_keyring[@]}"
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # The S3 server the tests start on loopback (docs: ../shared/design/recipes.md section 3).

@@ -546,3 +546,214 @@ impl Repository {
         Ok(Some(id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LocalBackend;
+    use crate::repo::lock::{list_locks, LockError};
+
+    fn init(dir: &std::path::Path) -> (Arc<dyn Backend>, Repository) {
+        let backend = Arc::new(LocalBackend::new(dir.join("repo")));
+        let repo = Repository::init_local(backend.clone(), b"pw", "h", "u", 1).unwrap();
+        (backend, repo)
+    }
+
+    fn open(backend: &Arc<dyn Backend>, pw: &[u8]) -> Result<Repository, RepoError> {
+        Repository::open(backend.clone(), pw)
+    }
+
+    #[test]
+    fn a_process_opened_before_a_rotation_reads_what_is_sealed_after_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (backend, first) = init(d.path());
+        assert_eq!(first.keys().current().0, 1);
+        let other = open(&backend, b"pw").unwrap();
+        let bundle = other.rotate().unwrap();
+        assert_eq!(bundle.current(), 2);
+        assert_eq!(other.keys().current().0, 2);
+        // An object sealed with generation 2 (its envelope says so) opens in the process
+        // that knew only generation 1, which reads the generations again.
+        let id = other
+            .save_object(ObjectType::Index, ObjectKind::Index, b"after the rotation")
+            .unwrap();
+        let sealed = backend.get(ObjectType::Index, &id.to_hex()).unwrap();
+        assert_eq!(crypto::aead::generation_of(&sealed).unwrap(), 2);
+        assert_eq!(first.keys().current().0, 1);
+        assert_eq!(
+            first
+                .load_object(ObjectType::Index, ObjectKind::Index, &id.to_hex())
+                .unwrap(),
+            b"after the rotation"
+        );
+        assert_eq!(first.keys().current().0, 2);
+        // And what generation 1 sealed still opens everywhere.
+        let old = first
+            .save_object(ObjectType::Index, ObjectKind::Index, b"x")
+            .unwrap();
+        let third = open(&backend, b"pw").unwrap();
+        third
+            .load_object(ObjectType::Index, ObjectKind::Index, &old.to_hex())
+            .unwrap();
+    }
+
+    #[test]
+    fn a_lock_sealed_after_a_rotation_is_seen_by_a_process_opened_before_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (backend, pruner) = init(d.path());
+        let backer = open(&backend, b"pw").unwrap();
+        backer.rotate().unwrap();
+        let _held = RepoLock::acquire(
+            backend.clone(),
+            backer.live_keys().clone(),
+            LockKind::Backup,
+            "other-host",
+            None,
+        )
+        .unwrap();
+        // The prune's view (generation 1 only when it opened) still lists the lock.
+        let locks = list_locks(&backend, pruner.live_keys()).unwrap();
+        assert_eq!(locks.len(), 1, "{locks:?}");
+        assert_eq!(locks[0].1.host, "other-host");
+        assert_eq!(locks[0].1.generation, Some(2));
+    }
+
+    #[test]
+    fn two_key_changes_never_run_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let (backend, a) = init(d.path());
+        let b = open(&backend, b"pw").unwrap();
+        let held = RepoLock::acquire(
+            backend.clone(),
+            a.live_keys().clone(),
+            LockKind::Keys,
+            "h",
+            None,
+        )
+        .unwrap();
+        match b.rotate() {
+            Err(RepoError::Lock(LockError::Locked { kind, .. })) => {
+                assert_eq!(kind, LockKind::Keys)
+            }
+            other => panic!("{:?}", other.map(|b| b.serial)),
+        }
+        // Nothing changed, and the refused rotation left no lock behind.
+        assert_eq!(b.generations().unwrap().unwrap().serial, 1);
+        drop(held);
+        assert!(list_locks(&backend, b.live_keys()).unwrap().is_empty());
+        assert_eq!(b.rotate().unwrap().current(), 2);
+    }
+
+    #[test]
+    fn a_planted_bundle_or_key_file_gets_nothing_and_fails_closed() {
+        let d = tempfile::tempdir().unwrap();
+        let (backend, repo) = init(d.path());
+        // A key file with a public key of someone else's choosing and no valid MAC: the
+        // next bundle grants it nothing.
+        let (mut planted, _) = KeyFile::create_pair(
+            &Secret32::random(),
+            &Secret32::random(),
+            b"x",
+            "evil",
+            "e",
+            false,
+        )
+        .unwrap();
+        planted.created = "2026-01-01T00:00:00+00:00".into();
+        let bytes = planted.to_bytes();
+        let planted_id = sha256_hex(&bytes);
+        backend
+            .put(ObjectType::Key, &planted_id, bytes.into())
+            .unwrap();
+        let bundle = repo.rotate().unwrap();
+        assert!(bundle.grant_for(&planted_id).is_none());
+        assert!(bundle.grant_for(repo.key_id()).is_some());
+        // A bundle written without the keys (a newer serial, any content): opening fails,
+        // naming it, rather than sealing with keys someone else chose.
+        let mut fake = bundle.clone();
+        fake.serial += 1;
+        let fake_bytes = fake.seal_to_bytes(&Secret32::random());
+        backend
+            .put(
+                ObjectType::Generations,
+                &bundle_name(fake.serial),
+                fake_bytes.into(),
+            )
+            .unwrap();
+        let e = open(&backend, b"pw").unwrap_err().to_string();
+        assert!(
+            e.contains(&bundle_name(fake.serial)) && e.contains("authentication"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_removed_key_file_copied_back_opens_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let (backend, repo) = init(d.path());
+        let leaked = repo.add_key(b"leaked", "h", "u").unwrap();
+        let copy = backend.get(ObjectType::Key, &leaked).unwrap();
+        repo.remove_key_file(&leaked).unwrap();
+        backend.put(ObjectType::Key, &leaked, copy.into()).unwrap();
+        match open(&backend, b"leaked") {
+            Err(RepoError::KeyNotGranted { key, .. }) => assert_eq!(key, leaked),
+            other => panic!("{:?}", other.map(|r| r.key_id().to_string())),
+        }
+        open(&backend, b"pw").unwrap();
+    }
+
+    #[test]
+    fn a_legacy_repository_converts_and_its_other_version_1_keys_block_rotation() {
+        let d = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(d.path().join("repo")));
+        // A repository as builds before key generations made it: version-1 key files
+        // wrapping the whole bundle, no generations/.
+        let keys = MasterKeys::generate();
+        LocalBackend::new(d.path().join("repo"))
+            .create_layout()
+            .unwrap();
+        for pw in [&b"one"[..], b"two"] {
+            let kf = KeyFile::create(&keys, pw, "h", "u").unwrap().to_bytes();
+            backend
+                .put(ObjectType::Key, &sha256_hex(&kf), kf.into())
+                .unwrap();
+        }
+        let config = super::super::Config {
+            version: 2,
+            id: "00".repeat(32),
+            chunker: crate::pipeline::ChunkerParams::default(),
+            zstd_level: 1,
+            pack_size: 16 << 20,
+            features: vec![],
+        };
+        let sealed = crypto::seal(
+            &keys,
+            ObjectKind::Config,
+            None,
+            &serde_json::to_vec(&config).unwrap(),
+        );
+        backend
+            .put(ObjectType::Config, "config", sealed.into())
+            .unwrap();
+        let mut one = open(&backend, b"one").unwrap();
+        assert!(!one.has_generations());
+        assert!(matches!(one.rotate(), Err(RepoError::NeedsKeyUpgrade)));
+        one.upgrade_keys(b"one", "h", "u").unwrap().unwrap();
+        assert!(one.has_generations());
+        // "two" is still version 1 and still opens (it holds generation 1), but blocks a
+        // rotation it could not follow.
+        let two = open(&backend, b"two").unwrap();
+        match one.rotate() {
+            Err(RepoError::LegacyKeys(ids)) => assert_eq!(ids, [two.key_id().to_string()]),
+            other => panic!("{:?}", other.map(|b| b.serial)),
+        }
+        // `key passwd` with "two": a version-2 key file, then the version-1 one removed.
+        let new_two = two.add_key(b"two again", "h", "u").unwrap();
+        two.remove_key_file(two.key_id()).unwrap();
+        assert_eq!(one.rotate().unwrap().current(), 2);
+        let reopened = open(&backend, b"two again").unwrap();
+        assert_eq!(reopened.key_id(), new_two);
+        assert_eq!(reopened.keys().current().0, 2);
+        assert!(reopened.keys().id_key == keys.id_key);
+    }
+}
