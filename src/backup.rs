@@ -187,6 +187,7 @@ pub fn run_backup(repo: &Repository, req: BackupRequest) -> Result<BackupReport,
         postgres: out.postgres,
         influxdb: out.influxdb,
         program_version: env!("CARGO_PKG_VERSION").into(),
+        original_id: None,
     };
     if !lock.is_fresh() {
         return Err(BackupError::LockStale);

@@ -103,10 +103,10 @@ impl<B: Backend> Backend for MetricsLayer<B> {
         r
     }
 
-    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
+    fn replace(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
         bump(&self.counters.put, 1);
         let len = data.len() as u64;
-        let r = self.inner.replace_config(data);
+        let r = self.inner.replace(kind, name, data);
         if r.is_ok() {
             bump(&self.counters.bytes_up, len);
         }
@@ -232,8 +232,8 @@ impl<B: Backend> Backend for RetryLayer<B> {
         self.run("put", || self.inner.put(kind, name, data.clone()))
     }
 
-    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
-        self.run("put", || self.inner.replace_config(data.clone()))
+    fn replace(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
+        self.run("put", || self.inner.replace(kind, name, data.clone()))
     }
 
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
@@ -352,8 +352,8 @@ impl<B: Backend> Backend for ThrottleLayer<B> {
         r
     }
 
-    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
-        self.inner.replace_config(data)
+    fn replace(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
+        self.inner.replace(kind, name, data)
     }
 
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
@@ -444,9 +444,9 @@ mod tests {
             self.trip()?;
             self.inner.put(k, n, d)
         }
-        fn replace_config(&self, d: Bytes) -> Result<(), BackendError> {
+        fn replace(&self, k: ObjectType, n: &str, d: Bytes) -> Result<(), BackendError> {
             self.trip()?;
-            self.inner.replace_config(d)
+            self.inner.replace(k, n, d)
         }
         fn get(&self, k: ObjectType, n: &str) -> Result<Vec<u8>, BackendError> {
             self.trip()?;

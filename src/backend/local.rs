@@ -155,14 +155,15 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
+    fn replace(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
         // A new file beside it, fsynced, renamed over it (atomic), then the directory
-        // fsynced: after a crash, `config` is the old bytes or the new.
-        let dest = self.full(ObjectType::Config, "config");
+        // fsynced: after a crash, the object is the old bytes or the new.
+        let dest = self.full(kind, name);
         let tmp = self.root.join("tmp").join(format!(
-            "{}-{}-config",
+            "{}-{}-{}",
             std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
+            self.counter.fetch_add(1, Ordering::Relaxed),
+            name.replace('/', "_")
         ));
         let io = |p: &Path, source| BackendError::Io {
             path: p.display().to_string(),
@@ -185,7 +186,8 @@ impl Backend for LocalBackend {
             let _ = fs::remove_file(&tmp);
             return Err(io(&dest, e));
         }
-        sync_dir(&self.root).map_err(|e| io(&self.root, e))
+        let dir = dest.parent().unwrap_or(&self.root);
+        sync_dir(dir).map_err(|e| io(dir, e))
     }
 
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {

@@ -188,12 +188,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// I/O failures, or `AlreadyExists`.
     fn put(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError>;
 
-    /// Replaces the one object that is ever replaced, `config` (a format upgrade),
-    /// atomically: a reader sees the old bytes or the new, never a mix or nothing.
+    /// Replaces an object whose name is fixed — `config` (a format upgrade, `key retire`)
+    /// or a WAL object (`key retire`) — atomically: a reader sees the old bytes or the
+    /// new, never a mix or nothing.
     ///
     /// # Errors
     /// I/O failures.
-    fn replace_config(&self, data: Bytes) -> Result<(), BackendError>;
+    fn replace(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError>;
+
+    /// [`Backend::replace`] of `config`.
+    ///
+    /// # Errors
+    /// As [`Backend::replace`].
+    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
+        self.replace(ObjectType::Config, "config", data)
+    }
 
     /// Reads a whole object.
     ///
@@ -280,8 +289,8 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn put(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
         (**self).put(kind, name, data)
     }
-    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
-        (**self).replace_config(data)
+    fn replace(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
+        (**self).replace(kind, name, data)
     }
     fn get(&self, kind: ObjectType, name: &str) -> Result<Vec<u8>, BackendError> {
         (**self).get(kind, name)

@@ -975,10 +975,10 @@ impl Backend for S3Backend {
         }
     }
 
-    fn replace_config(&self, data: Bytes) -> Result<(), BackendError> {
+    fn replace(&self, kind: ObjectType, name: &str, data: Bytes) -> Result<(), BackendError> {
         // A PUT replaces an object atomically: readers see the old or the new bytes (on a
         // versioned or Object Lock bucket, as a new version).
-        let key = self.key(ObjectType::Config, "config");
+        let key = self.key(kind, name);
         let ctx = self.ctx();
         let sum = b64_sha256(&data);
         self.run(async move { ctx.put_single(key, data, sum, None).await })

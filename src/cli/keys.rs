@@ -21,7 +21,12 @@ pub struct KeyArgs {
 #[derive(Subcommand, Debug)]
 enum KeyAction {
     /// List key files (`*` marks the one that opened the repository) and key generations.
-    List,
+    List {
+        /// Also count the objects sealed with each generation (reads every object's
+        /// envelope and each pack's header).
+        #[arg(long)]
+        usage: bool,
+    },
     /// Add a password (from BACKUPD_NEW_PASSWORD_FILE/_COMMAND/BACKUPD_NEW_PASSWORD or a
     /// prompt), or with --recovery a random recovery code, printed once.
     Add {
@@ -44,6 +49,30 @@ enum KeyAction {
     /// it, and `key retire` re-seals what older generations sealed; neither hides which
     /// chunks the repository holds from someone who had an old key and its password.
     Rotate,
+    /// After a key file and its password leaked: remove the named key files (their grants
+    /// first), then seal again every object sealed with generation GEN or older — packs,
+    /// index, snapshots (new ids; the old ones still name them), config, marks, WAL —
+    /// under the newest generation (made now if GEN is the newest), and drop those
+    /// generations, so the old keys open nothing the repository holds. Old packs are
+    /// marked and deleted after the grace period, as prune does: until then the
+    /// generations stay, and running it again finishes the job. Resumable; safe while
+    /// backups run (it waits for those still sealing with a retiring generation). The
+    /// blob-id key and the chunker secret cannot change without losing deduplication:
+    /// whoever had an old key and its password can still tell which chunks the
+    /// repository holds.
+    Retire {
+        /// Generations up to this one are retired.
+        generation: u32,
+        /// Key files (ids or unique prefixes) to remove first.
+        #[arg(long = "remove-key", value_name = "ID")]
+        remove_key: Vec<String>,
+        /// How long old packs stay marked before they are deleted (as prune's --grace).
+        #[arg(long, default_value = "24h")]
+        grace: String,
+        /// How long to wait for backups still sealing with a retiring generation.
+        #[arg(long, default_value = "30m")]
+        wait: String,
+    },
     /// Store the repository password (read from the usual sources, never an argument) in
     /// the OS keyring (Secret Service) as entry NAME, after checking it opens the
     /// repository; then BACKUPD_PASSWORD_KEYRING=NAME or a policy's password_keyring
@@ -93,7 +122,7 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
     }
     let (repo, pw) = g.open_on_with_password(g.backend()?)?;
     match a.action {
-        KeyAction::List => list(g, &repo)?,
+        KeyAction::List { usage } => list(g, &repo, usage)?,
         KeyAction::Add { recovery: true } => {
             let (id, code) = add_recovery_key(&repo)?;
             if g.json {
@@ -156,6 +185,12 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
                 ));
             }
         }
+        KeyAction::Retire {
+            generation,
+            remove_key,
+            grace,
+            wait,
+        } => retire(g, &repo, generation, &remove_key, &grace, &wait)?,
         KeyAction::KeyringSet { name } => {
             crate::keyring_secret::store(&name, &pw)?;
             g.say(format!(
@@ -169,10 +204,119 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
     Ok(())
 }
 
+/// `key retire`.
+fn retire(
+    g: &GlobalArgs,
+    repo: &Repository,
+    generation: u32,
+    remove: &[String],
+    grace: &str,
+    wait: &str,
+) -> Result<()> {
+    let dur = |flag: &str, v: &str| {
+        crate::policy::units::parse_duration(v).map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))
+    };
+    let keys = repo.list_keys()?;
+    let mut remove_keys = vec![];
+    for prefix in remove {
+        let m: Vec<&String> = keys
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with(prefix.as_str()))
+            .collect();
+        match m.as_slice() {
+            [] => bail!("no key {prefix:?}"),
+            [one] if one.as_str() == repo.key_id() => bail!(
+                "refusing to remove the key in use ({prefix}); open the repository with another password"
+            ),
+            [one] => remove_keys.push((*one).clone()),
+            _ => bail!("key prefix {prefix:?} is ambiguous"),
+        }
+    }
+    let opts = crate::repo::retire::RetireOptions {
+        generation,
+        remove_keys,
+        grace: dur("--grace", grace)?,
+        wait: dur("--wait", wait)?,
+    };
+    let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let shown = bytes.clone();
+    let bar = super::progress::Progress::start(
+        !g.quiet && !g.json,
+        "re-sealing packs",
+        None,
+        move || shown.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let report = repo.retire(&opts, &|_, _, done| {
+        bytes.store(done, std::sync::atomic::Ordering::Relaxed)
+    });
+    drop(bar);
+    let report = report.map_err(|e| match e {
+        crate::repo::retire::RetireError::Waiting { .. } => {
+            anyhow::Error::new(crate::error::ExitWith {
+                code: crate::error::EXIT_LOCKED,
+                message: e.to_string(),
+            })
+        }
+        other => other.into(),
+    })?;
+    if g.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    for (kind, gens) in &report.resealed {
+        for (gen, r) in gens {
+            println!(
+                "re-sealed {:>6} {kind} object(s) of generation {gen} ({}{})",
+                r.objects,
+                super::human(r.bytes),
+                if r.blobs > 0 {
+                    format!(", {} blobs", r.blobs)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    for k in &report.keys_removed {
+        println!("removed key {}", k.get(..8).unwrap_or(k));
+    }
+    if report.done() {
+        println!(
+            "generation(s) {:?} retired: everything is sealed with generation {} now; the old keys open nothing in the repository",
+            report.retired, report.generation
+        );
+    } else {
+        println!(
+            "{} old pack(s) marked, {} deleted, {} waiting for the grace period{}: run `backupd key retire {generation}` again then to drop the old generation(s)",
+            report.packs_marked,
+            report.packs_deleted,
+            report.packs_waiting,
+            report
+                .waiting_until
+                .map(|t| format!(" (until {})", t.to_rfc3339()))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 /// `key list`: the key files, then the generations.
-fn list(g: &GlobalArgs, repo: &Repository) -> Result<()> {
+fn list(g: &GlobalArgs, repo: &Repository, usage: bool) -> Result<()> {
     let entries = repo.key_entries()?;
     let bundle = repo.generations()?;
+    let usage = if usage {
+        Some(repo.generation_usage()?)
+    } else {
+        None
+    };
+    let used_by = |gen: u32| -> Vec<(String, u64, u64)> {
+        usage
+            .iter()
+            .flatten()
+            .filter_map(|(kind, gens)| gens.get(&gen).map(|(n, b)| (kind.clone(), *n, *b)))
+            .collect()
+    };
     let granted = |id: &str| bundle.as_ref().is_some_and(|b| b.grant_for(id).is_some());
     let kind = |e: &crate::repo::generations::KeyEntry| match &e.file {
         None => "unreadable",
@@ -202,8 +346,16 @@ fn list(g: &GlobalArgs, repo: &Repository) -> Result<()> {
                 .generations
                 .iter()
                 .map(|x| {
-                    json!({"generation": x.generation, "created": x.created,
-                                "current": x.generation == b.current()})
+                    let mut v = json!({"generation": x.generation, "created": x.created,
+                                       "current": x.generation == b.current()});
+                    if usage.is_some() {
+                        v["usage"] = used_by(x.generation)
+                            .into_iter()
+                            .map(|(k, n, b)| (k, json!({"objects": n, "bytes": b})))
+                            .collect::<serde_json::Map<_, _>>()
+                            .into();
+                    }
+                    v
                 })
                 .collect(),
             None => repo
@@ -250,6 +402,15 @@ fn list(g: &GlobalArgs, repo: &Repository) -> Result<()> {
                     ""
                 };
                 println!("  {:>4}  created {}{cur}", x.generation, x.created);
+                if usage.is_some() {
+                    let used = used_by(x.generation);
+                    if used.is_empty() {
+                        println!("        no objects");
+                    }
+                    for (k, n, b) in used {
+                        println!("        {n:>8} {k} ({})", super::human(b));
+                    }
+                }
             }
             for x in &b.retired {
                 println!("  {:>4}  created {}  (retired)", x.generation, x.created);

@@ -87,7 +87,7 @@ impl BlobKind {
         }
     }
 
-    fn object_kind(self) -> ObjectKind {
+    pub fn object_kind(self) -> ObjectKind {
         match self {
             BlobKind::Data => ObjectKind::DataBlob,
             BlobKind::Tree => ObjectKind::TreeBlob,
@@ -252,6 +252,32 @@ pub fn encode(
         framed.extend_from_slice(plaintext);
     }
     crypto::seal(keys, kind.object_kind(), Some(&id.0), &framed)
+}
+
+/// Seals one blob again with the newest generation of `keys` (which must also hold the
+/// one it is sealed with), after checking that it opens and decodes to its id; the
+/// compressed payload is kept as it is. `key retire` and prune's repack use it, so that a
+/// pack's blobs share its header's generation.
+///
+/// # Errors
+/// A blob that does not open, decode, or match its id.
+pub fn reseal(
+    keys: &MasterKeys,
+    kind: BlobKind,
+    id: &BlobId,
+    sealed: &[u8],
+    raw_len: usize,
+) -> Result<Vec<u8>, BlobError> {
+    let plain = decode(keys, kind, id, sealed, raw_len)?;
+    if keys.blob_id(&plain) != id.0 {
+        return Err(BlobError::Payload {
+            id: *id,
+            why: "its content does not match its id".into(),
+        });
+    }
+    let framed = crypto::open(keys, kind.object_kind(), Some(&id.0), sealed)
+        .map_err(|source| BlobError::Seal { id: *id, source })?;
+    Ok(crypto::seal(keys, kind.object_kind(), Some(&id.0), &framed))
 }
 
 /// Opens and decompresses one blob; `raw_len` bounds the output.

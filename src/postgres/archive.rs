@@ -64,6 +64,9 @@ pub enum ArchiveError {
     /// The store failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The key generations could not be read.
+    #[error(transparent)]
+    Keys(#[from] Box<crate::repo::RepoError>),
 }
 
 /// What a push did.
@@ -218,6 +221,10 @@ impl<'a> WalArchive<'a> {
         if backend.exists(ObjectType::Wal, &name)? {
             return self.compare_existing(file, bytes);
         }
+        // The newest key generation just before sealing (one listing): a `key retire`
+        // since this process opened the repository must not be left a segment sealed with
+        // a generation it is dropping.
+        self.repo.live_keys().refresh().map_err(Box::new)?;
         let sealed = Bytes::from(self.seal(file, bytes));
         match backend.put(ObjectType::Wal, &name, sealed) {
             Ok(()) => Ok(Pushed::Stored),

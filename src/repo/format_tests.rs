@@ -35,6 +35,7 @@ fn snapshot(features: &[&str]) -> Snapshot {
         program_version: "9.9.9".into(),
         features: features.iter().map(|f| f.to_string()).collect(),
         format: 2,
+        original_id: None,
     }
 }
 

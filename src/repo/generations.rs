@@ -241,13 +241,15 @@ fn grant_keys(
 }
 
 /// What a new bundle changes.
-enum Change<'a> {
+pub(crate) enum Change<'a> {
     /// A new generation.
     Rotate,
     /// Key file `id` (already written) joins.
     Add(&'a str),
     /// Key file `id` leaves (its file is deleted afterwards).
     Remove(&'a str),
+    /// Generations up to this one leave (`key retire`, once nothing is sealed with them).
+    Retire(u32),
 }
 
 /// A key file of the repository as a bundle writer sees it.
@@ -311,7 +313,7 @@ impl Repository {
 
     /// Writes the bundle after the newest with `change` applied, under the `keys` lock
     /// (taken by the caller), then deletes the older bundles; returns it.
-    fn write_bundle(&self, change: Change<'_>, note: &str) -> Result<Bundle, RepoError> {
+    pub(crate) fn write_bundle(&self, change: Change<'_>, note: &str) -> Result<Bundle, RepoError> {
         // Whatever was rotated since this process opened the repository is included.
         self.live.reload()?;
         let keys = self.keys();
@@ -345,6 +347,18 @@ impl Repository {
             .iter()
             .filter_map(|g| Some((g.generation, keys.generation(g.generation)?.clone())))
             .collect();
+        let mut retired = prev.as_ref().map(|b| b.retired.clone()).unwrap_or_default();
+        if let Change::Retire(upto) = change {
+            retired.extend(generations.iter().filter(|g| g.generation <= upto).cloned());
+            generations.retain(|g| g.generation > upto);
+            enc_keys.retain(|g, _| *g > upto);
+            if generations.is_empty() {
+                return Err(RepoError::CorruptOrTampered {
+                    object: "generations/".into(),
+                    why: format!("retiring up to {upto} would leave no generation"),
+                });
+            }
+        }
         if let Change::Rotate = change {
             let next = generations.last().map_or(1, |g| g.generation + 1);
             generations.push(GenerationInfo {
@@ -382,7 +396,7 @@ impl Repository {
             written: now,
             note: format!("{note} on {}", crate::host::hostname()),
             generations,
-            retired: prev.as_ref().map(|b| b.retired.clone()).unwrap_or_default(),
+            retired,
             grants,
             mac: String::new(),
         };

@@ -57,6 +57,21 @@ pub struct LockRecord {
     /// The key generation the holder seals with (absent in locks of older builds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u32>,
+    /// When the holder process started (`/proc/<pid>/stat` field 22, clock ticks after
+    /// boot), with `pid` on `host`: a process of this host that no longer runs is seen at
+    /// once, and a pid used again is not taken for the holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
+}
+
+/// When process `pid` started, in clock ticks after boot (None: no such process, or no
+/// `/proc` to ask).
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces and parentheses: the fields
+    // after the last `)` are `state ppid ...`; start time is field 22 overall.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl LockRecord {
@@ -66,6 +81,20 @@ impl LockRecord {
             .to_std()
             .unwrap_or_default()
             > STALE_AFTER
+            || self.holder_is_gone()
+    }
+
+    /// True when the holder was a process of this host that no longer runs (its pid gone,
+    /// or used by a process that started at another time).
+    pub fn holder_is_gone(&self) -> bool {
+        let Some(started) = self.pid_start else {
+            return false;
+        };
+        if self.host != crate::host::hostname() || !std::path::Path::new("/proc/self/stat").exists()
+        {
+            return false;
+        }
+        process_start(self.pid) != Some(started)
     }
 }
 
@@ -208,6 +237,7 @@ impl RepoLock {
             refreshed: now,
             postgres_system_id: postgres_system_id.map(|id| id.to_string()),
             generation: Some(keys.get().current().0),
+            pid_start: process_start(std::process::id()),
         };
         let name = write_record(&backend, &keys, &record)?;
         if matches!(kind, LockKind::Prune | LockKind::Keys) {
@@ -342,8 +372,45 @@ mod tests {
             refreshed: now - chrono::Duration::minutes(mins),
             postgres_system_id: None,
             generation: Some(1),
+            pid_start: None,
         };
         assert!(!rec(29).is_stale(now));
         assert!(rec(31).is_stale(now));
+    }
+
+    #[test]
+    fn a_lock_of_a_process_of_this_host_that_is_gone_is_stale_at_once() {
+        let now = Utc::now();
+        let me = std::process::id();
+        let mine = LockRecord {
+            kind: LockKind::Prune,
+            host: crate::host::hostname(),
+            pid: me,
+            started: now,
+            refreshed: now,
+            postgres_system_id: None,
+            generation: Some(1),
+            pid_start: process_start(me),
+        };
+        assert!(mine.pid_start.is_some());
+        assert!(!mine.is_stale(now), "this process runs");
+        // The same pid, started at another time: a reused pid, not the holder.
+        let reused = LockRecord {
+            pid_start: mine.pid_start.map(|t| t + 1),
+            ..mine.clone()
+        };
+        assert!(reused.is_stale(now));
+        // A pid that does not exist.
+        let gone = LockRecord {
+            pid: u32::MAX - 7,
+            ..mine.clone()
+        };
+        assert!(gone.is_stale(now));
+        // Another host's lock is judged by its refresh time only.
+        let other = LockRecord {
+            host: "another-host".into(),
+            ..gone
+        };
+        assert!(!other.is_stale(now));
     }
 }

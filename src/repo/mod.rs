@@ -9,6 +9,7 @@ pub mod keyhint;
 pub mod lock;
 pub mod pack;
 pub mod prune;
+pub mod retire;
 pub mod snapshot;
 pub mod tree;
 
@@ -780,6 +781,12 @@ impl Repository {
                 Err(e) => return Err(e),
             }
         }
+        if skip_newer {
+            // A `key retire` killed between writing a snapshot's new copy and deleting the
+            // old one leaves both: listed once (the next retire deletes the old one).
+            let copied: HashSet<BlobId> = out.iter().filter_map(|(_, s)| s.original_id).collect();
+            out.retain(|(id, _)| !copied.contains(id));
+        }
         out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
         Ok(out)
     }
@@ -806,6 +813,19 @@ impl Repository {
             .filter(|n| n.starts_with(spec))
             .collect();
         match names.as_slice() {
+            // A snapshot `key retire` sealed again answers to the id it was written with.
+            [] if !spec.is_empty() => {
+                let mut by_original: Vec<(BlobId, Snapshot)> = self
+                    .all_snapshots()?
+                    .into_iter()
+                    .filter(|(_, s)| s.original_id.is_some_and(|o| o.to_hex().starts_with(spec)))
+                    .collect();
+                match by_original.len() {
+                    0 => Err(RepoError::NoSnapshot(spec.into())),
+                    1 => Ok(by_original.remove(0)),
+                    _ => Err(RepoError::AmbiguousSnapshot(spec.into())),
+                }
+            }
             [] => Err(RepoError::NoSnapshot(spec.into())),
             [one] => {
                 let id = BlobId::from_hex(one).ok_or_else(|| RepoError::NoSnapshot(spec.into()))?;

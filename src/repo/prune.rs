@@ -338,10 +338,18 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
                 let sealed = bytes
                     .get(e.offset as usize..(e.offset as usize + e.length as usize))
                     .ok_or_else(|| PruneError::Damaged(format!("{path}: blob past the end")))?;
-                // Never copy damage into a new pack.
+                // Never copy damage into a new pack; and a blob of an older key generation
+                // is sealed again with the newest, so that every blob of a pack has the
+                // generation of its header (`key retire` reads only headers to know).
                 blob::decode(&keys, e.kind, &e.id, sealed, e.raw_length as usize)
                     .map_err(|err| PruneError::Damaged(format!("{path}: {err}")))?;
-                builder.add(e.kind, e.id, sealed, e.raw_length);
+                if crate::crypto::aead::generation_of(sealed).ok() == Some(keys.current().0) {
+                    builder.add(e.kind, e.id, sealed, e.raw_length);
+                } else {
+                    let again = blob::reseal(&keys, e.kind, &e.id, sealed, e.raw_length as usize)
+                        .map_err(|err| PruneError::Damaged(format!("{path}: {err}")))?;
+                    builder.add(e.kind, e.id, &again, e.raw_length);
+                }
                 elsewhere.insert(e.id);
                 report.blobs_repacked += 1;
                 if builder.len() >= pack_size {
@@ -538,4 +546,73 @@ fn expire_wal(
         }
     }
     Ok(removed)
+}
+
+/// Replaces the marks objects by one holding `marks` (stamped now where new) — the step a
+/// prune ends with, for `key retire`, which holds the prune lock. Returns the stamp.
+///
+/// # Errors
+/// Backend failures (the old marks objects stay; the new one holds all of them).
+pub(crate) fn rewrite_marks(
+    repo: &Repository,
+    mut marks: Marks,
+    new: &[BlobId],
+) -> Result<DateTime<Utc>, RepoError> {
+    let (_, objects) = load_marks(repo)?;
+    let stamp = Utc::now();
+    for p in new {
+        marks.entry(*p).or_insert(stamp);
+    }
+    if !marks.is_empty() {
+        let rec = MarksRecord {
+            written: stamp,
+            packs: marks.iter().map(|(p, t)| (p.to_hex(), *t)).collect(),
+        };
+        let plain = serde_json::to_vec(&rec).expect("marks serialize");
+        repo.save_object(ObjectType::Mark, ObjectKind::Marks, &plain)?;
+    }
+    for name in objects {
+        repo.backend().delete(ObjectType::Mark, &name)?;
+    }
+    Ok(stamp)
+}
+
+/// Deletes packs `gone`, every index file naming one rewritten first without them (rule 3
+/// of format.md §18); returns how many index files were rewritten.
+///
+/// # Errors
+/// Backend failures: what was done stays consistent (an index never names a deleted pack).
+pub(crate) fn delete_packs(repo: &Repository, gone: &HashSet<BlobId>) -> Result<usize, RepoError> {
+    let mut affected: Vec<(String, Vec<IndexedPack>)> = vec![];
+    for (name, _) in repo.backend().list(ObjectType::Index)? {
+        let packs = repo.load_index_file(&name)?;
+        if packs.iter().any(|p| gone.contains(&p.pack)) {
+            affected.push((name, packs));
+        }
+    }
+    let surviving: Vec<IndexedPack> = affected
+        .iter()
+        .flat_map(|(_, packs)| packs.iter())
+        .filter(|p| !gone.contains(&p.pack))
+        .cloned()
+        .collect();
+    if !surviving.is_empty() {
+        repo.save_index(&surviving)?;
+    }
+    for (name, _) in &affected {
+        repo.backend().delete(ObjectType::Index, name)?;
+    }
+    for p in gone {
+        match repo.backend().delete(ObjectType::Pack, &p.to_hex()) {
+            Err(e) if !e.is_not_found() => return Err(e.into()),
+            _ => {}
+        }
+    }
+    Ok(affected.len())
+}
+
+/// A backup lock that may still deduplicate against packs marked at `mark`: started
+/// before the mark (with the slack of rule 2d).
+pub(crate) fn holds_mark(lock: &LockRecord, mark: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    lock.kind == LockKind::Backup && !lock.is_stale(now) && lock.started < mark + MARK_SLACK
 }

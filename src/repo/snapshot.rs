@@ -97,6 +97,10 @@ pub struct Snapshot {
     /// Format features its trees use, which a reader must know to restore it (sorted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
+    /// The id it had when first written, if `key retire` sealed it again (ids are the
+    /// SHA-256 of the sealed bytes): `restore ID`, `snapshots` and `forget` accept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_id: Option<BlobId>,
     /// The format its trees were written in: 2 means every entry's extended attributes,
     /// flags and holes were recorded (so an unchanged file's may be taken from it), 1 (not
     /// written) that they were not.

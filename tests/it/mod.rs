@@ -20,6 +20,7 @@ mod pg;
 pub mod pgserver;
 pub mod policy;
 mod prune;
+mod retire;
 mod rotation;
 mod roundtrip;
 mod s3;
