@@ -54,6 +54,9 @@ pub struct PolicyMetrics {
     retention_last: Option<DateTime<Utc>>,
     retention_ok: Option<bool>,
     wal: Option<WalStatus>,
+    /// From the last key-rotation job: the repository, its newest generation, and when
+    /// that generation was made.
+    key: Option<(String, u64, DateTime<Utc>)>,
 }
 
 /// Every policy's numbers; also the scheduler's observer, keeping the state file.
@@ -288,6 +291,40 @@ impl Registry {
             "1 if the server's last archive attempt failed.",
             per(&|m| m.wal.as_ref().map(|w| if w.failing { 1.0 } else { 0.0 })),
         );
+        // Per repository (several policies may share one: the newest generation wins).
+        let mut repos: BTreeMap<String, (u64, DateTime<Utc>)> = BTreeMap::new();
+        for m in g.values() {
+            if let Some((r, gen, made)) = &m.key {
+                let e = repos.entry(r.clone()).or_insert((*gen, *made));
+                if *gen > e.0 {
+                    *e = (*gen, *made);
+                }
+            }
+        }
+        let now = Utc::now();
+        family(
+            "backupd_repository_key_generation",
+            "gauge",
+            "The repository's newest key generation (new objects are sealed with it).",
+            repos
+                .iter()
+                .map(|(r, (gen, _))| (format!("repository=\"{}\"", esc(r)), *gen as f64))
+                .collect(),
+        );
+        family(
+            "backupd_repository_key_age_seconds",
+            "gauge",
+            "How old the repository's newest key generation is.",
+            repos
+                .iter()
+                .map(|(r, (_, made))| {
+                    (
+                        format!("repository=\"{}\"", esc(r)),
+                        now.signed_duration_since(*made).num_seconds().max(0) as f64,
+                    )
+                })
+                .collect(),
+        );
         let r = *self.reloads.lock().unwrap_or_else(|e| e.into_inner());
         family(
             "backupd_agent_reloads_total",
@@ -413,6 +450,18 @@ impl Observer for Registry {
                 JobKind::Retention => {
                     m.retention_last = Some(ended);
                     m.retention_ok = Some(ok);
+                }
+                JobKind::KeyRotation => {
+                    let s = summary.as_ref();
+                    let repo = s.and_then(|s| s.get("repository")).and_then(|v| v.as_str());
+                    let generation = s.and_then(|s| s.get("generation")).and_then(|v| v.as_u64());
+                    let age = s
+                        .and_then(|s| s.get("age_seconds"))
+                        .and_then(|v| v.as_u64());
+                    if let (Some(r), Some(g), Some(a)) = (repo, generation, age) {
+                        let made = ended - chrono::Duration::seconds(a as i64);
+                        m.key = Some((r.to_string(), g, made));
+                    }
                 }
                 JobKind::Verify => {
                     if !matches!(outcome, JobOutcome::Abandoned) {

@@ -65,6 +65,7 @@ impl JobRunner for ProcessRunner {
             JobKind::Backup => cmd.args(["backup", "--policy", &policy.name]),
             JobKind::Retention => cmd.args(["forget", "--policy", &policy.name]),
             JobKind::Verify => cmd.args(["verify", "--policy", &policy.name]),
+            JobKind::KeyRotation => cmd.args(["key", "rotate", "--policy", &policy.name]),
         };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

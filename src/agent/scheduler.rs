@@ -60,6 +60,9 @@ pub enum JobKind {
     Retention,
     /// `verify --policy`.
     Verify,
+    /// `key rotate --policy` (after a good backup, for a policy with `[keys]
+    /// rotate_every`; it rotates only once the newest generation is that old).
+    KeyRotation,
 }
 
 impl JobKind {
@@ -69,6 +72,7 @@ impl JobKind {
             JobKind::Backup => "backup",
             JobKind::Retention => "retention",
             JobKind::Verify => "verify",
+            JobKind::KeyRotation => "key-rotation",
         }
     }
 }
@@ -253,6 +257,32 @@ async fn run_with_retries(
                 sh.observer.finished(
                     &policy.name,
                     JobKind::Retention,
+                    started,
+                    sh.clock.now(),
+                    &r,
+                );
+            }
+            if kind == JobKind::Backup
+                && matches!(outcome, JobOutcome::Success(_))
+                && policy
+                    .keys
+                    .as_ref()
+                    .is_some_and(|k| k.rotate_every.is_some())
+                && !*sh.shutdown.borrow()
+            {
+                let started = sh.clock.now();
+                sh.observer
+                    .started(&policy.name, JobKind::KeyRotation, started);
+                let r = sh
+                    .runner
+                    .run(policy.clone(), JobKind::KeyRotation, timeout)
+                    .await;
+                if let JobOutcome::Failed(why) = &r {
+                    tracing::error!(policy = %policy.name, job = "key-rotation", "key rotation failed: {why}");
+                }
+                sh.observer.finished(
+                    &policy.name,
+                    JobKind::KeyRotation,
                     started,
                     sh.clock.now(),
                     &r,

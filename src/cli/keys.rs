@@ -48,7 +48,15 @@ enum KeyAction {
     /// change (deduplication depends on them): a rotation protects what is written after
     /// it, and `key retire` re-seals what older generations sealed; neither hides which
     /// chunks the repository holds from someone who had an old key and its password.
-    Rotate,
+    Rotate {
+        /// Only when the newest generation is at least this old (`90d`); with --policy,
+        /// the policy's `[keys] rotate_every` unless given.
+        #[arg(long, value_name = "DURATION")]
+        if_older_than: Option<String>,
+        /// Use this policy's repository and password source (and rotate_every).
+        #[arg(long)]
+        policy: Option<String>,
+    },
     /// After a key file and its password leaked: remove the named key files (their grants
     /// first), then seal again every object sealed with generation GEN or older — packs,
     /// index, snapshots (new ids; the old ones still name them), config, marks, WAL —
@@ -120,6 +128,13 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
         ));
         return Ok(());
     }
+    if let KeyAction::Rotate {
+        if_older_than,
+        policy,
+    } = &a.action
+    {
+        return rotate(g, if_older_than.as_deref(), policy.as_deref());
+    }
     let (repo, pw) = g.open_on_with_password(g.backend()?)?;
     match a.action {
         KeyAction::List { usage } => list(g, &repo, usage)?,
@@ -168,23 +183,7 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
                 repo.key_id().get(..8).unwrap_or(repo.key_id())
             ));
         }
-        KeyAction::Rotate => {
-            let before = repo.keys().current().0;
-            let bundle = repo.rotate()?;
-            let now = bundle.current();
-            if g.json {
-                println!(
-                    "{}",
-                    json!({"generation": now, "previous": before, "serial": bundle.serial,
-                           "keys_granted": bundle.grants.len()})
-                );
-            } else {
-                g.say(format!(
-                    "key generation {now} created (was {before}): objects written from now on are sealed with it; nothing was re-encrypted ({} key files granted)",
-                    bundle.grants.len()
-                ));
-            }
-        }
+        KeyAction::Rotate { .. } => unreachable!("handled before opening"),
         KeyAction::Retire {
             generation,
             remove_key,
@@ -200,6 +199,53 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
             ));
         }
         KeyAction::KeyringDelete { .. } => unreachable!("handled before opening"),
+    }
+    Ok(())
+}
+
+/// `key rotate [--if-older-than DUR] [--policy NAME]`.
+fn rotate(g: &GlobalArgs, if_older_than: Option<&str>, policy: Option<&str>) -> Result<()> {
+    let (g, min_age) = match policy {
+        Some(name) => {
+            let pol = crate::policy::find(&g.policies, name)?;
+            let every = pol.keys.as_ref().and_then(|k| k.rotate_every);
+            (g.for_policy(&pol), every)
+        }
+        None => (g.clone(), None),
+    };
+    let min_age = match if_older_than {
+        Some(v) => Some(
+            crate::policy::units::parse_duration(v)
+                .map_err(|e| anyhow::anyhow!("--if-older-than {v:?}: {e}"))?,
+        ),
+        None => min_age,
+    };
+    let repo = g.open()?;
+    let before = repo.keys().current().0;
+    let (bundle, rotated) = repo.rotate_if_older(min_age)?;
+    let now = bundle.current();
+    let age = crate::repo::generations::generation_age(&bundle).map(|d| d.as_secs());
+    if g.json {
+        println!(
+            "{}",
+            json!({"generation": now, "previous": before, "rotated": rotated,
+                   "serial": bundle.serial, "keys_granted": bundle.grants.len(),
+                   "age_seconds": age, "repository": repo.backend().location()})
+        );
+    } else if rotated {
+        g.say(format!(
+            "key generation {now} created (was {before}): objects written from now on are sealed with it; nothing was re-encrypted ({} key files granted)",
+            bundle.grants.len()
+        ));
+    } else {
+        g.say(format!(
+            "key generation {now} is {} old, younger than {}: not rotated",
+            age.map(|s| format!("{}h", s / 3600))
+                .unwrap_or_else(|| "?".into()),
+            min_age
+                .map(|d| format!("{}h", d.as_secs() / 3600))
+                .unwrap_or_default()
+        ));
     }
     Ok(())
 }

@@ -258,6 +258,16 @@ pub struct Policy {
     pub hooks: Hooks,
     /// Limits.
     pub limits: Limits,
+    /// Key rotation (`[keys]`).
+    pub keys: Option<KeysSpec>,
+}
+
+/// `[keys]`: the repository's key generations.
+#[derive(Clone, Debug)]
+pub struct KeysSpec {
+    /// The agent runs `key rotate` (after a good backup) once the newest generation is
+    /// this old; one rotation per repository however many policies share it.
+    pub rotate_every: Option<Duration>,
 }
 
 /// Problems found in one file.

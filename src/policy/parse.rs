@@ -6,9 +6,9 @@ use std::time::Duration;
 use super::units::{parse_duration, parse_percent, parse_rate_kib, DURATION_FORMAT, RATE_FORMAT};
 use super::walk::{describe, Problem, Problems, Section, Spanned};
 use super::{
-    CronSchedule, Hooks, InfluxSpec, KeepRules, Limits, Policy, PostgresSpec, RepositorySpec,
-    RetentionSpec, S3Credentials, ScheduleSpec, SecretSource, SourceSpec, SqlCheck, SqlExpect,
-    VerifySpec,
+    CronSchedule, Hooks, InfluxSpec, KeepRules, KeysSpec, Limits, Policy, PostgresSpec,
+    RepositorySpec, RetentionSpec, S3Credentials, ScheduleSpec, SecretSource, SourceSpec, SqlCheck,
+    SqlExpect, VerifySpec,
 };
 
 /// Reads and validates one policy file.
@@ -161,6 +161,8 @@ impl Validator<'_> {
             Some(mut s) => self.limits(&mut s),
             None => Some(Limits::default()),
         };
+        let p = &mut self.p;
+        let keys = top.table(p, "keys").and_then(|mut s| self.keys(&mut s));
         top.finish(&mut self.p);
         Some(Policy {
             name: name?,
@@ -175,7 +177,15 @@ impl Validator<'_> {
             verify,
             hooks: hooks?,
             limits: limits?,
+            keys,
         })
+    }
+
+    fn keys(&mut self, s: &mut Section) -> Option<KeysSpec> {
+        let before = self.p.list.len();
+        let rotate_every = self.duration(s, "rotate_every");
+        s.finish(&mut self.p);
+        (!self.bad(before)).then_some(KeysSpec { rotate_every })
     }
 
     fn tags(&mut self, s: &mut Section, key: &str) -> Option<Vec<String>> {

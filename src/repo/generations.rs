@@ -240,6 +240,17 @@ fn grant_keys(
     ))
 }
 
+/// How old the newest generation of `bundle` is (None: its time does not parse).
+pub fn generation_age(bundle: &Bundle) -> Option<std::time::Duration> {
+    let created = bundle.generations.last()?.created.as_str();
+    let t = chrono::DateTime::parse_from_rfc3339(created).ok()?;
+    chrono::Utc::now()
+        .signed_duration_since(t)
+        .to_std()
+        .ok()
+        .or(Some(std::time::Duration::ZERO))
+}
+
 /// What a new bundle changes.
 pub(crate) enum Change<'a> {
     /// A new generation.
@@ -429,6 +440,19 @@ impl Repository {
     /// # Errors
     /// `LegacyKeys`, a held `keys` lock, or backend failures.
     pub fn rotate(&self) -> Result<Bundle, RepoError> {
+        self.rotate_if_older(None).map(|(b, _)| b)
+    }
+
+    /// [`Repository::rotate`] only when the newest generation is at least `min_age` old
+    /// (checked under the `keys` lock, so two policies sharing the repository rotate it
+    /// once); returns the newest bundle and whether it rotated.
+    ///
+    /// # Errors
+    /// As [`Repository::rotate`].
+    pub fn rotate_if_older(
+        &self,
+        min_age: Option<std::time::Duration>,
+    ) -> Result<(Bundle, bool), RepoError> {
         if !self.has_generations() || !self.live.follows_generations() {
             return Err(RepoError::NeedsKeyUpgrade);
         }
@@ -442,7 +466,13 @@ impl Repository {
             return Err(RepoError::LegacyKeys(legacy));
         }
         let _lock = self.keys_lock()?;
-        self.write_bundle(Change::Rotate, "key rotate")
+        if let Some(min) = min_age {
+            let newest = self.generations()?.ok_or(RepoError::NeedsKeyUpgrade)?;
+            if generation_age(&newest).is_some_and(|age| age < min) {
+                return Ok((newest, false));
+            }
+        }
+        Ok((self.write_bundle(Change::Rotate, "key rotate")?, true))
     }
 
     /// Adds a key file for another password (`recovery`: a recovery code's); returns its
@@ -769,5 +799,23 @@ mod tests {
         assert_eq!(reopened.key_id(), new_two);
         assert_eq!(reopened.keys().current().0, 2);
         assert!(reopened.keys().id_key == keys.id_key);
+    }
+
+    #[test]
+    fn a_rotation_due_is_made_once_however_many_ask() {
+        let d = tempfile::tempdir().unwrap();
+        let (backend, a) = init(d.path());
+        let b = open(&backend, b"pw").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let every = Some(std::time::Duration::from_secs(1));
+        let (first, rotated) = a.rotate_if_older(every).unwrap();
+        assert!(rotated);
+        assert_eq!(first.current(), 2);
+        // The second policy sharing the repository (opened before the rotation) finds
+        // generation 2 younger than its rotate_every: no generation 3.
+        let (second, rotated) = b.rotate_if_older(every).unwrap();
+        assert!(!rotated);
+        assert_eq!(second.current(), 2);
+        assert!(generation_age(&second).unwrap() < std::time::Duration::from_secs(1));
     }
 }

@@ -75,7 +75,7 @@ fn the_agent_runs_schedules_reloads_on_hup_and_stops_cleanly_on_term() {
             &pw,
             &format!("type = \"files\"\npaths = [\"{}\"]", src.display()),
             "cron = \"* * * * *\"",
-        ) + "[retention]\nkeep_last = 5\n",
+        ) + "[retention]\nkeep_last = 5\n[keys]\nrotate_every = \"1s\"\n",
     )
     .unwrap();
     // A backup that takes long: a command writing for 60 s.
@@ -177,6 +177,23 @@ fn the_agent_runs_schedules_reloads_on_hup_and_stops_cleanly_on_term() {
     );
     let snaps = repo.snapshots();
     assert!(snaps.iter().any(|s| s["policy"] == "quick"), "{snaps:?}");
+    // After its backup, quick's [keys] rotate_every (1s; the repository was made before
+    // the first run) made the agent rotate the repository's key.
+    let gen_series = format!(
+        "backupd_repository_key_generation{{repository=\"{}\"}}",
+        repo.location
+    );
+    let age_series = format!(
+        "backupd_repository_key_age_seconds{{repository=\"{}\"}}",
+        repo.location
+    );
+    wait_for("the key rotation", Duration::from_secs(30), || {
+        http_get(port, "/metrics").is_some_and(|(_, m)| sample(&m, &gen_series) >= Some(2.0))
+    });
+    let m = http_get(port, "/metrics").unwrap().1;
+    assert!(sample(&m, &age_series).is_some_and(|a| a < 120.0), "{m}");
+    let keys = repo.ok(&["key", "list", "--json"]).json();
+    assert!(keys["generations"].as_array().unwrap().len() >= 2, "{keys}");
     wait_for("slow to be running", Duration::from_secs(30), || {
         http_get(port, "/metrics").is_some_and(|(_, m)| {
             sample(&m, "backupd_policy_running{policy=\"slow\"}") == Some(1.0)

@@ -155,3 +155,70 @@ fn init_with_the_password_in_the_keyring_prints_a_recovery_code_that_opens_it() 
         .run()
         .ok();
 }
+
+#[test]
+fn the_secure_ohlcv_example_runs_with_its_password_in_the_keyring() {
+    let d = super::policy::PolicyDir::examples();
+    let root = d.dir.path().join("root");
+    let data = root.join("var/lib/secure-ohlcv/data");
+    std::fs::create_dir_all(data.join("cache")).unwrap();
+    std::fs::write(data.join("AAPL-2026-11.ohlcv.enc"), random_bytes(300_000)).unwrap();
+    std::fs::write(data.join("part.partial"), b"in flight").unwrap();
+    std::fs::write(data.join("cache/c"), b"cache").unwrap();
+    let file = d.policies().join("secure-ohlcv-data.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains("password_keyring = \"secure-ohlcv\""),
+        "{text}"
+    );
+    assert!(text.contains("rotate_every = \"365d\""), "{text}");
+    std::fs::write(
+        &file,
+        text.replace(
+            "/var/lib/secure-ohlcv",
+            &format!("{}/var/lib/secure-ohlcv", root.display()),
+        )
+        .replace(
+            "/var/backups/backupd",
+            &format!("{}/var/backups/backupd", root.display()),
+        ),
+    )
+    .unwrap();
+    let repo = root.join("var/backups/backupd");
+    let back = root.join("back");
+    let (code, out, err) = in_keyring_session(
+        &d.dir.path().join("home"),
+        "unlock-ohlcv",
+        &format!(
+            "export XDG_CACHE_HOME={c} P={p} R={r}\n\
+             printf '%s' 'the ohlcv repository password' | secret-tool store --label=x service backupd username secure-ohlcv || exit 9\n\
+             BACKUPD_PASSWORD_KEYRING=secure-ohlcv $B --repo $R init --no-recovery-code || exit 10\n\
+             $B --policies $P backup --policy secure-ohlcv-data --json || exit 11\n\
+             $B --policies $P key rotate --policy secure-ohlcv-data --json || exit 12\n\
+             $B --policies $P verify --policy secure-ohlcv-data || exit 13\n\
+             BACKUPD_PASSWORD_KEYRING=secure-ohlcv $B --repo $R restore latest --target {b} || exit 14",
+            c = d.dir.path().join("cache").display(),
+            p = d.policies().display(),
+            r = repo.display(),
+            b = back.display(),
+        ),
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let rotated: serde_json::Value = out
+        .lines()
+        .filter(|l| l.contains("\"rotated\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .next()
+        .expect("key rotate --json");
+    // Yearly: a fresh repository's generation is not due.
+    assert_eq!(rotated["rotated"], false, "{rotated}");
+    assert_eq!(rotated["generation"], 1, "{rotated}");
+    let restored = back.join(data.strip_prefix("/").unwrap());
+    assert_eq!(
+        std::fs::read(restored.join("AAPL-2026-11.ohlcv.enc")).unwrap(),
+        std::fs::read(data.join("AAPL-2026-11.ohlcv.enc")).unwrap()
+    );
+    // The policy's excludes held.
+    assert!(!restored.join("part.partial").exists());
+    assert!(!restored.join("cache").exists());
+}
