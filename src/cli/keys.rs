@@ -460,6 +460,10 @@ fn list(g: &GlobalArgs, repo: &Repository, usage: bool) -> Result<()> {
             }
             for x in &b.retired {
                 println!("  {:>4}  created {}  (retired)", x.generation, x.created);
+                // Nothing should be left; a count here is an object no key opens.
+                for (k, n, bytes) in used_by(x.generation) {
+                    println!("        {n:>8} {k} ({}) sealed with it: no key opens these", super::human(bytes));
+                }
             }
         }
         None => println!(

@@ -16,9 +16,10 @@ pub struct PruneArgs {
     /// backup runs (e.g. 24h, 2d; 0s deletes at the second run).
     #[arg(long, value_name = "DURATION", default_value = "24h")]
     grace: String,
-    /// Repack packs with at least this percentage of unused bytes.
+    /// Repack packs with at least this percentage of unused bytes (0: every pack, e.g. to
+    /// seal every blob with the newest key generation).
     #[arg(long, value_name = "PERCENT", default_value_t = 50,
-          value_parser = clap::value_parser!(u8).range(1..=100))]
+          value_parser = clap::value_parser!(u8).range(0..=100))]
     repack_unused: u8,
 }
 

@@ -268,16 +268,19 @@ pub fn reseal(
     sealed: &[u8],
     raw_len: usize,
 ) -> Result<Vec<u8>, BlobError> {
-    let plain = decode(keys, kind, id, sealed, raw_len)?;
-    if keys.blob_id(&plain) != id.0 {
+    let mut opened = sealed.to_vec();
+    let mut scratch = Vec::new();
+    let plain = decode_in_place(keys, kind, id, &mut opened, raw_len, &mut scratch)?;
+    if keys.blob_id(plain) != id.0 {
         return Err(BlobError::Payload {
             id: *id,
             why: "its content does not match its id".into(),
         });
     }
-    let framed = crypto::open(keys, kind.object_kind(), Some(&id.0), sealed)
-        .map_err(|source| BlobError::Seal { id: *id, source })?;
-    Ok(crypto::seal(keys, kind.object_kind(), Some(&id.0), &framed))
+    // `opened` holds the envelope header, then the framed payload (opened in place), then
+    // the tag: the framed payload is sealed again as it is.
+    let framed = &opened[crypto::SEAL_HEADER..opened.len() - 16];
+    Ok(crypto::seal(keys, kind.object_kind(), Some(&id.0), framed))
 }
 
 /// Opens and decompresses one blob; `raw_len` bounds the output.

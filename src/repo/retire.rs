@@ -38,6 +38,13 @@ use crate::pipeline::{blob, BlobId};
 /// last bundle (a push stores one segment: well under this).
 const WAL_SETTLE: Duration = Duration::from_secs(10);
 
+/// A pack sealed again: the new pack's index entry (None: it held no blob), the old
+/// one's generation, size and blob count.
+type ResealedPack = (Option<IndexedPack>, u32, u64, u64);
+
+/// Packs sealed again at once, at most.
+const RESEAL_WORKERS: usize = 2;
+
 /// Why a retire stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RetireError {
@@ -504,41 +511,47 @@ impl Repository {
             }
         }
         let total = todo.len() as u64;
-        let (mut done, mut bytes_done) = (0u64, 0u64);
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let bytes_done = std::sync::atomic::AtomicU64::new(0);
         progress(0, total, 0);
+        // A few packs at once (each worker holds one old and one new pack in memory).
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, RESEAL_WORKERS);
         // Batches: the new packs' index is written, then the old packs marked.
         for batch in todo.chunks(32) {
+            let per = batch.len().div_ceil(workers);
+            let results: Vec<Result<Vec<ResealedPack>, RetireError>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = batch
+                    .chunks(per.max(1))
+                    .map(|part| {
+                        let (done, bytes_done) = (&done, &bytes_done);
+                        sc.spawn(move || {
+                            let mut out = vec![];
+                            for (id, size, g) in part {
+                                let (new, blobs) = self.reseal_pack(keys, id)?;
+                                out.push((new, *g, *size, blobs));
+                                let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                                let b = bytes_done
+                                    .fetch_add(*size, std::sync::atomic::Ordering::Relaxed)
+                                    + size;
+                                progress(d, total, b);
+                            }
+                            Ok(out)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            });
             let mut new_index: Vec<IndexedPack> = vec![];
-            for (id, size, g) in batch {
-                let name = id.to_hex();
-                let path = super::object_path(ObjectType::Pack, &name);
-                let bytes = self.backend.get(ObjectType::Pack, &name)?;
-                let entries = pack::read_header(keys, &path, &bytes)
-                    .map_err(|e| RetireError::Damaged(e.to_string()))?;
-                let mut b = PackBuilder::default();
-                for e in &entries {
-                    let sealed = bytes
-                        .get(e.offset as usize..(e.offset as usize + e.length as usize))
-                        .ok_or_else(|| {
-                            RetireError::Damaged(format!("{path}: blob past the end"))
-                        })?;
-                    let again = blob::reseal(keys, e.kind, &e.id, sealed, e.raw_length as usize)
-                        .map_err(|err| RetireError::Damaged(format!("{path}: {err}")))?;
-                    b.add(e.kind, e.id, &again, e.raw_length);
+            for r in results {
+                for (new, g, size, blobs) in r? {
+                    new_index.extend(new);
+                    report.add("pack", g, size, blobs);
                 }
-                if !b.is_empty() {
-                    let fin = b.finish(keys);
-                    self.backend
-                        .put(ObjectType::Pack, &fin.id.to_hex(), Bytes::from(fin.bytes))?;
-                    new_index.push(IndexedPack {
-                        pack: fin.id,
-                        entries: fin.entries,
-                    });
-                }
-                report.add("pack", *g, *size, entries.len() as u64);
-                done += 1;
-                bytes_done += size;
-                progress(done, total, bytes_done);
             }
             if !new_index.is_empty() {
                 self.save_index(&new_index)?;
@@ -549,6 +562,43 @@ impl Repository {
             report.packs_marked += olds.len();
         }
         Ok(())
+    }
+
+    /// Writes a copy of pack `id` with every blob sealed again; returns its index entry
+    /// (None: the pack held no blob) and how many blobs it held.
+    fn reseal_pack(
+        &self,
+        keys: &Arc<MasterKeys>,
+        id: &BlobId,
+    ) -> Result<(Option<IndexedPack>, u64), RetireError> {
+        let name = id.to_hex();
+        let path = super::object_path(ObjectType::Pack, &name);
+        let bytes = self.backend.get(ObjectType::Pack, &name)?;
+        let entries = pack::read_header(keys, &path, &bytes)
+            .map_err(|e| RetireError::Damaged(e.to_string()))?;
+        let mut b = PackBuilder::default();
+        for e in &entries {
+            let sealed = bytes
+                .get(e.offset as usize..(e.offset as usize + e.length as usize))
+                .ok_or_else(|| RetireError::Damaged(format!("{path}: blob past the end")))?;
+            let again = blob::reseal(keys, e.kind, &e.id, sealed, e.raw_length as usize)
+                .map_err(|err| RetireError::Damaged(format!("{path}: {err}")))?;
+            b.add(e.kind, e.id, &again, e.raw_length);
+        }
+        drop(bytes);
+        if b.is_empty() {
+            return Ok((None, 0));
+        }
+        let fin = b.finish(keys);
+        self.backend
+            .put(ObjectType::Pack, &fin.id.to_hex(), Bytes::from(fin.bytes))?;
+        Ok((
+            Some(IndexedPack {
+                pack: fin.id,
+                entries: fin.entries,
+            }),
+            entries.len() as u64,
+        ))
     }
 
     /// Deletes marked packs of a retiring generation whose grace has passed and that no
