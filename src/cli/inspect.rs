@@ -125,6 +125,10 @@ pub fn snapshots(g: &GlobalArgs, a: SnapshotsArgs) -> Result<()> {
                 format!("  [{}]", s.tags.join(","))
             }
         );
+        // Sealed again by `key retire`: the id it was known by still names it.
+        if let Some(o) = &s.original_id {
+            println!("           was {}", o.short());
+        }
         if let Some(m) = &s.postgres {
             println!(
                 "           postgres {} system {} timeline {}  WAL {} .. {}  {} .. {}",

@@ -188,6 +188,14 @@ fn after_retire_a_leaked_key_file_and_its_password_open_no_object_of_the_reposit
         opened, tried,
         "before the retire the leaked keys open everything"
     );
+    let before: Vec<String> = repo
+        .ok(&["snapshots", "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
     assert!(tried > 20, "{tried} objects");
 
     let out = repo
@@ -241,7 +249,37 @@ fn after_retire_a_leaked_key_file_and_its_password_open_no_object_of_the_reposit
         gens[0]["usage"]["pack"]["objects"].as_u64().unwrap() > 0,
         "{usage}"
     );
-    // A snapshot answers to the id it had before.
+    // Every snapshot got a new id and keeps its old one, and answers to it.
+    let after = repo.ok(&["snapshots", "--json"]).json();
+    let after = after.as_array().unwrap();
+    assert_eq!(after.len(), before.len());
+    for s in after {
+        let original = s["original_id"].as_str().expect("original_id");
+        assert!(before.iter().any(|b| b == original), "{s}");
+        assert!(
+            !before.iter().any(|b| b == s["id"].as_str().unwrap()),
+            "{s}"
+        );
+    }
+    let files_before = before
+        .iter()
+        .find(|b| {
+            after
+                .iter()
+                .any(|s| s["original_id"] == b.as_str() && s["source"] == "files")
+        })
+        .unwrap();
+    let by_old = repo.scratch("by-old-id");
+    repo.cmd()
+        .args(["restore", &files_before[..10], "--target"])
+        .arg(&by_old)
+        .run()
+        .ok();
+    sh(&format!(
+        "diff -r {} {}",
+        src.display(),
+        by_old.join(src.strip_prefix("/").unwrap()).display()
+    ));
     let wal_fetched = repo.scratch("h");
     repo.cmd()
         .args(["wal-fetch", "00000002.history"])
