@@ -30,6 +30,12 @@ pub struct WalStatus {
     pub last_archived: Option<f64>,
     /// Whether the last archive attempt failed.
     pub failing: bool,
+    /// An upper bound on how much time of commits the repository could lose now (0 only
+    /// while the archive holds everything the server has written); see
+    /// `postgres::rpo::RpoTracker`.
+    pub rpo_seconds: Option<f64>,
+    /// The policy's objective (`source.rpo`).
+    pub rpo_objective_seconds: f64,
 }
 
 /// One policy's numbers.
@@ -276,8 +282,20 @@ impl Registry {
         family(
             "backupd_wal_archive_lag_seconds",
             "gauge",
-            "Age of the oldest unarchived WAL (0 when none is pending): the live RPO.",
+            "Age of the oldest complete but unarchived WAL segment (0 when none is pending); it does not see commits in the segment being written: backupd_wal_rpo_seconds does.",
             per(&|m| m.wal.as_ref().and_then(|w| w.lag_seconds)),
+        );
+        family(
+            "backupd_wal_rpo_seconds",
+            "gauge",
+            "Upper bound on how much time of commits the repository could lose now: the time since the archive last held everything the server had written (0 while it does).",
+            per(&|m| m.wal.as_ref().and_then(|w| w.rpo_seconds)),
+        );
+        family(
+            "backupd_policy_rpo_objective_seconds",
+            "gauge",
+            "The policy's recovery point objective (source.rpo).",
+            per(&|m| m.wal.as_ref().map(|w| w.rpo_objective_seconds)),
         );
         family(
             "backupd_wal_last_archived_timestamp_seconds",

@@ -177,10 +177,20 @@ impl Supervisor {
 
 /// Runs the agent until SIGTERM or SIGINT.
 ///
+/// Logs what the policies accept but should change (deprecated keys).
+fn warn_deprecated(policies: &[Policy]) {
+    for p in policies {
+        for w in &p.warnings {
+            tracing::warn!(policy = %p.name, "{w}");
+        }
+    }
+}
+
 /// # Errors
 /// Invalid policies, an unusable state directory or metrics address, at start.
 pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let policies = policy::load_dir(&opts.policies)?;
+    warn_deprecated(&policies);
     let state = Arc::new(AgentState::open(&opts.state_dir)?);
     let exe = std::env::current_exe()
         .map_err(|e| AgentError::Setup(format!("this program's path: {e}")))?;
@@ -248,6 +258,7 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
                     match policy::load_dir(&opts.policies) {
                         Ok(p) => {
                             tracing::info!(policies = p.len(), "reloaded the policies");
+                            warn_deprecated(&p);
                             registry.reloaded(true);
                             sup.apply(p);
                         }

@@ -1,6 +1,9 @@
 //! The live RPO of PostgreSQL policies: how far the server's WAL archiving (into the
 //! policy's repository, by `archive_command = 'backupd wal-push %p'`) is behind, polled
-//! from `pg_stat_archiver`.
+//! from `pg_stat_archiver` and `pg_current_wal_lsn()`: complete segments pending, and an
+//! upper bound on the commits the repository could lose ([`RpoTracker`]); the server's
+//! archiving settings are checked against the policy's `rpo` at every poll (a warning when
+//! what they say changes).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +13,7 @@ use tokio::sync::watch;
 use super::metrics::{Registry, WalStatus};
 use crate::policy::{Policy, SourceSpec};
 use crate::postgres::conn::env_with_password;
+use crate::postgres::rpo::{archive_problems, durable_end, parse_lsn, ArchiveSettings, RpoTracker};
 use crate::postgres::walname::Segment;
 
 /// How often each server is asked.
@@ -47,10 +51,25 @@ pub fn status_from(
             (Some(_), None) => true,
             _ => false,
         },
+        rpo_seconds: None,
+        rpo_objective_seconds: 0.0,
     }
 }
 
-async fn poll(policy: &Policy) -> Result<WalStatus, String> {
+/// One poll's answers.
+struct Polled {
+    status: WalStatus,
+    settings: ArchiveSettings,
+    target: String,
+    now: f64,
+    current_lsn: Option<u64>,
+    durable: Option<u64>,
+    /// The earliest time a commit the archive lacks could be from, when no earlier poll
+    /// says better: the server's start or its last archive, whichever is older.
+    unknown_since: f64,
+}
+
+async fn poll(policy: &Policy) -> Result<Polled, String> {
     let SourceSpec::Postgres(pg) = &policy.source else {
         return Err("not a postgres policy".into());
     };
@@ -80,7 +99,12 @@ async fn poll(policy: &Policy) -> Result<WalStatus, String> {
                     extract(epoch from last_archived_time)::float8,
                     extract(epoch from last_failed_time)::float8,
                     (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
-                    extract(epoch from now())::float8
+                    extract(epoch from now())::float8,
+                    pg_current_wal_lsn()::text,
+                    extract(epoch from pg_postmaster_start_time())::float8,
+                    current_setting('archive_mode'),
+                    current_setting('archive_command'),
+                    (SELECT setting::bigint FROM pg_settings WHERE name = 'archive_timeout')
                FROM pg_stat_archiver",
             &[],
         )
@@ -90,15 +114,31 @@ async fn poll(policy: &Policy) -> Result<WalStatus, String> {
     let _ = conn_task.await;
     let current: String = row.get(0);
     let last: Option<String> = row.get(1);
-    let seg: i64 = row.get(4);
-    Ok(status_from(
+    let seg = row.get::<_, i64>(4).max(1) as u64;
+    let now: f64 = row.get(5);
+    let last_archived_time: Option<f64> = row.get(2);
+    let started: f64 = row.get(7);
+    let status = status_from(
         &current,
         last.as_deref(),
-        row.get(2),
+        last_archived_time,
         row.get(3),
-        seg.max(1) as u64,
-        row.get(5),
-    ))
+        seg,
+        now,
+    );
+    Ok(Polled {
+        status,
+        settings: ArchiveSettings {
+            archive_mode: row.get(8),
+            archive_command: row.get(9),
+            archive_timeout_secs: row.get::<_, Option<i64>>(10).unwrap_or(0).max(0) as u64,
+        },
+        target: resolved.to_string(),
+        now,
+        current_lsn: parse_lsn(&row.get::<_, String>(6)),
+        durable: durable_end(last.as_deref(), seg),
+        unknown_since: last_archived_time.map_or(started, |a| a.min(started)),
+    })
 }
 
 /// Polls every postgres policy's server until `stop`.
@@ -114,10 +154,36 @@ pub async fn run(
     if pg.is_empty() {
         return;
     }
+    let mut trackers: std::collections::HashMap<String, RpoTracker> = Default::default();
+    let mut said: std::collections::HashMap<String, Vec<String>> = Default::default();
     loop {
         for p in &pg {
+            let SourceSpec::Postgres(spec) = &p.source else {
+                continue;
+            };
             match tokio::time::timeout(Duration::from_secs(20), poll(p)).await {
-                Ok(Ok(s)) => registry.set_wal(&p.name, Some(s)),
+                Ok(Ok(polled)) => {
+                    let mut s = polled.status;
+                    s.rpo_objective_seconds = spec.rpo.as_secs_f64();
+                    s.rpo_seconds = polled.current_lsn.map(|lsn| {
+                        trackers.entry(p.name.clone()).or_default().observe(
+                            polled.now,
+                            lsn,
+                            polled.durable,
+                            polled.unknown_since,
+                        )
+                    });
+                    // The server's settings against the objective: said at the first poll
+                    // and whenever what they say changes.
+                    let problems = archive_problems(&polled.settings, spec.rpo, &polled.target);
+                    if said.get(&p.name) != Some(&problems) {
+                        for w in &problems {
+                            tracing::warn!(policy = %p.name, "{w}");
+                        }
+                        said.insert(p.name.clone(), problems);
+                    }
+                    registry.set_wal(&p.name, Some(s));
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(policy = %p.name, "WAL archive status: {e}");
                     registry.set_wal(&p.name, None);

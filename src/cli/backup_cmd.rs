@@ -105,9 +105,17 @@ pub struct BackupArgs {
         default_value = "http://127.0.0.1:8086"
     )]
     influx_http: String,
-    /// Seconds to wait for the backup's WAL to reach the repository.
-    #[arg(long = "archive-timeout", value_name = "SECONDS", default_value_t = 60)]
-    archive_timeout: u64,
+    /// Seconds a base backup waits for its WAL to reach the repository.
+    #[arg(long = "wal-wait", value_name = "SECONDS")]
+    wal_wait: Option<u64>,
+    /// The old name of --wal-wait (deprecated: PostgreSQL's archive_timeout is another
+    /// setting).
+    #[arg(long = "archive-timeout", value_name = "SECONDS", hide = true)]
+    archive_timeout: Option<u64>,
+    /// The recovery point objective: warn when the server's archive_timeout is 0 or above
+    /// it (default 5m; a policy's source.rpo).
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    rpo: String,
     /// The snapshot's time instead of now ("2026-01-02 03:04:05", local time unless an
     /// offset or Z is given), as restic's --time: for importing older backups.
     #[arg(long, value_name = "TIME", value_parser = crate::cli::restore_cmd::parse_time_arg)]
@@ -152,11 +160,21 @@ fn pg_source(
     pg_data: Option<&std::path::Path>,
     label: Option<String>,
     fast_checkpoint: bool,
-    archive_timeout: std::time::Duration,
+    wal_wait: std::time::Duration,
+    rpo: std::time::Duration,
 ) -> Result<Box<dyn Source>> {
     let resolved = settings.resolve(env);
     let session = PgSession::connect(resolved.config(env)?, &resolved)?;
     session.check(pg_data)?;
+    // The objective the server's settings cannot meet: said, not fatal (the base backup
+    // itself is fine).
+    for problem in crate::postgres::rpo::archive_problems(
+        &session.info.archive_settings(),
+        rpo,
+        session.target(),
+    ) {
+        eprintln!("warning: {problem}");
+    }
     Ok(Box::new(PgSource {
         session,
         label: label.unwrap_or_else(|| {
@@ -166,7 +184,7 @@ fn pg_source(
             )
         }),
         fast_checkpoint,
-        archive_timeout,
+        wal_wait,
     }))
 }
 
@@ -202,7 +220,16 @@ pub fn run(g: &GlobalArgs, a: BackupArgs) -> Result<i32> {
             pg_data.as_deref(),
             a.pg_label.clone(),
             !a.pg_spread_checkpoint,
-            std::time::Duration::from_secs(a.archive_timeout),
+            std::time::Duration::from_secs(match (a.wal_wait, a.archive_timeout) {
+                (Some(w), _) => w,
+                (None, Some(old)) => {
+                    eprintln!("warning: --archive-timeout is deprecated: use --wal-wait (PostgreSQL's archive_timeout is another setting)");
+                    old
+                }
+                (None, None) => 60,
+            }),
+            crate::policy::units::parse_duration(&a.rpo)
+                .map_err(|e| anyhow::anyhow!("--rpo {:?}: {e}", a.rpo))?,
         )?
     } else if a.stdin_from_command {
         if a.command.is_empty() {
@@ -272,6 +299,9 @@ fn run_policy(g: &GlobalArgs, a: &BackupArgs, name: &str) -> Result<i32> {
         bail!("--policy takes its source from the policy: give no paths, --stdin, --stdin-from-command or --postgres");
     }
     let pol = crate::policy::find(&g.policies, name)?;
+    for w in &pol.warnings {
+        eprintln!("warning: {w}");
+    }
     let g = g.for_policy(&pol);
     let hooks = &pol.hooks;
     // Signals are handled from here on: an interrupt during a pre hook stops the hook and
@@ -372,7 +402,8 @@ fn policy_source(pol: &crate::policy::Policy) -> Result<Box<dyn Source>> {
                 Some(&pg.data_directory),
                 None,
                 pg.fast_checkpoint,
-                pg.archive_timeout,
+                pg.wal_wait,
+                pg.rpo,
             )?
         }
         SourceSpec::Influxdb(ix) => {

@@ -103,8 +103,12 @@ pub struct PostgresSpec {
     pub password: Option<SecretSource>,
     /// Ask for an immediate checkpoint (default) rather than a spread one.
     pub fast_checkpoint: bool,
-    /// How long to wait for the backup's WAL to be archived.
-    pub archive_timeout: Duration,
+    /// How long a base backup waits for its WAL to be archived (`wal_wait`; the old key
+    /// `archive_timeout` still works, with a warning).
+    pub wal_wait: Duration,
+    /// The recovery point objective (`rpo`, default 5 min): the server's
+    /// `archive_timeout` must not be 0 or above it.
+    pub rpo: Duration,
 }
 
 impl PostgresSpec {
@@ -260,6 +264,8 @@ pub struct Policy {
     pub limits: Limits,
     /// Key rotation (`[keys]`).
     pub keys: Option<KeysSpec>,
+    /// What is accepted but should change (deprecated keys), as `FILE:LINE: ...`.
+    pub warnings: Vec<String>,
 }
 
 /// `[keys]`: the repository's key generations.

@@ -52,7 +52,12 @@ pub fn parse_policy(text: &str, path: &Path) -> Result<Policy, Vec<Problem>> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let mut v = Validator { p, base };
+    let mut v = Validator {
+        p,
+        base,
+        warnings: vec![],
+        file: path.display().to_string(),
+    };
     let policy = v.policy(doc.as_table(), path);
     let mut list = v.p.list;
     list.sort_by_key(|pr| pr.line);
@@ -66,6 +71,10 @@ struct Validator<'s> {
     p: Problems<'s>,
     /// The policy file's directory: relative secret paths are relative to it.
     base: PathBuf,
+    /// Accepted, but should change: `FILE:LINE: ...`.
+    warnings: Vec<String>,
+    /// The file, for warnings.
+    file: String,
 }
 
 const NAME_RULE: &str = "a name of letters, digits, '.', '_' and '-' (at most 64)";
@@ -178,6 +187,7 @@ impl Validator<'_> {
             hooks: hooks?,
             limits: limits?,
             keys,
+            warnings: std::mem::take(&mut self.warnings),
         })
     }
 
@@ -598,7 +608,30 @@ impl Validator<'_> {
                 let user = s.string(p, "user", "a user name").map(|v| v.value);
                 let database = s.string(p, "database", "a database name").map(|v| v.value);
                 let fast = s.boolean(p, "fast_checkpoint").unwrap_or(true);
-                let archive_timeout = self.duration(s, "archive_timeout");
+                // `archive_timeout` was this key's name; PostgreSQL's setting of that name
+                // means something else (see rpo).
+                let wal_wait = self.duration(s, "wal_wait");
+                let old_name = match s.raw("archive_timeout") {
+                    Some((_, span)) => {
+                        let line = self.p.line_of(span.clone());
+                        if wal_wait.is_some() {
+                            self.p.add(
+                                span,
+                                &s.path_of("archive_timeout"),
+                                "only wal_wait (archive_timeout is its old name)",
+                                "both",
+                            );
+                        } else {
+                            self.warnings.push(format!(
+                                "{}:{line}: source.archive_timeout is deprecated: it is now source.wal_wait (how long a base backup waits for its WAL; PostgreSQL's archive_timeout is another setting, see source.rpo)",
+                                self.file
+                            ));
+                        }
+                        self.duration(s, "archive_timeout")
+                    }
+                    None => None,
+                };
+                let rpo = self.duration(s, "rpo");
                 let password = self.secret(s, false, "the PostgreSQL user");
                 let dd = dd.filter(|d| d.value.starts_with('/'))?;
                 Some(SourceSpec::Postgres(PostgresSpec {
@@ -609,7 +642,8 @@ impl Validator<'_> {
                     database,
                     password: password?,
                     fast_checkpoint: fast,
-                    archive_timeout: archive_timeout.unwrap_or(Duration::from_secs(60)),
+                    wal_wait: wal_wait.or(old_name).unwrap_or(Duration::from_secs(60)),
+                    rpo: rpo.unwrap_or(crate::postgres::rpo::DEFAULT_RPO),
                 }))
             }
             "influxdb" => {

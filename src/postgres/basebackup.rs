@@ -52,6 +52,8 @@ pub struct ServerInfo {
     pub archive_mode: String,
     /// `archive_command`.
     pub archive_command: String,
+    /// `archive_timeout`, seconds (0: off).
+    pub archive_timeout_secs: u64,
     /// `pg_is_in_recovery()`.
     pub in_recovery: bool,
     /// `pg_control_system().catalog_version_no`.
@@ -61,6 +63,15 @@ pub struct ServerInfo {
 }
 
 impl ServerInfo {
+    /// Its archiving settings.
+    pub fn archive_settings(&self) -> crate::postgres::rpo::ArchiveSettings {
+        crate::postgres::rpo::ArchiveSettings {
+            archive_mode: self.archive_mode.clone(),
+            archive_command: self.archive_command.clone(),
+            archive_timeout_secs: self.archive_timeout_secs,
+        }
+    }
+
     /// The tablespace sub-directory this server version writes (`PG_15_202209061`).
     pub fn tablespace_version_dir(&self) -> String {
         format!("PG_{}_{}", self.version_num / 10000, self.catalog_version)
@@ -306,7 +317,8 @@ async fn read_info(client: &Client) -> Result<ServerInfo, PgError> {
                     pg_size_bytes(current_setting('wal_segment_size'))::int8,
                     current_setting('block_size')::int4, current_setting('archive_mode'),
                     current_setting('archive_command'), pg_is_in_recovery(),
-                    s.catalog_version_no::int4
+                    s.catalog_version_no::int4,
+                    (select setting::int8 from pg_settings where name = 'archive_timeout')
              from pg_control_system() s",
             &[],
         )
@@ -349,6 +361,7 @@ async fn read_info(client: &Client) -> Result<ServerInfo, PgError> {
         block_size: block as u32,
         archive_mode: row.get(6),
         archive_command: row.get(7),
+        archive_timeout_secs: row.get::<_, Option<i64>>(10).unwrap_or(0).max(0) as u64,
         in_recovery: row.get(8),
         catalog_version: catalog as u32,
         tablespaces,

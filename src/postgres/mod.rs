@@ -9,6 +9,7 @@ pub mod conn;
 pub mod history;
 pub mod plan;
 pub mod recovery;
+pub mod rpo;
 pub mod walname;
 pub mod walscan;
 

@@ -22,7 +22,7 @@ pub struct PgSource {
     /// Ask for an immediate checkpoint instead of a spread one.
     pub fast_checkpoint: bool,
     /// How long to wait for the backup's WAL to reach the repository.
-    pub archive_timeout: Duration,
+    pub wal_wait: Duration,
 }
 
 impl Source for PgSource {
@@ -158,7 +158,7 @@ impl Source for PgSource {
                 meta.timeline,
                 meta.start_lsn,
                 meta.stop_lsn,
-                self.archive_timeout,
+                self.wal_wait,
             )?;
         }
         Ok(())

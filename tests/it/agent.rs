@@ -512,3 +512,158 @@ fn metrics_does_not_spin_when_file_descriptors_run_out() {
         "/healthz did not answer after the idle connections closed"
     );
 }
+
+#[test]
+fn a_quiet_server_with_archive_timeout_0_is_named_and_its_rpo_bound_passes_the_objective() {
+    use super::pgserver::PgEnv;
+    let env = PgEnv::new();
+    // Archiving into the repository with backupd wal-push, archive_timeout = 0 (the
+    // PostgreSQL default, as the test clusters are made).
+    let c = env.cluster("main");
+    assert_eq!(c.sql("show archive_timeout"), "0");
+    c.sql("select pg_switch_wal()");
+    wait_for("a first archived segment", Duration::from_secs(60), || {
+        c.sql("select last_archived_wal is not null from pg_stat_archiver") == "t"
+    });
+    // A base backup says the setting cannot meet its --rpo (and takes the old flag name,
+    // with a warning).
+    let out = env
+        .cmd()
+        .args([
+            "backup",
+            "--postgres",
+            "--pg-host",
+            "127.0.0.1",
+            "--pg-user",
+            "postgres",
+            "--rpo",
+            "2s",
+            "--archive-timeout",
+            "60",
+        ])
+        .arg("--pg-port")
+        .arg(c.port.to_string())
+        .run()
+        .ok();
+    assert!(
+        out.stderr.contains("archive_timeout is 0")
+            && out.stderr.contains("--archive-timeout is deprecated"),
+        "{}",
+        out.describe()
+    );
+    // One commit, then quiet: it stays in the segment being written.
+    c.sql("create table t(i int); insert into t values (1)");
+    let work = env.path("agent");
+    let pol = work.join("policies");
+    fs::create_dir_all(&pol).unwrap();
+    fs::write(
+        pol.join("db.toml"),
+        format!(
+            "[repository]\nlocation = \"{}\"\npassword_file = \"{}\"\n[source]\ntype = \"postgres\"\ndata_directory = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nrpo = \"2s\"\narchive_timeout = \"90s\"\n[schedule]\ncron = \"@yearly\"\n",
+            env.location,
+            env.password_file.display(),
+            c.data.display(),
+            c.port
+        ),
+    )
+    .unwrap();
+    // policy check stays offline unless asked; --online names the setting; --strict
+    // makes it an error. The old key name is accepted, with a warning.
+    let offline = backupd().args(["policy", "check"]).arg(&pol).run().ok();
+    assert!(
+        !offline.stderr.contains("archive_timeout is 0"),
+        "{}",
+        offline.describe()
+    );
+    assert!(
+        offline
+            .stderr
+            .contains("source.archive_timeout is deprecated"),
+        "{}",
+        offline.describe()
+    );
+    let online = backupd()
+        .args(["policy", "check", "--online"])
+        .arg(&pol)
+        .run()
+        .ok();
+    assert!(
+        online.stderr.contains("archive_timeout is 0") && online.stderr.contains("rpo is 2s"),
+        "{}",
+        online.describe()
+    );
+    backupd()
+        .args(["policy", "check", "--online", "--strict"])
+        .arg(&pol)
+        .run()
+        .expect(1);
+    // A server that cannot be reached is said to be so, not passed.
+    let down = pol.join("down.toml");
+    fs::write(
+        &down,
+        fs::read_to_string(pol.join("db.toml")).unwrap().replace(
+            &format!("port = {}", c.port),
+            &format!("port = {}", free_port()),
+        ),
+    )
+    .unwrap();
+    let out = backupd()
+        .args(["policy", "check", "--online"])
+        .arg(&down)
+        .run()
+        .ok();
+    assert!(
+        out.stderr.contains("cannot check the server (not a pass)"),
+        "{}",
+        out.describe()
+    );
+    fs::remove_file(&down).unwrap();
+    // Quiet for a while: the commit's age is what the bound must cover.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let port = free_port();
+    let mut agent = Command::new(BIN)
+        .arg("--policies")
+        .arg(&pol)
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = agent.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let mut r = stderr;
+        let _ = r.read_to_string(&mut s);
+        s
+    });
+    let mut m = String::new();
+    wait_for("the first WAL poll", Duration::from_secs(30), || {
+        m = http_get(port, "/metrics").map(|r| r.1).unwrap_or_default();
+        sample(&m, "backupd_wal_rpo_seconds{policy=\"db\"}").is_some()
+    });
+    signal(&agent, "TERM");
+    let _ = agent.wait();
+    let log = log.join().unwrap();
+    // Nothing complete is pending, so the old metric says 0 ...
+    assert_eq!(
+        sample(&m, "backupd_wal_archive_pending_segments{policy=\"db\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "backupd_wal_archive_lag_seconds{policy=\"db\"}"),
+        Some(0.0),
+        "{m}"
+    );
+    // ... while the commit in the segment being written is not in the repository: the
+    // bound is above the objective, and the alert condition holds.
+    let rpo = sample(&m, "backupd_wal_rpo_seconds{policy=\"db\"}").unwrap();
+    let objective = sample(&m, "backupd_policy_rpo_objective_seconds{policy=\"db\"}").unwrap();
+    assert_eq!(objective, 2.0, "{m}");
+    assert!(rpo > objective, "rpo {rpo} <= objective {objective}\n{m}");
+    assert!(log.contains("archive_timeout is 0"), "{log}");
+}

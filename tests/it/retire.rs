@@ -329,8 +329,9 @@ fn a_retire_killed_at_random_moments_finishes_when_run_again_local_and_s3() {
             );
             kills += 1;
             // After each kill: the repository checks clean (the killed run's locks are
-            // stale at once: its process is gone).
+            // stale at once: its process is gone) and every snapshot restores exactly.
             repo.ok(&["check"]);
+            restores_exactly(&repo, &src, &format!("kill-{round}"));
         }
         if !finished {
             let out = repo
