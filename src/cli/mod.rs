@@ -558,6 +558,23 @@ pub fn main() -> i32 {
         _ if remote => crate::allocator::Profile::Write,
         _ => crate::allocator::Profile::Read,
     });
+    // A reader of stdout that goes away (`backupd ls latest | head`) ends the command
+    // quietly with 141, as SIGPIPE ends other tools, instead of a panic message: Rust
+    // ignores SIGPIPE, so `println!` panics on the broken pipe (sockets are written with
+    // MSG_NOSIGNAL and are not concerned).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     let is_agent = matches!(cli.command, Verb::Agent(_));
     let filter = tracing_subscriber::EnvFilter::try_from_env("BACKUPD_LOG").unwrap_or_else(|_| {
         // The AWS SDK logs every step of credential and region discovery as a warning

@@ -403,3 +403,30 @@ fn json_outputs_follow_the_contract() {
     // check on a healthy repository.
     repo.ok(&["check", "--read-data"]);
 }
+
+#[test]
+fn a_listing_whose_reader_goes_away_ends_quietly_with_141() {
+    let repo = Repo::new();
+    let src = repo.scratch("many");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..3000 {
+        fs::write(src.join(format!("file-{i:05}")), b"x").unwrap();
+    }
+    repo.ok(&["backup", src.to_str().unwrap()]);
+    // `head -1` reads one line and exits; backupd's next writes meet a closed pipe.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "\"$B\" --repo \"$R\" ls latest | head -1; echo \"status=${{PIPESTATUS[0]}}\""
+        ))
+        .env("B", BIN)
+        .env("R", &repo.location)
+        .env("BACKUPD_PASSWORD", PASSWORD)
+        .env("XDG_CACHE_HOME", repo.scratch("cache"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("status=141"), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
