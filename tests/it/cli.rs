@@ -416,9 +416,7 @@ fn a_listing_whose_reader_goes_away_ends_quietly_with_141() {
     // `head -1` reads one line and exits; backupd's next writes meet a closed pipe.
     let out = std::process::Command::new("bash")
         .arg("-c")
-        .arg(format!(
-            "\"$B\" --repo \"$R\" ls latest | head -1; echo \"status=${{PIPESTATUS[0]}}\""
-        ))
+        .arg("\"$B\" --repo \"$R\" ls latest | head -1; echo \"status=${PIPESTATUS[0]}\"")
         .env("B", BIN)
         .env("R", &repo.location)
         .env("BACKUPD_PASSWORD", PASSWORD)
