@@ -152,20 +152,7 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
             g.say(format!("added key {}", id.get(..8).unwrap_or(&id)));
         }
         KeyAction::Remove { id } => {
-            let keys = repo.list_keys()?;
-            let matches: Vec<&String> = keys
-                .iter()
-                .map(|(k, _)| k)
-                .filter(|k| k.starts_with(&id))
-                .collect();
-            let target = match matches.as_slice() {
-                [] => bail!("no key {id:?}"),
-                [one] => (*one).clone(),
-                _ => bail!("key prefix {id:?} is ambiguous"),
-            };
-            if target == repo.key_id() {
-                bail!("refusing to remove the key in use; open the repository with another password to remove this one");
-            }
+            let target = removable_key(&repo, &repo.list_keys()?, &id)?;
             repo.remove_key_file(&target)?;
             g.say(format!(
                 "removed key {}",
@@ -201,6 +188,27 @@ pub fn run(g: &GlobalArgs, a: KeyArgs) -> Result<()> {
         KeyAction::KeyringDelete { .. } => unreachable!("handled before opening"),
     }
     Ok(())
+}
+
+/// The key file `prefix` names among `keys`, if it is one and not the key in use.
+fn removable_key(
+    repo: &Repository,
+    keys: &[(String, Option<crate::crypto::KeyFile>)],
+    prefix: &str,
+) -> Result<String> {
+    let matches: Vec<&String> = keys
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(prefix))
+        .collect();
+    match matches.as_slice() {
+        [] => bail!("no key {prefix:?}"),
+        [one] if one.as_str() == repo.key_id() => bail!(
+            "refusing to remove the key in use ({prefix}); open the repository with another password to remove this one"
+        ),
+        [one] => Ok((*one).clone()),
+        _ => bail!("key prefix {prefix:?} is ambiguous"),
+    }
 }
 
 /// `key rotate [--if-older-than DUR] [--policy NAME]`.
@@ -263,22 +271,10 @@ fn retire(
         crate::policy::units::parse_duration(v).map_err(|e| anyhow::anyhow!("{flag} {v:?}: {e}"))
     };
     let keys = repo.list_keys()?;
-    let mut remove_keys = vec![];
-    for prefix in remove {
-        let m: Vec<&String> = keys
-            .iter()
-            .map(|(k, _)| k)
-            .filter(|k| k.starts_with(prefix.as_str()))
-            .collect();
-        match m.as_slice() {
-            [] => bail!("no key {prefix:?}"),
-            [one] if one.as_str() == repo.key_id() => bail!(
-                "refusing to remove the key in use ({prefix}); open the repository with another password"
-            ),
-            [one] => remove_keys.push((*one).clone()),
-            _ => bail!("key prefix {prefix:?} is ambiguous"),
-        }
-    }
+    let remove_keys = remove
+        .iter()
+        .map(|prefix| removable_key(repo, &keys, prefix))
+        .collect::<Result<Vec<_>>>()?;
     let opts = crate::repo::retire::RetireOptions {
         generation,
         remove_keys,

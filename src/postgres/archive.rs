@@ -69,6 +69,15 @@ pub enum ArchiveError {
     Keys(#[from] Box<crate::repo::RepoError>),
 }
 
+/// The associated data binding a WAL object to its name under `wal/` (format.md §17): a
+/// segment stored under another name fails to open.
+pub fn binding_of(object_name: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"backupd wal\0");
+    h.update(object_name.as_bytes());
+    h.finalize().into()
+}
+
 /// What a push did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pushed {
@@ -120,10 +129,7 @@ impl<'a> WalArchive<'a> {
     }
 
     fn binding(&self, file: &str) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(b"backupd wal\0");
-        h.update(self.object_name(file).as_bytes());
-        h.finalize().into()
+        binding_of(&self.object_name(file))
     }
 
     fn check_name(file: &str) -> Result<(), ArchiveError> {

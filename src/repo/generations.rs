@@ -568,7 +568,11 @@ impl Repository {
         let bytes = kf.to_bytes();
         let id = sha256_hex(&bytes);
         self.backend.put(ObjectType::Key, &id, bytes.into())?;
-        self.write_bundle(Change::Add(&id), "upgrade")?;
+        if let Err(e) = self.write_bundle(Change::Add(&id), "upgrade") {
+            // Nothing grants it: the repository stays as it was.
+            let _ = self.backend.delete(ObjectType::Key, &id);
+            return Err(e);
+        }
         if !self.has_generations() {
             let mut c = self.config.clone();
             c.features.push(KEY_GENERATIONS.to_string());

@@ -436,23 +436,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
     if !deletable.is_empty() {
         let gone: HashSet<BlobId> = deletable.iter().copied().collect();
         // 1. Index files without the deleted packs, before any pack goes.
-        let affected: Vec<&(String, Vec<IndexedPack>)> = index_files
-            .iter()
-            .filter(|(_, packs)| packs.iter().any(|p| gone.contains(&p.pack)))
-            .collect();
-        let surviving: Vec<IndexedPack> = affected
-            .iter()
-            .flat_map(|(_, packs)| packs.iter())
-            .filter(|p| !gone.contains(&p.pack))
-            .cloned()
-            .collect();
-        if !surviving.is_empty() {
-            repo.save_index(&surviving)?;
-        }
-        for (name, _) in &affected {
-            backend.delete(ObjectType::Index, name)?;
-            report.index_rewritten += 1;
-        }
+        report.index_rewritten += index_without(repo, &index_files, &gone)?;
         // 2. The packs.
         for p in &deletable {
             backend.delete(ObjectType::Pack, &p.to_hex())?;
@@ -583,13 +567,32 @@ pub(crate) fn rewrite_marks(
 /// # Errors
 /// Backend failures: what was done stays consistent (an index never names a deleted pack).
 pub(crate) fn delete_packs(repo: &Repository, gone: &HashSet<BlobId>) -> Result<usize, RepoError> {
-    let mut affected: Vec<(String, Vec<IndexedPack>)> = vec![];
+    let mut index_files: Vec<(String, Vec<IndexedPack>)> = vec![];
     for (name, _) in repo.backend().list(ObjectType::Index)? {
         let packs = repo.load_index_file(&name)?;
-        if packs.iter().any(|p| gone.contains(&p.pack)) {
-            affected.push((name, packs));
+        index_files.push((name, packs));
+    }
+    let rewritten = index_without(repo, &index_files, gone)?;
+    for p in gone {
+        match repo.backend().delete(ObjectType::Pack, &p.to_hex()) {
+            Err(e) if !e.is_not_found() => return Err(e.into()),
+            _ => {}
         }
     }
+    Ok(rewritten)
+}
+
+/// Rule 3 of format.md §18: one new index file with the surviving entries of every index
+/// file that names a pack of `gone`, then those index files deleted; returns how many.
+fn index_without(
+    repo: &Repository,
+    index_files: &[(String, Vec<IndexedPack>)],
+    gone: &HashSet<BlobId>,
+) -> Result<usize, RepoError> {
+    let affected: Vec<&(String, Vec<IndexedPack>)> = index_files
+        .iter()
+        .filter(|(_, packs)| packs.iter().any(|p| gone.contains(&p.pack)))
+        .collect();
     let surviving: Vec<IndexedPack> = affected
         .iter()
         .flat_map(|(_, packs)| packs.iter())
@@ -601,12 +604,6 @@ pub(crate) fn delete_packs(repo: &Repository, gone: &HashSet<BlobId>) -> Result<
     }
     for (name, _) in &affected {
         repo.backend().delete(ObjectType::Index, name)?;
-    }
-    for p in gone {
-        match repo.backend().delete(ObjectType::Pack, &p.to_hex()) {
-            Err(e) if !e.is_not_found() => return Err(e.into()),
-            _ => {}
-        }
     }
     Ok(affected.len())
 }

@@ -187,14 +187,6 @@ fn pack_generation(repo: &Repository, name: &str, size: u64) -> Result<u32, Reti
     Ok(u32::from_le_bytes([head[1], head[2], head[3], head[4]]))
 }
 
-/// The binding of a WAL object (format.md §17), from its path under `wal/`.
-fn wal_binding(name: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"backupd wal\0");
-    h.update(name.as_bytes());
-    h.finalize().into()
-}
-
 /// Every WAL object's path under `wal/`.
 fn wal_objects(repo: &Repository) -> Result<Vec<String>, RetireError> {
     let b = repo.backend();
@@ -314,7 +306,7 @@ impl Repository {
             // 3. Nobody still sealing with a retiring generation.
             self.wait_for_old_sealers(&ours, opts, started)?;
             // 4. Everything re-sealed.
-            self.reseal_pass(&keys, &old, opts, &mut report, progress)?;
+            self.reseal_pass(&keys, &old, &mut report, progress)?;
             // 5. A holder that appeared meanwhile with an old generation means another pass.
             let again = list_locks(&self.backend, &self.live)?
                 .into_iter()
@@ -326,7 +318,7 @@ impl Repository {
             }
         }
         // 6. Old packs whose grace has passed go; the generations go when no pack is left.
-        let waiting = self.delete_old_packs(&keys, &old, opts, &ours, &mut report)?;
+        let waiting = self.delete_old_packs(&old, opts, &ours, &mut report)?;
         if waiting == 0 {
             self.write_bundle(Change::Retire(opts.generation), "key retire")?;
             report.retired = retiring;
@@ -390,7 +382,6 @@ impl Repository {
         &self,
         keys: &Arc<MasterKeys>,
         old: &dyn Fn(u32) -> bool,
-        opts: &RetireOptions,
         report: &mut RetireReport,
         progress: Progress<'_>,
     ) -> Result<(), RetireError> {
@@ -407,7 +398,7 @@ impl Repository {
         // Snapshots: new ids, the first one kept; the old object deleted after.
         self.reseal_snapshots(keys, old, report)?;
         // Packs, then the index files (those the pack pass wrote are new already).
-        self.reseal_packs(keys, old, opts, report, progress)?;
+        self.reseal_packs(keys, old, report, progress)?;
         for (name, _) in self.backend.list(ObjectType::Index)? {
             let bytes = self.backend.get(ObjectType::Index, &name)?;
             let g = gen_of(&bytes, &format!("index/{name}"))?;
@@ -491,11 +482,9 @@ impl Repository {
         &self,
         keys: &Arc<MasterKeys>,
         old: &dyn Fn(u32) -> bool,
-        opts: &RetireOptions,
         report: &mut RetireReport,
         progress: Progress<'_>,
     ) -> Result<(), RetireError> {
-        let _ = opts;
         let (marks, _) = load_marks(self)?;
         let avail = Availability::load(self, &marks)?;
         let mut todo: Vec<(BlobId, u64, u32)> = vec![];
@@ -605,13 +594,11 @@ impl Repository {
     /// backup started before their mark could be using; returns how many must still wait.
     fn delete_old_packs(
         &self,
-        keys: &Arc<MasterKeys>,
         old: &dyn Fn(u32) -> bool,
         opts: &RetireOptions,
         ours: &[LockRecord],
         report: &mut RetireReport,
     ) -> Result<usize, RetireError> {
-        let _ = keys;
         let (marks, _) = load_marks(self)?;
         let sizes: HashMap<BlobId, u64> = self
             .backend
@@ -681,7 +668,7 @@ impl Repository {
             if !old(g) {
                 continue;
             }
-            let binding = wal_binding(&name);
+            let binding = crate::postgres::archive::binding_of(&name);
             let plain = crypto::open(keys, ObjectKind::Wal, Some(&binding), &bytes)
                 .map_err(|e| RetireError::Damaged(format!("wal/{name}: {e}")))?;
             let again = crypto::seal(keys, ObjectKind::Wal, Some(&binding), &plain);
