@@ -25,8 +25,8 @@ pub mod tombstone;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use self::http::{HttpApi, HttpError};
 use self::rpc::{Rpc, RpcError};
@@ -440,109 +440,124 @@ pub fn backup_influx(
         }
         plan.push((info, shards));
     }
-    // Counted before their files are read, all at once: on a server taking writes, what a
-    // shard's files hold is at least this.
+    // Counted before their files are read: on a server taking writes, what a shard's files
+    // hold is at least this. The counts run ahead of the reads, a few at a time, and each
+    // shard's read waits only for its own count, so the server counts the next shards
+    // while this one streams.
     let to_read: Vec<&PlannedShard> = plan
         .iter()
         .flat_map(|(_, shards)| shards)
         .filter(|s| s.reused.is_none())
         .collect();
-    let mut counted_before: HashMap<u64, crate::repo::InfluxCounts> = to_read
-        .iter()
-        .map(|s| s.id)
-        .zip(in_parallel(&to_read, |s| {
-            src.http.counts_in(&s.db, &s.rp, s.start_ns, s.end_ns)
-        })?)
-        .collect();
+    let position: HashMap<u64, usize> =
+        to_read.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+    let counts_ahead = AskedAhead::new(to_read.len());
     // The backup's start on the server's clock, one second early (as `since`).
     let began = server_time.map(|t| {
         (t - chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     });
     let mut databases = vec![];
-    for (info, planned) in &plan {
-        let mut shards = vec![];
-        for p in planned {
-            if job.cancel.is_cancelled() {
-                return Err(InfluxError::Interrupted);
-            }
-            let (db, rp, id) = (&p.db, &p.rp, p.id);
-            let shard_dir = root.dir(DATABASES_DIR).dir(db).dir(rp);
-            let shard = match &p.reused {
-                Some((before, node)) => {
-                    let mut before = before.clone();
-                    if before.counts_before.is_empty() && before.counts_after.is_empty() {
-                        // A parent from before per-shard counts: counted now, once (the
-                        // shard has not changed since).
-                        let now = src.http.counts_in(db, rp, p.start_ns, p.end_ns)?;
-                        before.counts_before = now.clone();
-                        before.counts_after = now;
-                    }
-                    job.stats
-                        .files_unchanged
-                        .fetch_add(before.files, Ordering::Relaxed);
-                    job.stats
-                        .bytes_total
-                        .fetch_add(before.bytes, Ordering::Relaxed);
-                    shard_dir.put(node.clone());
-                    InfluxShard {
-                        unchanged: true,
-                        start_ns: p.start_ns,
-                        end_ns: p.end_ns,
-                        ..before
-                    }
-                }
-                None => {
-                    let (dir, files, bytes, tombstones) = retrying(&src.rpc, id, || {
-                        read_shard(src, db, rp, id, saver, &cutter, &job)
-                    })?;
-                    job.stats.files_new.fetch_add(files, Ordering::Relaxed);
-                    job.stats.bytes_total.fetch_add(bytes, Ordering::Relaxed);
-                    job.stats.dirs.fetch_add(1, Ordering::Relaxed);
-                    let sub = dir.save(saver, &job.stats)?;
-                    let mut n = plain_node(&id.to_string(), NodeKind::Dir, now_ns);
-                    n.mode = 0o755;
-                    n.subtree = Some(sub);
-                    shard_dir.put(n);
-                    InfluxShard {
-                        id,
-                        retention_policy: rp.to_string(),
-                        start_ns: p.start_ns,
-                        end_ns: p.end_ns,
-                        files,
-                        bytes,
-                        tombstones,
-                        unchanged: false,
-                        counts_before: counted_before.remove(&id).unwrap_or_default(),
-                        // Below, once every shard is read.
-                        counts_after: Default::default(),
-                    }
-                }
-            };
-            shards.push(shard);
-        }
-        databases.push(InfluxDatabase {
-            name: info.name.clone(),
-            default_retention_policy: info.default_retention_policy.clone(),
-            retention_policies: info
-                .retention_policies
-                .iter()
-                .map(|rp| InfluxRetentionPolicy {
-                    name: rp.name.clone(),
-                    duration_ns: rp.duration,
-                    shard_group_duration_ns: rp.shard_group_duration,
-                    replica_n: rp.replica_n,
+    std::thread::scope(|scope| -> Result<(), InfluxError> {
+        for _ in 0..PARALLEL_QUESTIONS.min(to_read.len()) {
+            scope.spawn(|| {
+                counts_ahead.run(&to_read, |s| {
+                    src.http.counts_in(&s.db, &s.rp, s.start_ns, s.end_ns)
                 })
-                .collect(),
-            shards,
-            continuous_queries: info
-                .continuous_queries
-                .iter()
-                .map(|c| (c.name.clone(), c.query.clone()))
-                .collect(),
-            counts_before: Default::default(),
-            counts_after: Default::default(),
-        });
-    }
+            });
+        }
+        // Workers stop taking new questions when the reads end, an error included.
+        let _stop = counts_ahead.stop_on_drop();
+        for (info, planned) in &plan {
+            let mut shards = vec![];
+            for p in planned {
+                if job.cancel.is_cancelled() {
+                    return Err(InfluxError::Interrupted);
+                }
+                let (db, rp, id) = (&p.db, &p.rp, p.id);
+                let shard_dir = root.dir(DATABASES_DIR).dir(db).dir(rp);
+                let shard = match &p.reused {
+                    Some((before, node)) => {
+                        let mut before = before.clone();
+                        if before.counts_before.is_empty() && before.counts_after.is_empty() {
+                            // A parent from before per-shard counts: counted now, once (the
+                            // shard has not changed since).
+                            let now = src.http.counts_in(db, rp, p.start_ns, p.end_ns)?;
+                            before.counts_before = now.clone();
+                            before.counts_after = now;
+                        }
+                        job.stats
+                            .files_unchanged
+                            .fetch_add(before.files, Ordering::Relaxed);
+                        job.stats
+                            .bytes_total
+                            .fetch_add(before.bytes, Ordering::Relaxed);
+                        shard_dir.put(node.clone());
+                        InfluxShard {
+                            unchanged: true,
+                            start_ns: p.start_ns,
+                            end_ns: p.end_ns,
+                            ..before
+                        }
+                    }
+                    None => {
+                        // Its count is in before its first byte is read.
+                        let counts_before = match position.get(&id) {
+                            Some(&i) => counts_ahead.take(i)?,
+                            None => Default::default(),
+                        };
+                        let (dir, files, bytes, tombstones) = retrying(&src.rpc, id, || {
+                            read_shard(src, db, rp, id, saver, &cutter, &job)
+                        })?;
+                        job.stats.files_new.fetch_add(files, Ordering::Relaxed);
+                        job.stats.bytes_total.fetch_add(bytes, Ordering::Relaxed);
+                        job.stats.dirs.fetch_add(1, Ordering::Relaxed);
+                        let sub = dir.save(saver, &job.stats)?;
+                        let mut n = plain_node(&id.to_string(), NodeKind::Dir, now_ns);
+                        n.mode = 0o755;
+                        n.subtree = Some(sub);
+                        shard_dir.put(n);
+                        InfluxShard {
+                            id,
+                            retention_policy: rp.to_string(),
+                            start_ns: p.start_ns,
+                            end_ns: p.end_ns,
+                            files,
+                            bytes,
+                            tombstones,
+                            unchanged: false,
+                            counts_before,
+                            // Below, once every shard is read.
+                            counts_after: Default::default(),
+                        }
+                    }
+                };
+                shards.push(shard);
+            }
+            databases.push(InfluxDatabase {
+                name: info.name.clone(),
+                default_retention_policy: info.default_retention_policy.clone(),
+                retention_policies: info
+                    .retention_policies
+                    .iter()
+                    .map(|rp| InfluxRetentionPolicy {
+                        name: rp.name.clone(),
+                        duration_ns: rp.duration,
+                        shard_group_duration_ns: rp.shard_group_duration,
+                        replica_n: rp.replica_n,
+                    })
+                    .collect(),
+                shards,
+                continuous_queries: info
+                    .continuous_queries
+                    .iter()
+                    .map(|c| (c.name.clone(), c.query.clone()))
+                    .collect(),
+                counts_before: Default::default(),
+                counts_after: Default::default(),
+            });
+        }
+        Ok(())
+    })?;
     // Counted again after every shard is read, where anything was written: a shard with no
     // file changed since the backup began (asked now; the question flushes its cache, so a
     // point written meanwhile shows as a new file) holds what its count before said.
@@ -713,6 +728,64 @@ where
         }
     }
     Ok(out)
+}
+
+/// Questions asked ahead of their use by worker threads, [`PARALLEL_QUESTIONS`] of them
+/// at once in the order given ([`AskedAhead::run`] on each worker); [`AskedAhead::take`]
+/// waits for one answer only.
+struct AskedAhead<R> {
+    answers: Mutex<Vec<Option<std::thread::Result<R>>>>,
+    ready: Condvar,
+    next: AtomicUsize,
+    stopped: AtomicBool,
+}
+
+impl<R> AskedAhead<R> {
+    fn new(n: usize) -> Self {
+        AskedAhead {
+            answers: Mutex::new((0..n).map(|_| None).collect()),
+            ready: Condvar::new(),
+            next: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// A worker: asks the next unasked item until none is left or the asking stopped.
+    fn run<T>(&self, items: &[T], ask: impl Fn(&T) -> R) {
+        while !self.stopped.load(Ordering::Acquire) {
+            let i = self.next.fetch_add(1, Ordering::AcqRel);
+            let Some(item) = items.get(i) else { return };
+            // A panic is handed to whoever takes the answer, not left as a wait forever.
+            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ask(item)));
+            let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = answers.get_mut(i) {
+                *slot = Some(answer);
+            }
+            self.ready.notify_all();
+        }
+    }
+
+    /// The answer for item `i`, waited for (each is taken once).
+    fn take(&self, i: usize) -> R {
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(answer) = answers.get_mut(i).and_then(Option::take) {
+                return answer.unwrap_or_else(|p| std::panic::resume_unwind(p));
+            }
+            answers = self.ready.wait(answers).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Stops the workers taking new items when dropped.
+    fn stop_on_drop(&self) -> impl Drop + '_ {
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        Stop(&self.stopped)
+    }
 }
 
 /// Runs `f` again while the server refuses the shard or cuts its stream short (not when
