@@ -182,7 +182,15 @@ impl Backend for LocalBackend {
             let _ = fs::remove_file(&tmp);
             return Err(io(&tmp, e));
         }
-        if let Err(e) = fs::rename(&tmp, &dest) {
+        // The first object of its folder (a WAL group) makes the folder.
+        let renamed = fs::rename(&tmp, &dest).or_else(|e| match dest.parent() {
+            Some(parent) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(parent)?;
+                fs::rename(&tmp, &dest)
+            }
+            _ => Err(e),
+        });
+        if let Err(e) = renamed {
             let _ = fs::remove_file(&tmp);
             return Err(io(&dest, e));
         }

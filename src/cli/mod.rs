@@ -13,6 +13,7 @@ mod policy_cmd;
 mod progress;
 mod prune_cmd;
 mod restore_cmd;
+mod stream_cmd;
 mod verify_cmd;
 
 use std::path::PathBuf;
@@ -131,6 +132,8 @@ enum Verb {
     WalPush(pg_cmd::WalPushArgs),
     /// Fetch an archived WAL file (restore_command = 'backupd wal-fetch %f %p').
     WalFetch(pg_cmd::WalFetchArgs),
+    /// Stream a PostgreSQL server's WAL over a replication slot into the repository.
+    WalStream(stream_cmd::WalStreamArgs),
     /// Check policy files.
     Policy(policy_cmd::PolicyArgs),
     /// Remove snapshots by retention rules (restic's keep-* options) or by id.
@@ -409,6 +412,7 @@ fn run(cli: Cli) -> Result<i32> {
         Verb::Check(a) => inspect::check(g, a),
         Verb::WalPush(a) => pg_cmd::wal_push(g, a),
         Verb::WalFetch(a) => pg_cmd::wal_fetch(g, a),
+        Verb::WalStream(a) => stream_cmd::run(g, a),
         Verb::Policy(a) => policy_cmd::run(g, a),
         Verb::Forget(a) => forget_cmd::run(g, a),
         Verb::Prune(a) => prune_cmd::run(g, a),

@@ -298,7 +298,9 @@ fn wal_fetch_or_miss(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
     // once the repository itself is known to be there.
     let backend = g.backend()?;
     let object = WalArchive::object_name_of(system_id, &a.name);
-    if !backend.exists(crate::backend::ObjectType::Wal, &object)? {
+    if !backend.exists(crate::backend::ObjectType::Wal, &object)?
+        && !streamed(&backend, system_id, &a.name)?
+    {
         crate::repo::Repository::read_config(&backend)?;
         return Err(ExitWith {
             code: 1,
@@ -329,7 +331,19 @@ fn wal_fetch_or_miss(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
                 prefetch(&archive, &ahead, &spool);
             })
         });
-        let r = archive.fetch(&a.name);
+        let r = archive.fetch(&a.name).and_then(|got| match got {
+            Some(b) => Ok(Some(b)),
+            // The stream's growing segment, zero-filled: the end of the WAL.
+            None if is_segment_name(&a.name) => {
+                let seg_size = archive
+                    .stream_status()?
+                    .map_or_else(|| segment_size_hint(&pg_data), |s| s.segment_size);
+                Ok(archive
+                    .fetch_for_recovery(&a.name, seg_size)?
+                    .map(|(b, _)| b))
+            }
+            None => Ok(None),
+        });
         if let Some(h) = helper {
             let _ = h.join();
         }
@@ -346,6 +360,24 @@ fn wal_fetch_or_miss(g: &GlobalArgs, a: WalFetchArgs) -> Result<i32> {
         }
         .into()),
     }
+}
+
+/// True when the WAL stream has begun segment `name` (pieces from its start), read from
+/// the listing alone (no password needed to say "no").
+fn streamed(
+    backend: &std::sync::Arc<dyn crate::backend::Backend>,
+    system_id: u64,
+    name: &str,
+) -> Result<bool> {
+    if !is_segment_name(name) {
+        return Ok(false);
+    }
+    let l = backend.list_dir(
+        crate::backend::ObjectType::Wal,
+        &format!("{system_id}/{}", &name[..16]),
+    )?;
+    let names: Vec<String> = l.files.into_iter().map(|(n, _)| n).collect();
+    Ok(crate::postgres::streamed::covered(&crate::postgres::streamed::pieces_of(&names, name)) > 0)
 }
 
 /// The cluster's WAL segment size, from the long header of any segment in `pg_wal` (a

@@ -277,6 +277,8 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
             let target = parse_at(at)?;
             let plan = plan(&repo, target, a.pg_system_id)?;
             let stop_at = match target {
+                // Nothing committed between the last transaction and the target.
+                RecoveryTarget::Time(_) if plan.replay_to_end => StopAt::Latest,
                 RecoveryTarget::Time(t) => StopAt::Time(t),
                 RecoveryTarget::Latest => StopAt::Latest,
             };
@@ -294,6 +296,15 @@ pub fn restore(g: &GlobalArgs, a: RestoreArgs) -> Result<i32> {
                         RecoveryTarget::Latest => "latest".into(),
                     }
                 );
+                if plan.streamed_last {
+                    println!(
+                        "{} is read from the WAL stream (the segment the server was writing)",
+                        plan.last_segment
+                    );
+                }
+                if plan.replay_to_end {
+                    println!("no transaction between the last one and the target (the stream held all of the server's WAL then): replaying all of it");
+                }
             }
             (
                 plan.snapshot_id,
@@ -551,8 +562,13 @@ fn pg_checks(
         StopAt::Time(t) => Some(t),
         _ => None,
     };
-    let created =
-        crate::postgres::plan::tablespaces_created(repo, meta.system_identifier, segments, until)?;
+    let created = crate::postgres::plan::tablespaces_created(
+        repo,
+        meta.system_identifier,
+        segments,
+        until,
+        meta.wal_segment_size,
+    )?;
     for t in &created {
         let in_use = std::fs::read_dir(&t.location).is_ok_and(|mut d| d.next().is_some());
         if in_use || a.test {

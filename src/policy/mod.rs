@@ -109,9 +109,38 @@ pub struct PostgresSpec {
     /// The recovery point objective (`rpo`, default 5 min): the server's
     /// `archive_timeout` must not be 0 or above it.
     pub rpo: Duration,
+    /// Stream WAL over a replication slot (`wal_stream`, run by the agent as
+    /// `backupd wal-stream --policy NAME`).
+    pub wal_stream: bool,
+    /// The slot's name (`wal_stream_slot`; default from the policy's name,
+    /// [`PostgresSpec::slot_name`]).
+    pub wal_stream_slot: Option<String>,
+    /// How often the streamer asks the server for its end of WAL
+    /// (`wal_stream_status_every`, default 1 s).
+    pub wal_stream_status_every: Duration,
 }
 
 impl PostgresSpec {
+    /// The replication slot of policy `policy`: `wal_stream_slot`, else `backupd_` and the
+    /// policy's name with what a slot name cannot hold as `_`.
+    pub fn slot_name(&self, policy: &str) -> String {
+        self.wal_stream_slot.clone().unwrap_or_else(|| {
+            let mut s: String = format!("backupd_{policy}")
+                .chars()
+                .map(|c| {
+                    let c = c.to_ascii_lowercase();
+                    if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            s.truncate(63);
+            s
+        })
+    }
+
     /// Its connection settings (unset ones fall back to PG* variables and defaults).
     pub fn conn_settings(&self) -> crate::postgres::conn::ConnSettings {
         crate::postgres::conn::ConnSettings {

@@ -608,6 +608,26 @@ impl Validator<'_> {
                 let user = s.string(p, "user", "a user name").map(|v| v.value);
                 let database = s.string(p, "database", "a database name").map(|v| v.value);
                 let fast = s.boolean(p, "fast_checkpoint").unwrap_or(true);
+                let wal_stream = s.boolean(p, "wal_stream").unwrap_or(false);
+                let slot = s
+                    .string(
+                        p,
+                        "wal_stream_slot",
+                        "a replication slot name (a-z, 0-9, _)",
+                    )
+                    .and_then(|v| {
+                        if crate::postgres::replication::valid_slot_name(&v.value) {
+                            Some(v.value)
+                        } else {
+                            p.add(
+                                v.span.clone(),
+                                &s.path_of("wal_stream_slot"),
+                                "1 to 63 of a-z, 0-9 and _",
+                                format!("{:?}", v.value),
+                            );
+                            None
+                        }
+                    });
                 // `archive_timeout` was this key's name; PostgreSQL's setting of that name
                 // means something else (see rpo).
                 let wal_wait = self.duration(s, "wal_wait");
@@ -632,6 +652,7 @@ impl Validator<'_> {
                     None => None,
                 };
                 let rpo = self.duration(s, "rpo");
+                let status_every = self.duration(s, "wal_stream_status_every");
                 let password = self.secret(s, false, "the PostgreSQL user");
                 let dd = dd.filter(|d| d.value.starts_with('/'))?;
                 Some(SourceSpec::Postgres(PostgresSpec {
@@ -644,6 +665,10 @@ impl Validator<'_> {
                     fast_checkpoint: fast,
                     wal_wait: wal_wait.or(old_name).unwrap_or(Duration::from_secs(60)),
                     rpo: rpo.unwrap_or(crate::postgres::rpo::DEFAULT_RPO),
+                    wal_stream,
+                    wal_stream_slot: slot,
+                    wal_stream_status_every: status_every
+                        .unwrap_or(crate::postgres::walstream::DEFAULT_STATUS_EVERY),
                 }))
             }
             "influxdb" => {

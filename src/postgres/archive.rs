@@ -17,7 +17,7 @@
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::walname::{group_of, is_archivable_name, is_history_name};
+use super::walname::{group_of, is_archivable_name, is_history_name, is_segment_name};
 use crate::backend::{BackendError, ObjectType};
 use crate::crypto::{self, ObjectKind};
 use crate::repo::{object_path, Repository};
@@ -96,6 +96,21 @@ fn decompress_bounded(payload: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>
         .take(raw_len as u64 + 1)
         .read_to_end(&mut out)?;
     Ok(out)
+}
+
+/// True when two copies of a segment hold the same WAL: the same size, the same end of
+/// valid WAL ([`super::walscan::scan_segment`]), and the same bytes up to it.
+pub fn same_valid_wal(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (Some(sa), Some(sb)) = (
+        super::walscan::scan_segment(a),
+        super::walscan::scan_segment(b),
+    ) else {
+        return false;
+    };
+    sa.valid_end == sb.valid_end && a[..sa.valid_end] == b[..sb.valid_end]
 }
 
 /// One cluster's WAL archive in a repository.
@@ -243,6 +258,16 @@ impl<'a> WalArchive<'a> {
     fn compare_existing(&self, file: &str, bytes: &[u8]) -> Result<Pushed, ArchiveError> {
         match self.fetch(file)? {
             Some(old) if old == bytes => Ok(Pushed::AlreadyThere),
+            // A segment streamed by `wal-stream` and the one `archive_command` pushes are
+            // the same WAL up to where the WAL ends (a switch record), and may differ
+            // after it: only the valid WAL is compared, and the archive keeps its copy.
+            Some(old) if is_segment_name(file) && same_valid_wal(&old, bytes) => {
+                tracing::debug!(
+                    file,
+                    "already archived with the same WAL (a different tail after its end)"
+                );
+                Ok(Pushed::AlreadyThere)
+            }
             Some(_) => Err(ArchiveError::Conflict {
                 name: file.to_string(),
                 system_id: self.system_id,
@@ -280,6 +305,61 @@ impl<'a> WalArchive<'a> {
             .repo
             .backend()
             .exists(ObjectType::Wal, &self.object_name(file))?)
+    }
+
+    /// Stores an object of the archive's own under `file` (a streamed piece or the stream
+    /// status, [`super::streamed`]): sealed and bound to its name like a segment;
+    /// `replace` overwrites one that exists.
+    ///
+    /// # Errors
+    /// The store failing (`AlreadyExists` without `replace`).
+    pub(super) fn put_own(
+        &self,
+        file: &str,
+        bytes: &[u8],
+        replace: bool,
+    ) -> Result<(), ArchiveError> {
+        self.repo.live_keys().refresh().map_err(Box::new)?;
+        let sealed = Bytes::from(self.seal(file, bytes));
+        let name = self.object_name(file);
+        let backend = self.repo.backend();
+        if replace {
+            backend.replace(ObjectType::Wal, &name, sealed)?;
+        } else {
+            backend.put(ObjectType::Wal, &name, sealed)?;
+        }
+        Ok(())
+    }
+
+    /// An object of the archive's own, or `None`.
+    ///
+    /// # Errors
+    /// A damaged object or the store failing.
+    pub(super) fn get_own(&self, file: &str) -> Result<Option<Vec<u8>>, ArchiveError> {
+        match self
+            .repo
+            .backend()
+            .get(ObjectType::Wal, &self.object_name(file))
+        {
+            Ok(sealed) => self.open(file, &sealed).map(Some),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes an object of the archive's own (gone already is fine).
+    ///
+    /// # Errors
+    /// The store failing.
+    pub(super) fn delete_own(&self, file: &str) -> Result<(), ArchiveError> {
+        match self
+            .repo
+            .backend()
+            .delete(ObjectType::Wal, &self.object_name(file))
+        {
+            Err(e) if !e.is_not_found() => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     /// History files and segment groups at the top of the archive.

@@ -9,9 +9,12 @@ pub mod conn;
 pub mod history;
 pub mod plan;
 pub mod recovery;
+pub mod replication;
 pub mod rpo;
+pub mod streamed;
 pub mod walname;
 pub mod walscan;
+pub mod walstream;
 
 use std::time::Duration;
 

@@ -74,6 +74,13 @@ pub struct RestorePlan {
     pub earliest: DateTime<Utc>,
     /// The segments recovery reads, in order, up to `last_segment`.
     pub segments: Vec<String>,
+    /// The last segment is the stream's growing one, read from its pieces.
+    pub streamed_last: bool,
+    /// The target time lies after the last transaction, at a moment when the repository
+    /// held all the server's WAL (the stream's "caught up at"): nothing committed in
+    /// between, so recovery replays everything instead of stopping at a time no later
+    /// transaction marks.
+    pub replay_to_end: bool,
 }
 
 impl RestorePlan {
@@ -202,8 +209,30 @@ pub fn plan(
     };
     let meta = chosen.1.postgres.as_ref().expect("filtered");
     let walk = walk_wal(&archive, &path, meta, seg_size, &groups)?;
-    let reach = reach_time(&archive, &walk.segments, meta.stop_time)?;
-    let plan = RestorePlan {
+    let reach = reach_time(&archive, &walk.segments, meta.stop_time, seg_size)?;
+    // How long the repository is known to have held all of the server's WAL: the stream's
+    // status, when it is on the timeline recovery ends on and the readable WAL reaches its
+    // durable position.
+    let caught_up = archive
+        .stream_status()
+        .map_err(PgError::from)?
+        .filter(|st| st.timeline == walk.timeline && st.segment_size == seg_size)
+        .filter(|st| {
+            walk.segments
+                .last()
+                .and_then(|l| Segment::parse(l, seg_size))
+                .is_some_and(|l| {
+                    let end = l.start(seg_size).0
+                        + if walk.streamed_last {
+                            walk.streamed_len
+                        } else {
+                            seg_size
+                        };
+                    end >= st.durable.0
+                })
+        })
+        .and_then(|st| st.caught_up_at);
+    let mut plan = RestorePlan {
         snapshot_id: chosen.0,
         snapshot: chosen.1.clone(),
         timeline: walk.timeline,
@@ -212,8 +241,19 @@ pub fn plan(
         gap: walk.gap.clone(),
         earliest,
         segments: walk.segments.clone(),
+        streamed_last: walk.streamed_last,
+        replay_to_end: false,
     };
-    let range = format!("from {} to before {}", fmt_time(earliest), fmt_time(reach));
+    let range = match caught_up {
+        Some(c) if c > reach && walk.gap.is_none() => {
+            format!(
+                "from {} to {} (WAL streamed)",
+                fmt_time(earliest),
+                fmt_time(c)
+            )
+        }
+        _ => format!("from {} to before {}", fmt_time(earliest), fmt_time(reach)),
+    };
     if walk.segments.is_empty() || walk.needed_missing.is_some() {
         return Err(PlanError::OutOfRange {
             target: target_text(target),
@@ -228,6 +268,14 @@ pub fn plan(
         });
     }
     match target {
+        // After the last transaction, but not after a moment the stream had everything:
+        // the state at the target is the end of the WAL.
+        RecoveryTarget::Time(t)
+            if t >= reach && walk.gap.is_none() && caught_up.is_some_and(|c| t <= c) =>
+        {
+            plan.replay_to_end = true;
+            Ok(plan)
+        }
         // Recovery stops before the first commit later than the target: one must exist
         // in the WAL it can read, so the target must be earlier than the last commit.
         RecoveryTarget::Time(t) if t >= reach => Err(PlanError::OutOfRange {
@@ -279,7 +327,7 @@ fn with_reach(
     let meta = oldest.1.postgres.as_ref().expect("postgres snapshot");
     let reach = walk_wal(archive, path, meta, seg_size, groups)
         .ok()
-        .and_then(|w| reach_time(archive, &w.segments, meta.stop_time).ok())
+        .and_then(|w| reach_time(archive, &w.segments, meta.stop_time, seg_size).ok())
         .unwrap_or(meta.stop_time);
     PlanError::OutOfRange {
         target,
@@ -301,6 +349,9 @@ struct WalWalk {
     gap: Option<String>,
     /// A segment before the backup's stop point that is missing.
     needed_missing: Option<String>,
+    /// The last segment is read from the stream's pieces, this many bytes of it.
+    streamed_last: bool,
+    streamed_len: u64,
 }
 
 /// Follows the segments recovery would read from the backup's start: each from the
@@ -319,6 +370,8 @@ fn walk_wal(
         .collect();
     // What the archive holds, per timeline, for the groups on the path.
     let mut have: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
+    // Segments the stream has begun, with how far their pieces reach from the start.
+    let mut streamed: BTreeMap<(u32, u64), u64> = BTreeMap::new();
     for g in groups {
         let Ok(tli) = u32::from_str_radix(&g[..8.min(g.len())], 16) else {
             continue;
@@ -326,9 +379,17 @@ fn walk_wal(
         if !spans.iter().any(|s| s.timeline == tli) {
             continue;
         }
-        for f in archive.group(g)? {
-            if let Some(s) = Segment::parse(&f, seg_size) {
+        let names = archive.group(g)?;
+        for f in &names {
+            if let Some(s) = Segment::parse(f, seg_size) {
                 have.entry(tli).or_default().insert(s.number);
+            } else if let Some((seg, _, _)) = super::streamed::parse_piece(f) {
+                if let Some(s) = Segment::parse(seg, seg_size) {
+                    let reach = super::streamed::covered(&super::streamed::pieces_of(&names, seg));
+                    if reach > 0 {
+                        streamed.insert((tli, s.number), reach);
+                    }
+                }
             }
         }
     }
@@ -352,6 +413,8 @@ fn walk_wal(
         timeline: meta.timeline,
         gap: None,
         needed_missing: None,
+        streamed_last: false,
+        streamed_len: 0,
     };
     let mut n = start;
     loop {
@@ -365,6 +428,17 @@ fn walk_wal(
             out.timeline = tli;
             n += 1;
             continue;
+        }
+        // The stream's growing segment: the end of the WAL.
+        if let Some(&len) = streamed.get(&(tli, n)) {
+            out.segments.push(seg.name(seg_size));
+            out.timeline = tli;
+            out.streamed_last = true;
+            out.streamed_len = len;
+            if n < stop || (n == stop && len < meta.stop_lsn.0 - seg.start(seg_size).0) {
+                out.needed_missing = Some(seg.name(seg_size));
+            }
+            return Ok(out);
         }
         if n <= stop {
             out.needed_missing = Some(seg.name(seg_size));
@@ -381,9 +455,10 @@ fn reach_time(
     archive: &WalArchive<'_>,
     segments: &[String],
     floor: DateTime<Utc>,
+    seg_size: u64,
 ) -> Result<DateTime<Utc>, PgError> {
     for name in segments.iter().rev().take(64) {
-        let Some(bytes) = archive.fetch(name)? else {
+        let Some((bytes, _)) = archive.fetch_for_recovery(name, seg_size)? else {
             continue;
         };
         if let Some(t) = scan_segment(&bytes).and_then(|s| s.xact_times.into_iter().max()) {
@@ -434,6 +509,7 @@ pub fn tablespaces_created(
     system_id: u64,
     segments: &[String],
     until: Option<DateTime<Utc>>,
+    segment_size: u64,
 ) -> Result<Vec<TablespaceCreated>, PgError> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -453,9 +529,9 @@ pub fn tablespaces_created(
                     return;
                 }
                 let r = archive
-                    .fetch(&segments[i])
+                    .fetch_for_recovery(&segments[i], segment_size)
                     .map_err(PgError::from)
-                    .map(|b| b.and_then(|b| scan_segment(&b)));
+                    .map(|b| b.and_then(|(b, _)| scan_segment(&b)));
                 if let Ok(Some(scan)) = &r {
                     if until.is_some_and(|t| scan.xact_times.iter().any(|x| *x > t)) {
                         stop_at.fetch_min(i, Ordering::Relaxed);

@@ -88,6 +88,10 @@ pub struct SegmentScan {
     /// True when the scan reached an `XLOG_SWITCH` record or the end of valid records
     /// before the end of the segment.
     pub ended_early: bool,
+    /// Where the segment's WAL ends: just after an `XLOG_SWITCH` record, at the first
+    /// position that holds no record, else the segment's size. What follows is not WAL
+    /// (a switched segment's tail, a recycled file's old bytes, zeros).
+    pub valid_end: usize,
 }
 
 /// Scans a whole segment. Records continuing from the previous segment are skipped;
@@ -99,7 +103,10 @@ pub fn scan_segment(seg: &[u8]) -> Option<SegmentScan> {
     if seg.len() != hdr.segment_size as usize {
         return None;
     }
-    let mut out = SegmentScan::default();
+    let mut out = SegmentScan {
+        valid_end: seg.len(),
+        ..SegmentScan::default()
+    };
     // One buffer for every record's bytes, sized by records that are really there.
     let mut head = Vec::with_capacity(RECORD_HEADER);
     let mut record = Vec::new();
@@ -147,6 +154,7 @@ pub fn scan_segment(seg: &[u8]) -> Option<SegmentScan> {
         let tot_len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
         if !(RECORD_HEADER..=1 << 30).contains(&tot_len) {
             out.ended_early = true;
+            out.valid_end = pos;
             return Some(out);
         }
         let rmid = head[17];
@@ -184,6 +192,9 @@ pub fn scan_segment(seg: &[u8]) -> Option<SegmentScan> {
         }
         if rmid == RM_XLOG_ID && xl_info & 0xF0 == XLOG_SWITCH {
             out.ended_early = true;
+            out.valid_end = advance(pos, tot_len, page)
+                .unwrap_or(seg.len())
+                .min(seg.len());
             return Some(out);
         }
         pos = advance(pos, tot_len, page)?;

@@ -28,3 +28,4 @@ mod secrets;
 mod stream;
 mod tamper;
 mod verify;
+mod walstream;
