@@ -36,6 +36,11 @@ pub struct WalStatus {
     pub rpo_seconds: Option<f64>,
     /// The policy's objective (`source.rpo`).
     pub rpo_objective_seconds: f64,
+    /// For a policy that streams WAL: whether its replication slot exists on the server.
+    pub stream_slot_present: Option<bool>,
+    /// Bytes of WAL the server keeps for the slot (its current position minus the slot's
+    /// `restart_lsn`, which the streamer moves only once the repository holds the WAL).
+    pub stream_retained_bytes: Option<f64>,
 }
 
 /// One policy's numbers.
@@ -60,6 +65,7 @@ pub struct PolicyMetrics {
     retention_last: Option<DateTime<Utc>>,
     retention_ok: Option<bool>,
     wal: Option<WalStatus>,
+    stream_up: Option<bool>,
     /// From the last key-rotation job: the repository, its newest generation, and when
     /// that generation was made.
     key: Option<(String, u64, DateTime<Utc>)>,
@@ -126,6 +132,11 @@ impl Registry {
     /// Records a WAL poll.
     pub fn set_wal(&self, policy: &str, w: Option<WalStatus>) {
         self.with(policy, |m| m.wal = w);
+    }
+
+    /// Whether the policy's `wal-stream` child is running.
+    pub fn set_stream_up(&self, policy: &str, up: bool) {
+        self.with(policy, |m| m.stream_up = Some(up));
     }
 
     /// The Prometheus text exposition.
@@ -302,6 +313,24 @@ impl Registry {
             "gauge",
             "When the server last archived a WAL file.",
             per(&|m| m.wal.as_ref().and_then(|w| w.last_archived)),
+        );
+        family(
+            "backupd_wal_stream_up",
+            "gauge",
+            "1 while the policy's wal-stream process runs (wal_stream = true), 0 while it is being restarted.",
+            per(&|m| m.stream_up.map(|u| if u { 1.0 } else { 0.0 })),
+        );
+        family(
+            "backupd_wal_stream_slot_present",
+            "gauge",
+            "1 if the policy's replication slot exists on the server (0: the stream cannot resume where it was).",
+            per(&|m| m.wal.as_ref().and_then(|w| w.stream_slot_present).map(|p| if p { 1.0 } else { 0.0 })),
+        );
+        family(
+            "backupd_wal_stream_slot_retained_bytes",
+            "gauge",
+            "Bytes of WAL the server keeps for the policy's replication slot: grows while the stream is behind or stopped.",
+            per(&|m| m.wal.as_ref().and_then(|w| w.stream_retained_bytes)),
         );
         family(
             "backupd_wal_archive_failing",

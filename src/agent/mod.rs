@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod runner;
 pub mod scheduler;
 pub mod state;
+pub mod streamer;
 pub mod wal_lag;
 
 use std::collections::HashMap;
@@ -78,6 +79,8 @@ struct Supervisor {
     run_locks: HashMap<String, Arc<Mutex<()>>>,
     wal_stop: Option<watch::Sender<bool>>,
     finished: Vec<JoinHandle<()>>,
+    /// How to start `wal-stream` children (none in tests that run no processes).
+    streamer: Option<streamer::StreamerSpawn>,
 }
 
 impl Supervisor {
@@ -146,6 +149,18 @@ impl Supervisor {
                     stop.subscribe(),
                 )));
             }
+            if let (Some(spawn), crate::policy::SourceSpec::Postgres(pg)) =
+                (&self.streamer, &p.source)
+            {
+                if pg.wal_stream {
+                    tasks.push(tokio::spawn(streamer::supervise(
+                        spawn.clone(),
+                        p.clone(),
+                        self.registry.clone(),
+                        stop.subscribe(),
+                    )));
+                }
+            }
             tracing::info!(policy = %p.name, "{p}");
             self.loops.insert(
                 p.name.clone(),
@@ -213,6 +228,10 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
         let registry = Arc::new(Registry::new(state.clone()));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let streamer = streamer::StreamerSpawn {
+            exe: exe.clone(),
+            policies: opts.policies.clone(),
+        };
         let runner = Arc::new(runner::ProcessRunner {
             exe,
             policies: opts.policies.clone(),
@@ -246,6 +265,7 @@ pub fn run(opts: AgentOptions) -> Result<(), AgentError> {
             run_locks: HashMap::new(),
             wal_stop: None,
             finished: vec![],
+            streamer: Some(streamer),
         };
         let n = policies.len();
         sup.apply(policies);

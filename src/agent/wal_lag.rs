@@ -53,6 +53,8 @@ pub fn status_from(
         },
         rpo_seconds: None,
         rpo_objective_seconds: 0.0,
+        stream_slot_present: None,
+        stream_retained_bytes: None,
     }
 }
 
@@ -64,6 +66,8 @@ struct Polled {
     now: f64,
     current_lsn: Option<u64>,
     durable: Option<u64>,
+    /// The policy streams WAL (archive_timeout does not bound its RPO).
+    wal_stream: bool,
     /// The earliest time a commit the archive lacks could be from, when no earlier poll
     /// says better: the server's start or its last archive, whichever is older.
     unknown_since: f64,
@@ -92,6 +96,13 @@ async fn poll(policy: &Policy) -> Result<Polled, String> {
         .await
         .map_err(|e| format!("connecting to {resolved}: {e}"))?;
     let conn_task = tokio::spawn(conn);
+    // The slot of a streaming policy: its restart_lsn is what the streamer confirmed as
+    // stored in the repository.
+    let slot = if pg.wal_stream {
+        pg.slot_name(&policy.name)
+    } else {
+        String::new()
+    };
     let row = client
         .query_one(
             "SELECT pg_walfile_name(pg_current_wal_lsn()),
@@ -104,9 +115,13 @@ async fn poll(policy: &Policy) -> Result<Polled, String> {
                     extract(epoch from pg_postmaster_start_time())::float8,
                     current_setting('archive_mode'),
                     current_setting('archive_command'),
-                    (SELECT setting::bigint FROM pg_settings WHERE name = 'archive_timeout')
+                    (SELECT setting::bigint FROM pg_settings WHERE name = 'archive_timeout'),
+                    (SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1),
+                    (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8
+                       FROM pg_replication_slots WHERE slot_name = $1),
+                    (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1)
                FROM pg_stat_archiver",
-            &[],
+            &[&slot],
         )
         .await
         .map_err(|e| format!("querying pg_stat_archiver: {e}"))?;
@@ -118,7 +133,7 @@ async fn poll(policy: &Policy) -> Result<Polled, String> {
     let now: f64 = row.get(5);
     let last_archived_time: Option<f64> = row.get(2);
     let started: f64 = row.get(7);
-    let status = status_from(
+    let mut status = status_from(
         &current,
         last.as_deref(),
         last_archived_time,
@@ -126,6 +141,14 @@ async fn poll(policy: &Policy) -> Result<Polled, String> {
         seg,
         now,
     );
+    let mut durable = durable_end(last.as_deref(), seg);
+    if pg.wal_stream {
+        let present = row.get::<_, i64>(13) > 0;
+        status.stream_slot_present = Some(present);
+        status.stream_retained_bytes = row.get(12);
+        let streamed = row.get::<_, Option<String>>(11).and_then(|l| parse_lsn(&l));
+        durable = durable.max(streamed);
+    }
     Ok(Polled {
         status,
         settings: ArchiveSettings {
@@ -136,7 +159,8 @@ async fn poll(policy: &Policy) -> Result<Polled, String> {
         target: resolved.to_string(),
         now,
         current_lsn: parse_lsn(&row.get::<_, String>(6)),
-        durable: durable_end(last.as_deref(), seg),
+        durable,
+        wal_stream: pg.wal_stream,
         unknown_since: last_archived_time.map_or(started, |a| a.min(started)),
     })
 }
@@ -175,7 +199,18 @@ pub async fn run(
                     });
                     // The server's settings against the objective: said at the first poll
                     // and whenever what they say changes.
-                    let problems = archive_problems(&polled.settings, spec.rpo, &polled.target);
+                    let mut problems = if polled.wal_stream {
+                        vec![]
+                    } else {
+                        archive_problems(&polled.settings, spec.rpo, &polled.target)
+                    };
+                    if s.stream_slot_present == Some(false) {
+                        problems.push(format!(
+                            "replication slot {} is missing on {}: the WAL stream cannot resume where it was (wal-stream --create-slot makes it; WAL between is only in the archive if archive_command stored it)",
+                            spec.slot_name(&p.name),
+                            polled.target
+                        ));
+                    }
                     if said.get(&p.name) != Some(&problems) {
                         for w in &problems {
                             tracing::warn!(policy = %p.name, "{w}");

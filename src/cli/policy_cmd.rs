@@ -66,6 +66,23 @@ fn online_warnings(list: &[policy::Policy]) -> Vec<(String, String)> {
                     .map_err(|e| e.to_string())
             });
         match session {
+            // A streaming policy's RPO does not depend on archive_timeout: its slot must
+            // be there.
+            Ok(s) if pg.wal_stream => {
+                let slot = pg.slot_name(&p.name);
+                match s.slot_exists(&slot) {
+                    Ok(true) => {}
+                    Ok(false) => out.push((
+                        p.name.clone(),
+                        format!(
+                            "source.wal_stream is on but {} has no replication slot {slot} (backupd wal-stream --policy {} --create-slot makes it)",
+                            s.target(),
+                            p.name
+                        ),
+                    )),
+                    Err(e) => out.push((p.name.clone(), format!("cannot check the slot: {e}"))),
+                }
+            }
             Ok(s) => {
                 for w in crate::postgres::rpo::archive_problems(
                     &s.info.archive_settings(),

@@ -182,6 +182,27 @@ impl PgSession {
         &self.target
     }
 
+    /// Whether the server has a replication slot of this name.
+    ///
+    /// # Errors
+    /// The query failing.
+    pub fn slot_exists(&self, slot: &str) -> Result<bool, PgError> {
+        self.rt.block_on(async {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| PgError::Query {
+                    what: "reading pg_replication_slots".into(),
+                    why: db_error_text(&e),
+                })?;
+            Ok(row.get::<_, i64>(0) > 0)
+        })
+    }
+
     /// Refuses servers that cannot give a restorable backup: a standby, archiving off, an
     /// old version, or a data directory other than the one given.
     ///

@@ -229,7 +229,11 @@ fn session(
     let mut cur = Current {
         segment,
         bytes: Vec::with_capacity(seg_size.min(64 << 20) as usize),
-        durable: begin.0 - seg_start.0,
+        // What this stream stored before on this timeline is durable; a stream that
+        // starts afresh stores the segment from its start.
+        durable: resume
+            .filter(|d| *d >= seg_start)
+            .map_or(0, |d| d.0 - seg_start.0),
         pending_since: None,
         pieces: archive.piece_names(&segment.name(seg_size))?,
     };
@@ -237,7 +241,8 @@ fn session(
         slot = opts.slot,
         server = r.server(),
         timeline = id.timeline,
-        "streaming WAL from {seg_start} (durable to {begin})"
+        "streaming WAL from {seg_start} (the repository holds it to {})",
+        resume.filter(|d| *d >= seg_start).unwrap_or(seg_start)
     );
     r.start(opts.slot, seg_start, id.timeline)?;
     let mut server_end = id.position;

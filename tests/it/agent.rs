@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::common::*;
 
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+pub(super) fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
@@ -24,7 +24,7 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 /// The value of one sample line `name{labels} value`, if present.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
+pub(super) fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics
         .lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
@@ -48,7 +48,7 @@ fn policy_text(repo: &Repo, pw: &Path, source: &str, schedule: &str) -> String {
     )
 }
 
-fn signal(child: &Child, sig: &str) {
+pub(super) fn signal(child: &Child, sig: &str) {
     let st = Command::new("kill")
         .args([&format!("-{sig}"), &child.id().to_string()])
         .status()

@@ -70,11 +70,26 @@ fn restore_a_second_ago(
         assert!(
             out.stderr.contains("cannot restore to")
                 && committed.elapsed() < Duration::from_secs(10),
-            "{}",
-            out.describe()
+            "{}\nthe archive: {:?}",
+            out.describe(),
+            wal_files(&env.repo.join("wal"))
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The archive's object names, for failure messages.
+fn wal_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v = vec![];
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            v.extend(wal_files(&e.path()));
+        } else {
+            v.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    v.sort();
+    v
 }
 
 fn batches(c: &PgCluster) -> String {
@@ -231,4 +246,153 @@ fn a_missing_slot_is_named_with_the_flag_that_creates_it() {
         "{}",
         out.describe()
     );
+}
+
+#[test]
+fn the_agent_streams_a_wal_stream_policy_and_reports_its_slot() {
+    use super::agent::{http_get, sample, signal};
+    use super::common::BIN;
+    use std::io::Read;
+    use std::process::Stdio;
+    let env = PgEnv::new();
+    let c = env.cluster_with("main", "/bin/true", "");
+    // The slot, made once (as `wal-stream --create-slot` would).
+    c.sql("select pg_create_physical_replication_slot('backupd_db', true)");
+    c.sql("create table t(batch int, i int)");
+    let work = env.path("agent");
+    let pol = work.join("policies");
+    fs::create_dir_all(&pol).unwrap();
+    fs::write(
+        pol.join("db.toml"),
+        format!(
+            "[repository]\nlocation = \"{}\"\npassword_file = \"{}\"\n[source]\ntype = \"postgres\"\ndata_directory = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nrpo = \"10s\"\nwal_stream = true\n[schedule]\ncron = \"@yearly\"\n",
+            env.location,
+            env.password_file.display(),
+            c.data.display(),
+            c.port
+        ),
+    )
+    .unwrap();
+    // policy check --online looks for the slot, not at archive_timeout.
+    let online = super::common::backupd()
+        .args(["policy", "check", "--online", "--strict"])
+        .arg(&pol)
+        .run()
+        .ok();
+    assert!(
+        !online.stderr.contains("archive_timeout"),
+        "{}",
+        online.describe()
+    );
+    let port = free_port();
+    let mut agent = Command::new(BIN)
+        .arg("--policies")
+        .arg(&pol)
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = agent.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let mut r = stderr;
+        let _ = r.read_to_string(&mut s);
+        s
+    });
+    let mut m = String::new();
+    wait_for(
+        "the streamer and a WAL poll",
+        Duration::from_secs(30),
+        || {
+            m = http_get(port, "/metrics").map(|r| r.1).unwrap_or_default();
+            sample(&m, "backupd_wal_stream_up{policy=\"db\"}") == Some(1.0)
+                && sample(&m, "backupd_wal_stream_slot_present{policy=\"db\"}") == Some(1.0)
+        },
+    );
+    assert!(
+        sample(&m, "backupd_wal_stream_slot_retained_bytes{policy=\"db\"}").is_some(),
+        "{m}"
+    );
+    // The base backup's WAL and a later commit arrive by the agent's stream alone.
+    backup(&env, &c, &[]);
+    c.sql("insert into t values (1, 1)");
+    let committed = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let (r, out) = restore_a_second_ago(&env, &c, "r", committed);
+    assert_eq!(batches(&r), "1:1", "{out}");
+    r.stop();
+    // The agent stops its streamer with itself; the archive_timeout warning is not given
+    // for a policy that streams.
+    signal(&agent, "TERM");
+    let _ = agent.wait();
+    let log = log.join().unwrap();
+    assert!(!log.contains("archive_timeout is 0"), "{log}");
+    assert!(log.contains("wal-stream"), "{log}");
+}
+
+#[test]
+fn a_promoted_copy_on_timeline_2_streams_on_into_the_same_archive() {
+    let env = PgEnv::new();
+    let c = env.cluster_with("main", "/bin/true", "");
+    let mut s = streamer(&env, &c, true);
+    wait_for("the slot", Duration::from_secs(30), || slots(&c) == 1);
+    c.sql("create table t(batch int, i int)");
+    backup(&env, &c, &[]);
+    c.sql("insert into t values (1, 1)");
+    let committed = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    // The primary is lost after its last commit reached the repository; its replacement
+    // is restored from the repository and promoted: timeline 2, the same system.
+    let (old, _) = restore_a_second_ago(&env, &c, "probe", committed);
+    old.stop();
+    term(&mut s);
+    assert_eq!(s.wait(Duration::from_secs(30)).code(), 0);
+    c.stop();
+    let port = free_port();
+    let target = env.path("new-primary");
+    env.cmd()
+        .args([
+            "restore",
+            "--at",
+            "latest",
+            "--start",
+            "--archive-mode",
+            "off",
+        ])
+        .arg("--target")
+        .arg(&target)
+        .arg("--pg-port")
+        .arg(port.to_string())
+        .run()
+        .ok();
+    let p = PgCluster::adopt(target, port);
+    assert_eq!(
+        p.sql("select timeline_id from pg_control_checkpoint()"),
+        "2"
+    );
+    assert_eq!(batches(&p), "1:1");
+    // The stream goes on from the new primary: its history file, then its WAL.
+    let mut s2 = streamer(&env, &p, true);
+    wait_for(
+        "the slot on the new primary",
+        Duration::from_secs(30),
+        || slots(&p) == 1,
+    );
+    p.sql("insert into t values (2, 1)");
+    let committed = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let (r, out) = restore_a_second_ago(&env, &p, "after-failover", committed);
+    assert_eq!(batches(&r), "1:1 2:1", "{out}");
+    assert_eq!(
+        r.sql("select timeline_id >= 3 from pg_control_checkpoint()"),
+        "t",
+        "{out}"
+    );
+    r.stop();
+    term(&mut s2);
+    assert_eq!(s2.wait(Duration::from_secs(30)).code(), 0);
 }
