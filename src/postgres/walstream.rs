@@ -5,7 +5,8 @@
 //! The loop: begin at the start of the segment holding the newer of the stream's durable
 //! position (its status in the archive) and the slot's `restart_lsn`; keep the segment
 //! being received in memory (at most one segment); store what is new as a piece after a
-//! burst of WAL ends (nothing more within [`BURST_GAP`]) or [`FLUSH_EVERY`] at the latest;
+//! burst of WAL ends (nothing more within [`BURST_GAP`]), when [`FLUSH_BYTES`] wait, or
+//! [`FLUSH_EVERY`] at the latest;
 //! store a completed segment under its usual name (the archive's `push`, which accepts the
 //! copy `archive_command` stored if its WAL is the same) and remove its pieces. Only then
 //! is the position confirmed to the server as flushed, which lets the slot free the WAL:
@@ -29,15 +30,19 @@ use super::walname::{history_name, Lsn, Segment};
 use crate::repo::Repository;
 
 /// How long after the last WAL message a burst counts as over (then it is stored).
-pub const BURST_GAP: Duration = Duration::from_millis(100);
-/// The longest received WAL waits before it is stored.
-pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+pub const BURST_GAP: Duration = Duration::from_millis(50);
+/// The longest received WAL waits before it is stored (under a steady stream of WAL, when
+/// no burst ends): `benches/wal-stream.sh` measured a median commit-to-durable of 675 ms
+/// at 1 s under pgbench.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Received WAL stored at once when this much waits.
+pub const FLUSH_BYTES: u64 = 1 << 20;
 /// How often the server is asked for its end of WAL, and the status stored when the
 /// answer shows the repository holds all of it (`--status-every`): how recent a time a
 /// restore can target on a quiet server. On S3 each is a PUT (86,400 a day at 1 s).
 pub const DEFAULT_STATUS_EVERY: Duration = Duration::from_secs(1);
 /// How many pieces a segment gathers before one piece from its start replaces them.
-pub const MAX_PIECES: usize = 32;
+pub const MAX_PIECES: usize = 64;
 /// The time between a server's flush and its walsender sending it is not known to the
 /// client; a "caught up" moment is dated this much before the question that showed it.
 const CAUGHT_UP_MARGIN: Duration = Duration::from_millis(200);
@@ -340,7 +345,8 @@ fn session(
         let burst_over = last_message.elapsed() >= BURST_GAP;
         let waited = cur
             .pending_since
-            .is_some_and(|t| t.elapsed() >= FLUSH_EVERY);
+            .is_some_and(|t| t.elapsed() >= FLUSH_EVERY)
+            || cur.bytes.len() as u64 >= cur.durable + FLUSH_BYTES;
         if cur.pending_since.is_some() && (burst_over || waited) {
             store_pending(&archive, &mut cur, seg_size, report)?;
             let durable = Lsn(seg_start_of(&cur, seg_size) + cur.durable);
@@ -403,9 +409,10 @@ fn complete(
     report: &mut StreamReport,
 ) -> Result<(), StreamError> {
     let name = cur.segment.name(seg_size);
+    let durable = Lsn(seg_start_of(cur, seg_size) + seg_size);
     match archive.push(&name, &cur.bytes)? {
-        Pushed::Stored => tracing::debug!(segment = %name, "stored the streamed segment"),
-        Pushed::AlreadyThere => tracing::debug!(segment = %name, "archived already"),
+        Pushed::Stored => tracing::debug!(segment = %name, %durable, "stored the streamed segment"),
+        Pushed::AlreadyThere => tracing::debug!(segment = %name, %durable, "archived already"),
     }
     report.stored += seg_size - cur.durable;
     report.segments += 1;
@@ -449,6 +456,11 @@ fn store_pending(
     report.stored += end - cur.durable;
     cur.durable = end;
     cur.pending_since = None;
+    tracing::debug!(
+        segment = %name,
+        durable = %Lsn(seg_start_of(cur, seg_size) + end),
+        "stored a piece"
+    );
     Ok(())
 }
 
