@@ -61,6 +61,13 @@ pub enum ArchiveError {
         /// Why.
         why: String,
     },
+    /// A streamed piece listed a moment ago is gone: the streamer completed its segment
+    /// meanwhile (the reader looks again).
+    #[error("{object}: removed while it was being read (its segment was completed meanwhile)")]
+    PieceGone {
+        /// Object name.
+        object: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Backend(#[from] BackendError),

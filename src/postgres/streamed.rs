@@ -153,9 +153,8 @@ impl WalArchive<'_> {
             if b <= out.len() as u64 {
                 continue;
             }
-            let bytes = self.get_own(name)?.ok_or_else(|| ArchiveError::Corrupt {
+            let bytes = self.get_own(name)?.ok_or_else(|| ArchiveError::PieceGone {
                 object: name.to_string(),
-                why: "listed but gone".into(),
             })?;
             if bytes.len() as u64 != b - a {
                 return Err(ArchiveError::Corrupt {
@@ -185,17 +184,28 @@ impl WalArchive<'_> {
         file: &str,
         segment_size: u64,
     ) -> Result<Option<(Vec<u8>, bool)>, ArchiveError> {
-        if let Some(b) = self.fetch(file)? {
-            return Ok(Some((b, false)));
+        // A streamer completing the segment meanwhile removes its pieces after storing it
+        // whole: a piece gone between the listing and its read means "look again".
+        let mut attempt = 0;
+        loop {
+            if let Some(b) = self.fetch(file)? {
+                return Ok(Some((b, false)));
+            }
+            if !is_segment_name(file) {
+                return Ok(None);
+            }
+            let names = self.group(&file[..16])?;
+            match self.streamed_prefix(file, &names) {
+                Ok(got) => {
+                    return Ok(got.map(|mut b| {
+                        b.resize(segment_size as usize, 0);
+                        (b, true)
+                    }))
+                }
+                Err(ArchiveError::PieceGone { .. }) if attempt < 3 => attempt += 1,
+                Err(e) => return Err(e),
+            }
         }
-        if !is_segment_name(file) {
-            return Ok(None);
-        }
-        let names = self.group(&file[..16])?;
-        Ok(self.streamed_prefix(file, &names)?.map(|mut b| {
-            b.resize(segment_size as usize, 0);
-            (b, true)
-        }))
     }
 
     /// The stream status, if a streamer ever wrote one.
