@@ -67,9 +67,19 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         {
             return EXIT_LOCKED;
         }
+        // Errors that hold a lock error transparently (the chain skips it).
+        if let Some(crate::repo::prune::PruneError::Lock(crate::repo::lock::LockError::Locked {
+            ..
+        })) = cause.downcast_ref::<crate::repo::prune::PruneError>()
+        {
+            return EXIT_LOCKED;
+        }
         if let Some(e) = cause.downcast_ref::<BackupError>() {
             match e {
                 BackupError::Interrupted => return EXIT_INTERRUPTED,
+                BackupError::Lock(crate::repo::lock::LockError::Locked { .. }) => {
+                    return EXIT_LOCKED
+                }
                 BackupError::Repo(r) => {
                     if let Some(c) = repo_code(r) {
                         return c;

@@ -14,6 +14,7 @@ mod progress;
 mod prune_cmd;
 mod restore_cmd;
 mod stream_cmd;
+mod unlock_cmd;
 mod verify_cmd;
 
 use std::path::PathBuf;
@@ -134,6 +135,8 @@ enum Verb {
     WalFetch(pg_cmd::WalFetchArgs),
     /// Stream a PostgreSQL server's WAL over a replication slot into the repository.
     WalStream(stream_cmd::WalStreamArgs),
+    /// Remove stale locks (--remove-all: every lock).
+    Unlock(unlock_cmd::UnlockArgs),
     /// Check policy files.
     Policy(policy_cmd::PolicyArgs),
     /// Remove snapshots by retention rules (restic's keep-* options) or by id.
@@ -413,6 +416,7 @@ fn run(cli: Cli) -> Result<i32> {
         Verb::WalPush(a) => pg_cmd::wal_push(g, a),
         Verb::WalFetch(a) => pg_cmd::wal_fetch(g, a),
         Verb::WalStream(a) => stream_cmd::run(g, a),
+        Verb::Unlock(a) => unlock_cmd::run(g, a),
         Verb::Policy(a) => policy_cmd::run(g, a),
         Verb::Forget(a) => forget_cmd::run(g, a),
         Verb::Prune(a) => prune_cmd::run(g, a),

@@ -74,7 +74,31 @@ pub fn process_start(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+impl LockKind {
+    /// What holds such a lock, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            LockKind::Backup => "a backup",
+            LockKind::Prune => "a prune",
+            LockKind::Keys => "a key change",
+        }
+    }
+}
+
 impl LockRecord {
+    /// Why the lock is stale (for a stale one), for messages.
+    pub fn why_stale(&self) -> String {
+        if self.holder_is_gone() {
+            format!("process {} no longer runs on this host", self.pid)
+        } else {
+            format!(
+                "not refreshed since {} (a lock is stale {} s after its last refresh)",
+                self.refreshed.format("%Y-%m-%d %H:%M:%S UTC"),
+                STALE_AFTER.as_secs()
+            )
+        }
+    }
+
     /// Whether the holder has stopped refreshing it.
     pub fn is_stale(&self, now: DateTime<Utc>) -> bool {
         now.signed_duration_since(self.refreshed)
@@ -242,6 +266,26 @@ impl RepoLock {
         let name = write_record(&backend, &keys, &record)?;
         if matches!(kind, LockKind::Prune | LockKind::Keys) {
             let others = list_locks(&backend, &keys)?;
+            // A stale holder of this lock (its process gone from this host, or no refresh
+            // by its deadline) is taken over, and said so.
+            for (n, other) in others
+                .iter()
+                .filter(|(n, r)| *n != name && r.kind == kind && r.is_stale(Utc::now()))
+            {
+                tracing::warn!(
+                    "taking over the stale lock of {} on {} (pid {}, since {}): {}",
+                    other.kind.describe(),
+                    other.host,
+                    other.pid,
+                    other.started.format("%Y-%m-%d %H:%M:%S UTC"),
+                    other.why_stale()
+                );
+                if let Err(e) = backend.delete(ObjectType::Lock, n) {
+                    if !e.is_not_found() {
+                        tracing::warn!("removing stale lock locks/{n}: {e}");
+                    }
+                }
+            }
             if let Some((_, other)) = others
                 .iter()
                 .find(|(n, r)| *n != name && r.kind == kind && !r.is_stale(Utc::now()))

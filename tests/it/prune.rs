@@ -240,3 +240,98 @@ fn backups_after_a_mark_do_not_reuse_marked_packs_and_parallel_prunes_lose_nothi
         restore_and_compare(&repo, &id, &other);
     }
 }
+
+/// Spawns `prune --grace 0s` and stops it (SIGSTOP) once its lock is in the repository: a
+/// holder whose process still exists. Returns it.
+fn stopped_prune(repo: &Repo) -> Running {
+    let before: Vec<_> = fs::read_dir(repo.path.join("locks"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let p = repo.cmd().args(["prune", "--grace", "0s"]).spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now: Vec<_> = fs::read_dir(repo.path.join("locks"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        if now.iter().any(|n| !before.contains(n)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no prune lock appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let st = Command::new("kill")
+        .args(["-STOP", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    p
+}
+
+#[test]
+fn a_killed_prune_leaves_a_lock_the_next_takes_over_and_unlock_removes_stale_locks() {
+    let repo = Repo::new();
+    let src = repo.scratch("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..40 {
+        write_random(&src.join(format!("f{i}")), 64 << 10);
+    }
+    for _ in 0..3 {
+        repo.backup(&[src.to_str().unwrap()]);
+        write_random(&src.join("f0"), 64 << 10);
+    }
+    // A prune that holds its lock (stopped, its process alive): the next prune is locked
+    // out with exit 11 and is told who holds it.
+    let mut held = stopped_prune(&repo);
+    repo.cmd()
+        .args(["prune", "--grace", "0s"])
+        .run()
+        .expect(11)
+        .stderr_has("locked by a prune on");
+    // unlock leaves a lock whose process runs.
+    let out = repo.ok(&["unlock"]);
+    assert!(
+        out.stdout().contains("0 locks removed, 1 in use left"),
+        "{}",
+        out.describe()
+    );
+    // SIGKILLed (an OOM kill, a reboot): the next prune takes the lock over at once,
+    // naming the old holder, and finishes.
+    held.child.kill().unwrap();
+    let _ = held.child.wait();
+    let taken = repo.ok(&["prune", "--grace", "0s"]);
+    assert!(
+        taken
+            .stderr
+            .contains("taking over the stale lock of a prune")
+            && taken
+                .stderr
+                .contains(&format!("process {} no longer runs", held.child.id())),
+        "{}",
+        taken.describe()
+    );
+    // unlock removes a dead holder's lock and says whose it was; --remove-all removes a
+    // live one too, saying it was not stale.
+    let mut dead = stopped_prune(&repo);
+    dead.child.kill().unwrap();
+    let _ = dead.child.wait();
+    let out = repo.ok(&["unlock"]);
+    assert!(
+        out.stdout().contains("removed the stale lock of a prune")
+            && out.stdout().contains("1 lock removed"),
+        "{}",
+        out.describe()
+    );
+    let mut live = stopped_prune(&repo);
+    let out = repo.ok(&["unlock", "--remove-all"]);
+    assert!(
+        out.stdout().contains("it was not stale"),
+        "{}",
+        out.describe()
+    );
+    live.child.kill().unwrap();
+    let _ = live.child.wait();
+    repo.ok(&["check", "--read-data"]);
+}
