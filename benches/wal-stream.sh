@@ -54,12 +54,12 @@ export BACKUPD_PASSWORD_FILE=$W/pw
 if [ "$S3" = 1 ]; then
   S3FS=$(command -v s3s-fs || echo "$HOME/.local/bin/s3s-fs")
   [ -x "$S3FS" ] || die "s3s-fs not installed (cargo install s3s-fs@0.14.1 --features binary)"
-  mkdir -p "$W/s3/bk"; SPORT=$(freeport)
+  mkdir -p "$W/s3/bench"; SPORT=$(freeport)
   "$S3FS" --host 127.0.0.1 --port "$SPORT" --access-key bench --secret-key benchsecret "$W/s3" >/dev/null 2>&1 & S3PID=$!
   sleep 1
   export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret
-  repo_url() { echo "s3:http://127.0.0.1:$SPORT/bk/$1"; }
-  repo_bytes() { du -sb "$W/s3/bk/$1" | cut -f1; }
+  repo_url() { echo "s3:http://127.0.0.1:$SPORT/bench/$1"; }
+  repo_bytes() { du -sb "$W/s3/bench/$1" | cut -f1; }
 else
   repo_url() { echo "$W/$1"; }
   repo_bytes() { du -sb "$W/$1" | cut -f1; }

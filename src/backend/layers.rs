@@ -559,6 +559,8 @@ mod tests {
             .put(ObjectType::Snapshot, "s1", Bytes::from_static(b"data"))
             .unwrap_err();
         assert!(e.is_transient(), "{e}");
+        // Exactly the policy's attempts reached the store: 10 failures armed, 4 used.
+        assert_eq!(*b.inner.inner.left.lock().unwrap(), 10 - fast().attempts);
     }
 
     #[test]

@@ -452,11 +452,54 @@ mod tests {
     #[test]
     fn incompressible_is_stored_raw() {
         let keys = MasterKeys::generate();
-        let data: Vec<u8> = (0..10_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        // splitmix64 output: no pattern zstd can use (a multiplicative sequence, which
+        // this test used before, compresses).
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let data: Vec<u8> = (0..10_000)
+            .map(|_| {
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) as u8
+            })
             .collect();
         let id = BlobId(keys.blob_id(&data));
         let sealed = encode(&keys, BlobKind::Data, &id, &data, 3);
-        assert!(sealed.len() <= data.len() + 1 + crypto::SEAL_OVERHEAD);
+        assert_eq!(sealed.len(), data.len() + 1 + crypto::SEAL_OVERHEAD);
+        // The flag inside the seal says raw, and the payload is the plaintext itself.
+        let framed =
+            crypto::open(&keys, BlobKind::Data.object_kind(), Some(&id.0), &sealed).unwrap();
+        assert_eq!(framed[0], RAW);
+        assert_eq!(&framed[1..], &data[..]);
+        assert_eq!(
+            decode(&keys, BlobKind::Data, &id, &sealed, data.len()).unwrap(),
+            data
+        );
+    }
+
+    #[test]
+    fn compressible_is_stored_compressed() {
+        let keys = MasterKeys::generate();
+        let data: Vec<u8> = b"backupd ".iter().copied().cycle().take(100_000).collect();
+        let id = BlobId(keys.blob_id(&data));
+        let sealed = encode(&keys, BlobKind::Data, &id, &data, 3);
+        let framed =
+            crypto::open(&keys, BlobKind::Data.object_kind(), Some(&id.0), &sealed).unwrap();
+        assert_eq!(framed[0], ZSTD);
+        assert!(framed.len() < data.len() / 50, "{} bytes", framed.len());
+        assert_eq!(
+            zstd::bulk::decompress(&framed[1..], data.len()).unwrap(),
+            data
+        );
+        assert_eq!(
+            decode(&keys, BlobKind::Data, &id, &sealed, data.len()).unwrap(),
+            data
+        );
+        // Compression off: raw.
+        let plain = encode(&keys, BlobKind::Data, &id, &data, 0);
+        let framed =
+            crypto::open(&keys, BlobKind::Data.object_kind(), Some(&id.0), &plain).unwrap();
+        assert_eq!(framed[0], RAW);
     }
 }

@@ -284,11 +284,18 @@ mod tests {
             let packs: Vec<IndexedPack> = packs.into_iter().map(|(p, entries)| IndexedPack { pack: BlobId(p), entries }).collect();
             let enc = encode(&packs);
             prop_assert_eq!(decode(&enc, &LIMITS).unwrap(), packs.clone());
-            // Any cut that is not at a record boundary is an error; at a boundary it is a
-            // shorter list (the seal around the file catches that case).
+            // Any cut that is not at a pack record's boundary is an error; at a boundary it
+            // is exactly the packs before it (the seal around the file catches that case).
+            let mut boundaries = vec![5usize];
+            for p in &packs {
+                let last = *boundaries.last().unwrap();
+                boundaries.push(last + 36 + p.entries.len() * ENTRY_LEN);
+            }
+            prop_assert_eq!(*boundaries.last().unwrap(), enc.len());
             for cut in 0..enc.len() {
-                if let Ok(d) = decode(&enc[..cut], &LIMITS) {
-                    prop_assert!(d.len() < packs.len() || d != packs);
+                match boundaries.iter().position(|b| *b == cut) {
+                    Some(k) => prop_assert_eq!(decode(&enc[..cut], &LIMITS).unwrap(), packs[..k].to_vec()),
+                    None => prop_assert!(decode(&enc[..cut], &LIMITS).is_err(), "a cut at {} decoded", cut),
                 }
             }
             let idx = Index::from_packs(packs.clone());

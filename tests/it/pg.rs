@@ -289,6 +289,17 @@ fn wal_push_twice_is_idempotent_different_bytes_fail_and_fetch_misses_quietly() 
         .run()
         .expect(1)
         .stderr_has("different");
+    // The refused push left the stored segment as it was.
+    let again = copy_dir.join("again");
+    env.cmd()
+        .args(["wal-fetch", "--pg-data", &data, &seg])
+        .arg(&again)
+        .run()
+        .ok();
+    assert!(
+        fs::read(&again).unwrap() == fetched,
+        "the stored segment changed"
+    );
     // Not archived: exit 1, nothing on stderr (recovery probes like this all the time).
     let missing = env
         .cmd()
@@ -406,6 +417,14 @@ fn delta_restore_rewrites_only_what_differs() {
         .run()
         .ok();
     fs::write(dir.join("stray-file"), "not in the backup").unwrap();
+    // A file both backups hold unchanged: the delta restore must leave it alone.
+    let kept = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(p).unwrap();
+        (m.ino(), m.mtime(), m.mtime_nsec())
+    };
+    let untouched = dir.join("PG_VERSION");
+    let before = kept(&untouched);
     let port = free_port();
     let out = env
         .cmd()
@@ -425,7 +444,14 @@ fn delta_restore_rewrites_only_what_differs() {
         .run()
         .ok()
         .stdout();
-    assert!(out.contains("already in place"), "{out}");
+    let in_place: u64 = out
+        .split(" bytes already in place")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in place: {out}"));
+    assert!(in_place > 0, "{out}");
+    assert_eq!(kept(&untouched), before, "PG_VERSION was rewritten: {out}");
     assert!(!dir.join("stray-file").exists());
     let r = PgCluster::adopt(dir, port);
     assert_eq!(batches(&r), "1:20000 2:100 3:100");
