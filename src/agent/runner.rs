@@ -39,8 +39,35 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) {
     }
 }
 
+/// Re-emits a child's stderr lines in the agent's log (a line with "error" as an error),
+/// tagged with the policy and job; the task's result is the last line.
+pub(super) fn relay_stderr(
+    stderr: Option<tokio::process::ChildStderr>,
+    policy: String,
+    job: &'static str,
+) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        let mut last = String::new();
+        if let Some(s) = stderr {
+            let mut lines = BufReader::new(s).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                if line.contains("error") {
+                    tracing::error!(policy = %policy, job, "{line}");
+                } else {
+                    tracing::info!(policy = %policy, job, "{line}");
+                }
+                last = line;
+            }
+        }
+        last
+    })
+}
+
 /// SIGTERM, then SIGKILL if it does not stop in time.
-async fn stop_child(child: &mut Child) {
+pub(super) async fn stop_child(child: &mut Child) {
     signal(child, nix::sys::signal::Signal::SIGTERM);
     if tokio::time::timeout(TERM_GRACE, child.wait())
         .await
@@ -93,25 +120,7 @@ impl JobRunner for ProcessRunner {
                 }
                 v
             });
-            let log_name = name.clone();
-            let err_task = tokio::spawn(async move {
-                let mut last = String::new();
-                if let Some(s) = stderr {
-                    let mut lines = BufReader::new(s).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        if line.trim().is_empty() {
-                            continue;
-                        }
-                        if line.contains("error") {
-                            tracing::error!(policy = %log_name, job = kind.as_str(), "{line}");
-                        } else {
-                            tracing::info!(policy = %log_name, job = kind.as_str(), "{line}");
-                        }
-                        last = line;
-                    }
-                }
-                last
-            });
+            let err_task = relay_stderr(stderr, name.clone(), kind.as_str());
             let deadline = async {
                 match timeout {
                     Some(t) => tokio::time::sleep(t).await,

@@ -10,7 +10,6 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -21,8 +20,6 @@ use crate::policy::Policy;
 /// run of [`RESTART_MAX`] or longer.
 const RESTART_FIRST: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
-/// After SIGTERM, the streamer gets this long to store what it has.
-const TERM_GRACE: Duration = Duration::from_secs(20);
 
 /// How to start streamers.
 #[derive(Clone, Debug)]
@@ -69,26 +66,7 @@ pub async fn supervise(
             }
         };
         registry.set_stream_up(&name, true);
-        let log_name = name.clone();
-        let stderr = child.stderr.take();
-        let logger = tokio::spawn(async move {
-            let mut last = String::new();
-            if let Some(s) = stderr {
-                let mut lines = BufReader::new(s).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    if line.contains("error") || line.contains("WARN") {
-                        tracing::warn!(policy = %log_name, job = "wal-stream", "{line}");
-                    } else {
-                        tracing::info!(policy = %log_name, job = "wal-stream", "{line}");
-                    }
-                    last = line;
-                }
-            }
-            last
-        });
+        let logger = super::runner::relay_stderr(child.stderr.take(), name.clone(), "wal-stream");
         tokio::select! {
             status = child.wait() => {
                 let last = logger.await.unwrap_or_default();
@@ -109,15 +87,8 @@ pub async fn supervise(
                 pause = (pause * 2).min(RESTART_MAX);
             }
             _ = stop.changed() => {
-                if let Some(pid) = child.id() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGTERM,
-                    );
-                }
-                if tokio::time::timeout(TERM_GRACE, child.wait()).await.is_err() {
-                    let _ = child.kill().await;
-                }
+                // SIGTERM: the streamer stores what it has; SIGKILL after a grace.
+                super::runner::stop_child(&mut child).await;
                 let _ = logger.await;
                 registry.set_stream_up(&name, false);
                 break;

@@ -390,12 +390,7 @@ fn policy_source(pol: &crate::policy::Policy) -> Result<Box<dyn Source>> {
             name: filename.clone(),
         }),
         SourceSpec::Postgres(pg) => {
-            let password = pg
-                .password
-                .as_ref()
-                .map(super::password::read_secret)
-                .transpose()
-                .context("the policy's PostgreSQL password")?;
+            let password = pg.read_password()?;
             pg_source(
                 pg.conn_settings(),
                 crate::postgres::conn::env_with_password(password.as_deref().map(|p| p.as_str())),

@@ -58,12 +58,7 @@ pub fn run(g: &GlobalArgs, a: WalStreamArgs) -> Result<i32> {
                     "policy {name} is not a postgres policy: wal-stream streams PostgreSQL's WAL"
                 );
             };
-            let password = pg
-                .password
-                .as_ref()
-                .map(super::password::read_secret)
-                .transpose()
-                .context("the policy's PostgreSQL password")?;
+            let password = pg.read_password()?;
             let slot = a.slot.clone().unwrap_or_else(|| pg.slot_name(&pol.name));
             status_every = pg.wal_stream_status_every;
             (g.for_policy(&pol), pg.conn_settings(), password, slot)

@@ -121,6 +121,19 @@ pub struct PostgresSpec {
 }
 
 impl PostgresSpec {
+    /// The user's password from the policy's secret source, if it names one.
+    ///
+    /// # Errors
+    /// The source cannot be read (named in the message).
+    pub fn read_password(&self) -> anyhow::Result<Option<zeroize::Zeroizing<String>>> {
+        use anyhow::Context;
+        self.password
+            .as_ref()
+            .map(crate::secret_source::read_secret)
+            .transpose()
+            .context("the policy's PostgreSQL password")
+    }
+
     /// The replication slot of policy `policy`: `wal_stream_slot`, else `backupd_` and the
     /// policy's name with what a slot name cannot hold as `_`.
     pub fn slot_name(&self, policy: &str) -> String {

@@ -96,8 +96,8 @@ pub enum StreamEvent {
         start: Lsn,
         /// The server's end of WAL when it sent this.
         server_end: Lsn,
-        /// The bytes.
-        data: Vec<u8>,
+        /// The bytes (the message's own buffer, not a copy).
+        data: BytesMut,
     },
     /// The server's end of WAL; `reply` when it wants a status update now.
     Keepalive {
@@ -643,7 +643,7 @@ impl Replication {
                         Ok(Some(StreamEvent::XLogData {
                             start,
                             server_end,
-                            data: body.to_vec(),
+                            data: body,
                         }))
                     }
                     Some(b'k') if body.len() >= 18 => {

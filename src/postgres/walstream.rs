@@ -105,6 +105,8 @@ pub struct StreamReport {
 /// The segment being received.
 struct Current {
     segment: Segment,
+    /// The cluster's segment size.
+    seg_size: u64,
     /// Its bytes from its start.
     bytes: Vec<u8>,
     /// Offset in the segment up to which the archive holds it.
@@ -113,6 +115,53 @@ struct Current {
     pending_since: Option<Instant>,
     /// Pieces stored for it in this session or before (their names).
     pieces: Vec<String>,
+}
+
+impl Current {
+    /// Where the segment begins.
+    fn start(&self) -> u64 {
+        self.segment.start(self.seg_size).0
+    }
+
+    /// The position up to which the archive holds the WAL.
+    fn durable_lsn(&self) -> Lsn {
+        Lsn(self.start() + self.durable)
+    }
+}
+
+/// The stream status as last stored, stored again when what it says changes.
+struct StatusWriter<'a> {
+    archive: &'a WalArchive<'a>,
+    timeline: u32,
+    slot: &'a str,
+    segment_size: u64,
+    written: Option<StreamStatus>,
+}
+
+impl StatusWriter<'_> {
+    fn write(
+        &mut self,
+        durable: Lsn,
+        caught_up_at: Option<chrono::DateTime<Utc>>,
+    ) -> Result<(), StreamError> {
+        let same = self
+            .written
+            .as_ref()
+            .is_some_and(|w| w.durable == durable && w.caught_up_at == caught_up_at);
+        if !same {
+            let s = StreamStatus {
+                timeline: self.timeline,
+                durable,
+                caught_up_at,
+                updated_at: Utc::now(),
+                slot: self.slot.to_string(),
+                segment_size: self.segment_size,
+            };
+            self.archive.set_stream_status(&s)?;
+            self.written = Some(s);
+        }
+        Ok(())
+    }
 }
 
 /// Drops the slot (`--drop-slot`).
@@ -214,11 +263,11 @@ fn session(
             })
         }
     };
-    let status = archive.stream_status()?;
-    let resume = status
-        .as_ref()
-        .filter(|s| s.timeline == id.timeline)
-        .map(|s| s.durable);
+    // What the stream stored before on this timeline.
+    let before = archive
+        .stream_status()?
+        .filter(|s| s.timeline == id.timeline);
+    let resume = before.as_ref().map(|s| s.durable);
     let from_slot = slot.restart_lsn.unwrap_or(id.position);
     if let Some(d) = resume {
         if from_slot.0 / seg_size > d.0 / seg_size {
@@ -233,6 +282,7 @@ fn session(
     let seg_start = segment.start(seg_size);
     let mut cur = Current {
         segment,
+        seg_size,
         bytes: Vec::with_capacity(seg_size.min(64 << 20) as usize),
         // What this stream stored before on this timeline is durable; a stream that
         // starts afresh stores the segment from its start.
@@ -250,30 +300,24 @@ fn session(
         resume.filter(|d| *d >= seg_start).unwrap_or(seg_start)
     );
     r.start(opts.slot, seg_start, id.timeline)?;
-    let mut server_end = id.position;
     let mut last_message = Instant::now();
     let status_every = opts.status_every.max(Duration::from_millis(100));
     let mut last_status = Instant::now() - status_every;
     let mut asked_at: Option<chrono::DateTime<Utc>> = None;
-    let mut caught_up_at = status
-        .as_ref()
-        .filter(|s| s.timeline == id.timeline)
-        .and_then(|s| s.caught_up_at);
-    let mut status_written: Option<StreamStatus> = None;
+    let mut caught_up_at = before.and_then(|s| s.caught_up_at);
+    let mut status = StatusWriter {
+        archive: &archive,
+        timeline: id.timeline,
+        slot: opts.slot,
+        segment_size: seg_size,
+        written: None,
+    };
     loop {
         if stop.load(Ordering::Acquire) {
             store_pending(&archive, &mut cur, seg_size, report)?;
-            let durable = Lsn(seg_start_of(&cur, seg_size) + cur.durable);
+            let durable = cur.durable_lsn();
             r.send_status(durable, durable, false)?;
-            write_status(
-                &archive,
-                &mut status_written,
-                id.timeline,
-                durable,
-                caught_up_at,
-                opts.slot,
-                seg_size,
-            )?;
+            status.write(durable, caught_up_at)?;
             r.close();
             report.durable = durable;
             return Ok(Session::Stopped);
@@ -285,33 +329,19 @@ fn session(
                 .min(Duration::from_millis(250)),
         };
         match r.next_event(wait)? {
-            Some(StreamEvent::XLogData {
-                start,
-                server_end: end,
-                data,
-            }) => {
+            Some(StreamEvent::XLogData { start, data, .. }) => {
                 last_message = Instant::now();
-                server_end = server_end.max(end);
                 receive(&archive, &mut cur, start, &data, seg_size, &mut r, report)?;
             }
             Some(StreamEvent::Keepalive {
                 server_end: end,
                 reply,
             }) => {
-                server_end = server_end.max(end);
-                let durable = Lsn(seg_start_of(&cur, seg_size) + cur.durable);
+                let durable = cur.durable_lsn();
                 if let Some(at) = asked_at.take() {
                     if cur.pending_since.is_none() && durable >= end {
                         caught_up_at = Some(at);
-                        write_status(
-                            &archive,
-                            &mut status_written,
-                            id.timeline,
-                            durable,
-                            caught_up_at,
-                            opts.slot,
-                            seg_size,
-                        )?;
+                        status.write(durable, caught_up_at)?;
                     }
                 }
                 if reply {
@@ -323,16 +353,8 @@ fn session(
                 next_start,
             }) => {
                 store_pending(&archive, &mut cur, seg_size, report)?;
-                let durable = Lsn(seg_start_of(&cur, seg_size) + cur.durable);
-                write_status(
-                    &archive,
-                    &mut status_written,
-                    id.timeline,
-                    durable,
-                    caught_up_at,
-                    opts.slot,
-                    seg_size,
-                )?;
+                let durable = cur.durable_lsn();
+                status.write(durable, caught_up_at)?;
                 tracing::info!(
                     "timeline {} ended at {next_start}; streaming timeline {next_timeline}",
                     id.timeline
@@ -349,22 +371,18 @@ fn session(
             || cur.bytes.len() as u64 >= cur.durable + FLUSH_BYTES;
         if cur.pending_since.is_some() && (burst_over || waited) {
             store_pending(&archive, &mut cur, seg_size, report)?;
-            let durable = Lsn(seg_start_of(&cur, seg_size) + cur.durable);
+            let durable = cur.durable_lsn();
             r.send_status(durable, durable, false)?;
         }
         if last_status.elapsed() >= status_every {
             last_status = Instant::now();
-            let durable = Lsn(seg_start_of(&cur, seg_size) + cur.durable);
+            let durable = cur.durable_lsn();
             // Ask for the server's end now: the answer dates the next "caught up".
             asked_at =
                 Some(Utc::now() - chrono::Duration::from_std(CAUGHT_UP_MARGIN).unwrap_or_default());
             r.send_status(durable, durable, true)?;
         }
     }
-}
-
-fn seg_start_of(cur: &Current, seg_size: u64) -> u64 {
-    cur.segment.start(seg_size).0
 }
 
 /// Appends received WAL; completes segments it fills.
@@ -377,7 +395,7 @@ fn receive(
     r: &mut Replication,
     report: &mut StreamReport,
 ) -> Result<(), StreamError> {
-    let expected = Lsn(seg_start_of(cur, seg_size) + cur.bytes.len() as u64);
+    let expected = Lsn(cur.start() + cur.bytes.len() as u64);
     if start != expected {
         return Err(StreamError::OutOfOrder {
             expected,
@@ -394,7 +412,7 @@ fn receive(
         }
         if cur.bytes.len() as u64 == seg_size {
             complete(archive, cur, seg_size, report)?;
-            let durable = Lsn(seg_start_of(cur, seg_size));
+            let durable = Lsn(cur.start());
             r.send_status(durable, durable, false)?;
         }
     }
@@ -409,7 +427,7 @@ fn complete(
     report: &mut StreamReport,
 ) -> Result<(), StreamError> {
     let name = cur.segment.name(seg_size);
-    let durable = Lsn(seg_start_of(cur, seg_size) + seg_size);
+    let durable = Lsn(cur.start() + seg_size);
     match archive.push(&name, &cur.bytes)? {
         Pushed::Stored => tracing::debug!(segment = %name, %durable, "stored the streamed segment"),
         Pushed::AlreadyThere => tracing::debug!(segment = %name, %durable, "archived already"),
@@ -458,37 +476,9 @@ fn store_pending(
     cur.pending_since = None;
     tracing::debug!(
         segment = %name,
-        durable = %Lsn(seg_start_of(cur, seg_size) + end),
+        durable = %Lsn(cur.start() + end),
         "stored a piece"
     );
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_status(
-    archive: &WalArchive<'_>,
-    written: &mut Option<StreamStatus>,
-    timeline: u32,
-    durable: Lsn,
-    caught_up_at: Option<chrono::DateTime<Utc>>,
-    slot: &str,
-    segment_size: u64,
-) -> Result<(), StreamError> {
-    let s = StreamStatus {
-        timeline,
-        durable,
-        caught_up_at,
-        updated_at: Utc::now(),
-        slot: slot.to_string(),
-        segment_size,
-    };
-    let same = written.as_ref().is_some_and(|w| {
-        w.timeline == s.timeline && w.durable == s.durable && w.caught_up_at == s.caught_up_at
-    });
-    if !same {
-        archive.set_stream_status(&s)?;
-        *written = Some(s);
-    }
     Ok(())
 }
 

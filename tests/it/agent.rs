@@ -48,6 +48,55 @@ fn policy_text(repo: &Repo, pw: &Path, source: &str, schedule: &str) -> String {
     )
 }
 
+/// Writes `pol/db.toml`: a postgres policy for cluster `c` archiving into `env`'s
+/// repository, yearly, with `extra` lines in its `[source]`.
+pub(super) fn write_pg_policy(
+    env: &super::pgserver::PgEnv,
+    c: &super::pgserver::PgCluster,
+    pol: &Path,
+    extra: &str,
+) {
+    fs::create_dir_all(pol).unwrap();
+    fs::write(
+        pol.join("db.toml"),
+        format!(
+            "[repository]\nlocation = \"{}\"\npassword_file = \"{}\"\n[source]\ntype = \"postgres\"\ndata_directory = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\n{extra}[schedule]\ncron = \"@yearly\"\n",
+            env.location,
+            env.password_file.display(),
+            c.data.display(),
+            c.port
+        ),
+    )
+    .unwrap();
+}
+
+/// Starts `backupd agent` on policy directory `pol` with its state in `state`, metrics on a
+/// free port; the process, the port, and a thread that returns its stderr once it exits.
+pub(super) fn start_agent(
+    pol: &Path,
+    state: &Path,
+) -> (Child, u16, std::thread::JoinHandle<String>) {
+    let port = free_port();
+    let mut agent = Command::new(BIN)
+        .arg("--policies")
+        .arg(pol)
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = agent.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    (agent, port, log)
+}
+
 pub(super) fn signal(child: &Child, sig: &str) {
     let st = Command::new("kill")
         .args([&format!("-{sig}"), &child.id().to_string()])
@@ -320,18 +369,7 @@ fn a_postgres_policy_reports_its_wal_archive_lag() {
     });
     let work = env.path("agent");
     let pol = work.join("policies");
-    fs::create_dir_all(&pol).unwrap();
-    fs::write(
-        pol.join("db.toml"),
-        format!(
-            "[repository]\nlocation = \"{}\"\npassword_file = \"{}\"\n[source]\ntype = \"postgres\"\ndata_directory = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\n[schedule]\ncron = \"@yearly\"\n",
-            env.location,
-            env.password_file.display(),
-            c.data.display(),
-            c.port
-        ),
-    )
-    .unwrap();
+    write_pg_policy(&env, &c, &pol, "");
     let port = free_port();
     let mut agent = Command::new(BIN)
         .arg("--policies")
@@ -555,18 +593,7 @@ fn a_quiet_server_with_archive_timeout_0_is_named_and_its_rpo_bound_passes_the_o
     c.sql("create table t(i int); insert into t values (1)");
     let work = env.path("agent");
     let pol = work.join("policies");
-    fs::create_dir_all(&pol).unwrap();
-    fs::write(
-        pol.join("db.toml"),
-        format!(
-            "[repository]\nlocation = \"{}\"\npassword_file = \"{}\"\n[source]\ntype = \"postgres\"\ndata_directory = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nrpo = \"2s\"\narchive_timeout = \"90s\"\n[schedule]\ncron = \"@yearly\"\n",
-            env.location,
-            env.password_file.display(),
-            c.data.display(),
-            c.port
-        ),
-    )
-    .unwrap();
+    write_pg_policy(&env, &c, &pol, "rpo = \"2s\"\narchive_timeout = \"90s\"\n");
     // policy check stays offline unless asked; --online names the setting; --strict
     // makes it an error. The old key name is accepted, with a warning.
     let offline = backupd().args(["policy", "check"]).arg(&pol).run().ok();
@@ -621,25 +648,7 @@ fn a_quiet_server_with_archive_timeout_0_is_named_and_its_rpo_bound_passes_the_o
     // Quiet for a while: the commit's age is what the bound must cover.
     std::thread::sleep(Duration::from_secs(3));
 
-    let port = free_port();
-    let mut agent = Command::new(BIN)
-        .arg("--policies")
-        .arg(&pol)
-        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--state-dir")
-        .arg(work.join("state"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = agent.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut s = String::new();
-        let mut r = stderr;
-        let _ = r.read_to_string(&mut s);
-        s
-    });
+    let (mut agent, port, log) = start_agent(&pol, &work.join("state"));
     let mut m = String::new();
     wait_for("the first WAL poll", Duration::from_secs(30), || {
         m = http_get(port, "/metrics").map(|r| r.1).unwrap_or_default();

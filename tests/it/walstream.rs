@@ -251,9 +251,6 @@ fn a_missing_slot_is_named_with_the_flag_that_creates_it() {
 #[test]
 fn the_agent_streams_a_wal_stream_policy_and_reports_its_slot() {
     use super::agent::{http_get, sample, signal};
-    use super::common::BIN;
-    use std::io::Read;
-    use std::process::Stdio;
     let env = PgEnv::new();
     let c = env.cluster_with("main", "/bin/true", "");
     // The slot, made once (as `wal-stream --create-slot` would).
@@ -261,18 +258,7 @@ fn the_agent_streams_a_wal_stream_policy_and_reports_its_slot() {
     c.sql("create table t(batch int, i int)");
     let work = env.path("agent");
     let pol = work.join("policies");
-    fs::create_dir_all(&pol).unwrap();
-    fs::write(
-        pol.join("db.toml"),
-        format!(
-            "[repository]\nlocation = \"{}\"\npassword_file = \"{}\"\n[source]\ntype = \"postgres\"\ndata_directory = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nrpo = \"10s\"\nwal_stream = true\n[schedule]\ncron = \"@yearly\"\n",
-            env.location,
-            env.password_file.display(),
-            c.data.display(),
-            c.port
-        ),
-    )
-    .unwrap();
+    super::agent::write_pg_policy(&env, &c, &pol, "rpo = \"10s\"\nwal_stream = true\n");
     // policy check --online looks for the slot, not at archive_timeout.
     let online = super::common::backupd()
         .args(["policy", "check", "--online", "--strict"])
@@ -284,25 +270,7 @@ fn the_agent_streams_a_wal_stream_policy_and_reports_its_slot() {
         "{}",
         online.describe()
     );
-    let port = free_port();
-    let mut agent = Command::new(BIN)
-        .arg("--policies")
-        .arg(&pol)
-        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--state-dir")
-        .arg(work.join("state"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = agent.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut s = String::new();
-        let mut r = stderr;
-        let _ = r.read_to_string(&mut s);
-        s
-    });
+    let (mut agent, port, log) = super::agent::start_agent(&pol, &work.join("state"));
     let mut m = String::new();
     wait_for(
         "the streamer and a WAL poll",
