@@ -393,10 +393,23 @@ impl Registry {
 }
 
 impl Observer for Registry {
+    fn fire_started(&self, policy: &str, kind: JobKind, fire: DateTime<Utc>) {
+        self.state.update(policy, |s| match kind {
+            JobKind::Verify => s.cut_short_verify_fire = Some(fire),
+            _ => s.cut_short_backup_fire = Some(fire),
+        });
+    }
+
     fn fire_handled(&self, policy: &str, kind: JobKind, fire: DateTime<Utc>) {
         self.state.update(policy, |s| match kind {
-            JobKind::Verify => s.last_verify_fire = Some(fire),
-            _ => s.last_backup_fire = Some(fire),
+            JobKind::Verify => {
+                s.last_verify_fire = Some(fire);
+                s.cut_short_verify_fire = None;
+            }
+            _ => {
+                s.last_backup_fire = Some(fire);
+                s.cut_short_backup_fire = None;
+            }
         });
     }
 

@@ -101,8 +101,12 @@ pub trait JobRunner: Send + Sync + 'static {
 
 /// Told what happens, for metrics and state.
 pub trait Observer: Send + Sync + 'static {
-    /// A scheduled fire is being handled (recorded for catch-up).
+    /// A scheduled fire's run has ended, successfully or not (recorded for catch-up; a run
+    /// cut short is not).
     fn fire_handled(&self, policy: &str, kind: JobKind, fire: DateTime<Utc>);
+    /// A scheduled fire's run begins (recorded, so that a run the agent's death cuts
+    /// short is caught up at the next start).
+    fn fire_started(&self, _policy: &str, _kind: JobKind, _fire: DateTime<Utc>) {}
     /// The next run is planned for `at`.
     fn next_run(&self, policy: &str, kind: JobKind, at: DateTime<Utc>);
     /// A run starts.
@@ -204,38 +208,40 @@ async fn sleep_until(
     }
 }
 
-/// Runs one job with its retries; then, after a good backup, the retention job.
+/// Runs one job with its retries; then, after a good backup, the retention job. True once
+/// the fire's run has ended (a success, or a failure after the last retry); false when it
+/// was cut short (shutdown, a reload, the runner abandoning it).
 async fn run_with_retries(
     sh: &Shared,
     policy: &Arc<Policy>,
     kind: JobKind,
     run_lock: &Mutex<()>,
     stop: &mut watch::Receiver<bool>,
-) {
+) -> bool {
     let sched = policy.schedule.as_ref();
     let retries = sched.map_or(0, |s| s.retries);
     let backoff = sched.map_or(Duration::from_secs(60), |s| s.retry_backoff);
     let timeout = sched.and_then(|s| s.timeout);
     for attempt in 0..=retries {
         if *sh.shutdown.borrow() {
-            return;
+            return false;
         }
         let outcome = {
             let _one_at_a_time = tokio::select! {
                 biased;
-                _ = wait_true(sh.shutdown.clone()) => return,
-                _ = wait_true(stop.clone()) => return,
+                _ = wait_true(sh.shutdown.clone()) => return false,
+                _ = wait_true(stop.clone()) => return false,
                 g = run_lock.lock() => g,
             };
             let permit = tokio::select! {
                 biased;
-                _ = wait_true(sh.shutdown.clone()) => return,
-                _ = wait_true(stop.clone()) => return,
+                _ = wait_true(sh.shutdown.clone()) => return false,
+                _ = wait_true(stop.clone()) => return false,
                 p = sh.slots.clone().acquire_owned() => p,
             };
             // Stopped (shutdown, or a reload replaced this policy) while waiting: no run.
             if *sh.shutdown.borrow() || *stop.borrow() {
-                return;
+                return false;
             }
             let started = sh.clock.now();
             sh.observer.started(&policy.name, kind, started);
@@ -292,11 +298,12 @@ async fn run_with_retries(
             outcome
         };
         match outcome {
-            JobOutcome::Success(_) | JobOutcome::Abandoned => return,
+            JobOutcome::Success(_) => return true,
+            JobOutcome::Abandoned => return false,
             JobOutcome::Failed(why) => {
                 if attempt == retries {
                     tracing::error!(policy = %policy.name, job = kind.as_str(), attempts = attempt + 1, "giving up: {why}");
-                    return;
+                    return true;
                 }
                 let delay = backoff
                     .checked_mul(1u32 << attempt.min(16))
@@ -305,11 +312,12 @@ async fn run_with_retries(
                 tracing::warn!(policy = %policy.name, job = kind.as_str(), attempt = attempt + 1, retry_in_secs = delay.as_secs(), "run failed: {why}");
                 let at = sh.clock.now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 if !sleep_until(sh.clock.as_ref(), at, stop).await {
-                    return;
+                    return false;
                 }
             }
         }
     }
+    false
 }
 
 async fn wait_true(mut rx: watch::Receiver<bool>) {
@@ -335,6 +343,8 @@ pub struct LoopSpec {
     pub jitter: Duration,
     /// The last fire handled before the agent started (catch-up).
     pub last_handled: Option<DateTime<Utc>>,
+    /// A fire whose run began and never ended (the agent was killed): caught up too.
+    pub cut_short: Option<DateTime<Utc>>,
 }
 
 /// Schedules one kind of job of one policy until `stop` (reload or shutdown) turns true.
@@ -352,13 +362,24 @@ pub async fn policy_loop(
         catch_up,
         jitter,
         last_handled,
+        cut_short,
     } = spec;
+    let cut_short = cut_short.filter(|c| last_handled.is_none_or(|l| *c > l));
     let mut after = sh.clock.now();
     if catch_up {
-        if let Some(missed) = missed_fire(&cron, last_handled, after) {
-            tracing::info!(policy = %policy.name, job = kind.as_str(), missed = %missed, "running a scheduled run missed while the agent was down");
-            sh.observer.fire_handled(&policy.name, kind, missed);
-            run_with_retries(&sh, &policy, kind, &run_lock, &mut stop).await;
+        // The newest fire missed while the agent was down, else the one whose run its
+        // death cut short.
+        let missed = missed_fire(&cron, last_handled, after);
+        if let Some(fire) = missed.or(cut_short) {
+            if missed.is_some() && missed != cut_short {
+                tracing::info!(policy = %policy.name, job = kind.as_str(), missed = %fire, "running a scheduled run missed while the agent was down");
+            } else {
+                tracing::warn!(policy = %policy.name, job = kind.as_str(), fire = %fire, "running again a scheduled run cut short when the agent last stopped (killed, or the host went down)");
+            }
+            sh.observer.fire_started(&policy.name, kind, fire);
+            if run_with_retries(&sh, &policy, kind, &run_lock, &mut stop).await {
+                sh.observer.fire_handled(&policy.name, kind, fire);
+            }
             after = sh.clock.now();
         }
     }
@@ -377,8 +398,12 @@ pub async fn policy_loop(
         if !sleep_until(sh.clock.as_ref(), at, &mut stop).await {
             return;
         }
-        sh.observer.fire_handled(&policy.name, kind, fire);
-        run_with_retries(&sh, &policy, kind, &run_lock, &mut stop).await;
+        // A fire counts as handled once its run has ended: one cut short (the agent
+        // stopped, killed, or the host rebooted) is run again by the catch-up at start.
+        sh.observer.fire_started(&policy.name, kind, fire);
+        if run_with_retries(&sh, &policy, kind, &run_lock, &mut stop).await {
+            sh.observer.fire_handled(&policy.name, kind, fire);
+        }
         // Fires that passed while running are skipped, not queued.
         after = sh.clock.now().max(fire);
     }

@@ -32,6 +32,13 @@ pub struct PolicyState {
     /// The last verify fire handled.
     #[serde(default)]
     pub last_verify_fire: Option<DateTime<Utc>>,
+    /// A backup fire whose run began and had not ended when the agent last stopped (it
+    /// was killed, or the host went down): the catch-up runs it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_short_backup_fire: Option<DateTime<Utc>>,
+    /// The same for verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_short_verify_fire: Option<DateTime<Utc>>,
     /// The last successful backup's end.
     #[serde(default)]
     pub last_success: Option<DateTime<Utc>>,

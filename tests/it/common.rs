@@ -100,7 +100,17 @@ impl Run {
 
     /// Starts the command without waiting (stdout/stderr piped).
     pub fn spawn(mut self) -> Running {
-        let child = self.cmd.spawn().expect("spawning backupd");
+        if self.stdin.is_some() {
+            self.cmd.stdin(Stdio::piped());
+        }
+        let mut child = self.cmd.spawn().expect("spawning backupd");
+        if let Some(data) = self.stdin.take() {
+            let mut w = child.stdin.take().expect("stdin is piped");
+            // A killed reader ends the feed with a broken pipe, which is expected.
+            thread::spawn(move || {
+                let _ = w.write_all(&data);
+            });
+        }
         Running {
             child,
             args: self.args,

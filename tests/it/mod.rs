@@ -27,5 +27,6 @@ mod s3;
 mod secrets;
 mod stream;
 mod tamper;
+mod torture;
 mod verify;
 mod walstream;

@@ -96,6 +96,15 @@ fn harness(start: &str, duration: Duration, outcomes: Vec<JobOutcome>, slots: us
 
 impl Harness {
     fn spawn(&self, p: &Arc<Policy>, last_handled: Option<DateTime<Utc>>) {
+        self.spawn_cut_short(p, last_handled, None);
+    }
+
+    fn spawn_cut_short(
+        &self,
+        p: &Arc<Policy>,
+        last_handled: Option<DateTime<Utc>>,
+        cut_short: Option<DateTime<Utc>>,
+    ) {
         let s = p.schedule.as_ref().unwrap();
         let spec = LoopSpec {
             policy: p.clone(),
@@ -104,6 +113,7 @@ impl Harness {
             catch_up: s.catch_up,
             jitter: s.jitter,
             last_handled,
+            cut_short,
         };
         tokio::spawn(policy_loop(
             self.shared.clone(),
@@ -195,6 +205,49 @@ async fn a_missed_run_is_caught_up_once_at_start_unless_disabled() {
     let h = harness("2026-11-30T10:00:00Z", Duration::from_secs(10), vec![], 2);
     h.spawn(
         &policy("daily", "cron = \"0 2 * * *\"", ""),
+        Some(at("2026-11-30T02:00:00Z")),
+    );
+    advance(Duration::from_secs(3600)).await;
+    assert!(h.starts(JobKind::Backup).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_the_agents_death_cut_short_is_run_again_at_start() {
+    // The 02:00 run began (recorded) and never ended; the agent starts again at 02:05.
+    let h = harness("2026-11-30T02:05:00Z", Duration::from_secs(10), vec![], 2);
+    h.spawn_cut_short(
+        &policy("daily", "cron = \"0 2 * * *\"", ""),
+        Some(at("2026-11-29T02:00:00Z")),
+        Some(at("2026-11-30T02:00:00Z")),
+    );
+    advance(Duration::from_secs(3600)).await;
+    assert_eq!(h.starts(JobKind::Backup), vec![at("2026-11-30T02:05:00Z")]);
+
+    // The same on a first run ever (nothing handled before it).
+    let h = harness("2026-11-30T02:05:00Z", Duration::from_secs(10), vec![], 2);
+    h.spawn_cut_short(
+        &policy("daily", "cron = \"0 2 * * *\"", ""),
+        None,
+        Some(at("2026-11-30T02:00:00Z")),
+    );
+    advance(Duration::from_secs(3600)).await;
+    assert_eq!(h.starts(JobKind::Backup), vec![at("2026-11-30T02:05:00Z")]);
+
+    // A cut-short record older than the last handled fire is stale: no run.
+    let h = harness("2026-11-30T02:05:00Z", Duration::from_secs(10), vec![], 2);
+    h.spawn_cut_short(
+        &policy("daily", "cron = \"0 2 * * *\"", ""),
+        Some(at("2026-11-30T02:00:00Z")),
+        Some(at("2026-11-29T02:00:00Z")),
+    );
+    advance(Duration::from_secs(3600)).await;
+    assert!(h.starts(JobKind::Backup).is_empty());
+
+    // catch_up = false: not run again.
+    let h = harness("2026-11-30T02:05:00Z", Duration::from_secs(10), vec![], 2);
+    h.spawn_cut_short(
+        &policy("daily", "cron = \"0 2 * * *\"\ncatch_up = false", ""),
+        None,
         Some(at("2026-11-30T02:00:00Z")),
     );
     advance(Duration::from_secs(3600)).await;
