@@ -361,7 +361,7 @@ fn mutate_source(rng: &mut Rng, src: &Path, round: usize) {
     let j = rng.below(40);
     fs::set_permissions(
         src.join(format!("small-{j}")),
-        fs::Permissions::from_mode(0o600 | (rng.below(2) as u32) * 0o044),
+        fs::Permissions::from_mode(0o600 | ((rng.below(2) as u32) * 0o044)),
     )
     .unwrap();
 }
