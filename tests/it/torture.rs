@@ -8,7 +8,8 @@
 //! committed before that backup, WAL segments to their bytes.
 //!
 //! `TORTURE_SEED` repeats a run (the seed is printed either way); `TORTURE_ROUNDS` sets
-//! the rounds per verb (a few here; `benches/torture.sh` runs thousands). The kill moment
+//! the rounds per verb and `TORTURE_AGENT_ROUNDS` the agent's (each waits for a cron
+//! minute): a few here; `benches/torture.sh` runs thousands. The kill moment
 //! is drawn uniformly over the verb's last uninterrupted run time, and each kill is
 //! tallied by where it fell in that time.
 
@@ -791,7 +792,8 @@ fn the_agent_survives_sigkill_in_the_middle_of_a_job() {
             .unwrap_or_default()
     };
     let state = work.join("state");
-    for round in 0..rounds(2) {
+    let n = env_number("TORTURE_AGENT_ROUNDS").unwrap_or(2) as usize;
+    for round in 0..n {
         // As much new data each round as the first backup stored, so that the job takes
         // about as long as that one did.
         for i in 0..5 {
