@@ -4,6 +4,8 @@
 //! Retry, throttling and metrics are layers around a backend (issue 3), not code inside it.
 
 pub mod credential_process;
+#[doc(hidden)]
+pub mod faults;
 pub mod layers;
 pub mod local;
 pub mod s3;
@@ -237,7 +239,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
         len: u64,
     ) -> Result<Vec<u8>, BackendError> {
         let mut buf = Vec::new();
-        self.get_range_into(kind, name, offset, len, &mut buf)?;
+        get_exact_range_into(self, kind, name, offset, len, &mut buf)?;
         Ok(buf)
     }
 
@@ -280,6 +282,32 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn connections(&self) -> Option<usize> {
         None
     }
+}
+
+/// [`Backend::get_range_into`], where a store that hands back other than `len` bytes
+/// without an error (a transfer cut short, a misbehaving server) is a `ShortRead`, never
+/// a buffer of the wrong length for the caller to slice.
+///
+/// # Errors
+/// As [`Backend::get_range_into`], or `ShortRead`.
+pub fn get_exact_range_into<B: Backend + ?Sized>(
+    backend: &B,
+    kind: ObjectType,
+    name: &str,
+    offset: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), BackendError> {
+    backend.get_range_into(kind, name, offset, len, buf)?;
+    if buf.len() as u64 != len {
+        return Err(BackendError::ShortRead {
+            path: kind.path_of(name),
+            offset,
+            want: len,
+            got: buf.len() as u64,
+        });
+    }
+    Ok(())
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {

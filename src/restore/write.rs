@@ -88,10 +88,14 @@ pub(super) fn restore_pack(
                 .max()
                 .unwrap_or(start);
             let Buffers { range, plain } = &mut *bufs;
-            match repo
-                .backend()
-                .get_range_into(ObjectType::Pack, &name, start, end - start, range)
-            {
+            match crate::backend::get_exact_range_into(
+                &**repo.backend(),
+                ObjectType::Pack,
+                &name,
+                start,
+                end - start,
+                range,
+            ) {
                 Ok(()) => {
                     for &(off, b) in group {
                         let lo = (off as u64 - start) as usize;

@@ -8,6 +8,7 @@ mod cli;
 mod confine;
 mod conformance;
 mod dedup;
+mod faults;
 mod disk_full;
 mod format;
 mod influx;
