@@ -125,7 +125,10 @@ impl FaultControl {
 
     /// No more faults, keeping the count and the record.
     pub fn off(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).schedule = Schedule::Off;
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .schedule = Schedule::Off;
     }
 
     /// Requests since the schedule was set.
@@ -217,14 +220,11 @@ impl<B: Backend> FaultLayer<B> {
                 ErrorKind::ConnectionReset,
                 "connection reset by peer (injected)",
             ),
-            Fault::DiskFull => Error::new(
-                ErrorKind::StorageFull,
-                "No space left on device (injected)",
-            ),
-            Fault::ShortRead => Error::new(ErrorKind::WriteZero, "short write (injected)"),
-            Fault::Permanent | Fault::Delay => {
-                Error::other("Input/output error (injected)")
+            Fault::DiskFull => {
+                Error::new(ErrorKind::StorageFull, "No space left on device (injected)")
             }
+            Fault::ShortRead => Error::new(ErrorKind::WriteZero, "short write (injected)"),
+            Fault::Permanent | Fault::Delay => Error::other("Input/output error (injected)"),
         };
         BackendError::Io { path, source }
     }

@@ -173,7 +173,11 @@ impl Rig {
     fn assert_sound(&self, what: &str) {
         self.ctl.set(Schedule::Off);
         let report = backupd::check::check(&self.repo, true);
-        assert!(report.errors.is_empty(), "{what}: check --read-data: {:?}", report.errors);
+        assert!(
+            report.errors.is_empty(),
+            "{what}: check --read-data: {:?}",
+            report.errors
+        );
         let snaps = self.repo.snapshots().unwrap();
         assert!(
             snaps.iter().any(|(id, _)| id.to_string() == self.kept),
@@ -244,11 +248,18 @@ fn guarded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
 fn assert_names_the_object(what: &str, err: &str, injected: &[Injected]) {
     let named = injected.iter().any(|i| {
         let last = i.path.rsplit('/').next().unwrap_or(&i.path);
-        err.contains(i.path.as_str()) || (!last.is_empty() && err.contains(last))
+        err.contains(i.path.as_str())
+            || (!last.is_empty() && err.contains(last))
             || err.contains(&last[..last.len().min(8)])
     });
-    assert!(named, "{what}: the error does not name the object hit: {err}\ninjected: {injected:?}");
-    if injected.iter().all(|i| i.fault == Fault::DiskFull && i.op != "get") {
+    assert!(
+        named,
+        "{what}: the error does not name the object hit: {err}\ninjected: {injected:?}"
+    );
+    if injected
+        .iter()
+        .all(|i| i.fault == Fault::DiskFull && i.op != "get")
+    {
         assert!(err.contains("No space left"), "{what}: {err}");
     }
 }
@@ -292,28 +303,31 @@ fn listing(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
 fn run_op(rig: &Rig, op: Op) -> Outcome {
     let res: Result<String, String> = match op {
         Op::Backup => files_backup(&rig.repo, &rig.src),
-        Op::Restore => rig.restore(&rig.kept, "under-faults").and_then(|(target, failed)| {
-            // Files a restore could not read are listed, each with the object and why;
-            // everything else it wrote is right.
-            let diff: Vec<String> =
-                compare_trees(&rig.src, &restored_path(&target, &rig.src), &|rel, _| {
-                    rel == b"new"
-                })
-                .into_iter()
-                .filter(|d| {
-                    let rel = d.split(':').next().unwrap_or("");
-                    rel.is_empty() || !failed.iter().any(|(p, _)| p.ends_with(&format!("/{rel}")))
-                })
-                .collect();
-            if !diff.is_empty() {
-                panic!("restore under faults wrote wrong data: {diff:?} (failed: {failed:?})");
-            }
-            if failed.is_empty() {
-                Ok("restored".into())
-            } else {
-                Err(format!("{failed:?}"))
-            }
-        }),
+        Op::Restore => rig
+            .restore(&rig.kept, "under-faults")
+            .and_then(|(target, failed)| {
+                // Files a restore could not read are listed, each with the object and why;
+                // everything else it wrote is right.
+                let diff: Vec<String> =
+                    compare_trees(&rig.src, &restored_path(&target, &rig.src), &|rel, _| {
+                        rel == b"new"
+                    })
+                    .into_iter()
+                    .filter(|d| {
+                        let rel = d.split(':').next().unwrap_or("");
+                        rel.is_empty()
+                            || !failed.iter().any(|(p, _)| p.ends_with(&format!("/{rel}")))
+                    })
+                    .collect();
+                if !diff.is_empty() {
+                    panic!("restore under faults wrote wrong data: {diff:?} (failed: {failed:?})");
+                }
+                if failed.is_empty() {
+                    Ok("restored".into())
+                } else {
+                    Err(format!("{failed:?}"))
+                }
+            }),
         Op::Prune => prune(
             &rig.repo,
             &PruneOptions {
@@ -343,7 +357,10 @@ fn run_op(rig: &Rig, op: Op) -> Outcome {
                     let back = WalArchive::new(&rig.repo, SYSTEM_ID)
                         .fetch("000000010000000000000008")
                         .unwrap();
-                    assert!(back.as_deref() == Some(&seg[..]), "wal-push stored other bytes");
+                    assert!(
+                        back.as_deref() == Some(&seg[..]),
+                        "wal-push stored other bytes"
+                    );
                     Ok(ok)
                 })
         }
@@ -404,7 +421,11 @@ fn nth_fault_matrix(op: Op, inner: u64) {
             if op.writes() {
                 rig.assert_sound(&what);
             } else {
-                assert_eq!(listing(&rig.repo_dir), before, "{what}: a read-only run changed the repository");
+                assert_eq!(
+                    listing(&rig.repo_dir),
+                    before,
+                    "{what}: a read-only run changed the repository"
+                );
             }
         }
     }
