@@ -153,7 +153,27 @@ fn a_backup_running_since_before_the_mark_keeps_marked_packs_alive() {
         assert!(t0.elapsed() < Duration::from_secs(30), "no lock appeared");
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // A barrier, not a pause: the backup reads its source (stdin) only after it has
+    // loaded the marks and the index, so once a thread of it waits in read(0, ...) it
+    // holds an index in which the data's blobs exist.
+    let pid = running.id();
+    let reading_stdin = || {
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().any(|t| {
+                    fs::read_to_string(t.path().join("syscall"))
+                        .is_ok_and(|s| s.starts_with("0 0x0 "))
+                })
+            })
+            .unwrap_or(false)
+    };
+    while !reading_stdin() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the backup never read its stdin"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     // Forget the only snapshot using the data; two prunes with no grace.
     repo.ok(&["forget", first.as_str().unwrap()]);
