@@ -131,9 +131,12 @@ fn every_verb_works_on_s3() {
         .run()
         .ok();
     assert_eq!(dump.stdout, b"hello");
-    repo.ok(&["cat", "config"]);
-    repo.ok(&["cat", "snapshot", &id]);
-    repo.ok(&["stats"]);
+    let config = repo.ok(&["cat", "config"]).json();
+    assert!(config["version"].as_u64().is_some(), "{config}");
+    let snap = repo.ok(&["cat", "snapshot", &id]).json();
+    assert_eq!(snap["paths"][0].as_str(), src.to_str(), "{snap}");
+    let stats = repo.ok(&["stats", "--json"]).json();
+    assert_eq!(stats["snapshots"].as_u64(), Some(1), "{stats}");
     repo.ok(&["check"]);
     // Keys: add a second password, open with it, remove the first.
     repo.cmd()
@@ -150,6 +153,51 @@ fn every_verb_works_on_s3() {
     repo.cmd_pw("wrong").args(["snapshots"]).run().expect(12);
     // init again refuses.
     repo.run(&["init"]).expect(1).stderr_has("already exists");
+
+    // forget, prune and verify on S3: the first snapshot's own data goes, the second
+    // restores exactly.
+    write_mixed(&src.join("m"), 2 << 20);
+    let second = repo.backup(&[&src])["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    repo.ok(&["forget", &id]);
+    let ids: Vec<_> = repo.snapshots().iter().map(|s| s["id"].clone()).collect();
+    assert_eq!(ids, [second.as_str()], "forget removed the first only");
+    let prunes: Vec<_> = (0..2)
+        .map(|_| repo.ok(&["prune", "--grace", "0s", "--json"]).json())
+        .collect();
+    assert!(
+        prunes[1]["deleted_bytes"].as_u64().unwrap() > 1 << 20,
+        "the second prune deleted the forgotten 2 MiB on S3: {prunes:?}"
+    );
+    let scratch = work.path().join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    let v = repo
+        .cmd()
+        .args([
+            "verify",
+            "--read-data",
+            "--restore-test",
+            "--json",
+            "--scratch",
+        ])
+        .arg(&scratch)
+        .run()
+        .ok()
+        .json();
+    assert!(
+        v.to_string().contains(&second[..8]),
+        "verify restored the newest: {v}"
+    );
+    let dst = work.path().join("dst");
+    repo.cmd()
+        .args(["restore", "latest", "--target"])
+        .arg(&dst)
+        .run()
+        .ok();
+    assert_same_tree(&src, &restored_path(&dst, &src), &|_, _| false);
+    repo.ok(&["check", "--read-data"]);
 }
 
 #[test]
