@@ -127,7 +127,8 @@ fn a_postgres_restore_test_runs_amcheck_and_the_policy_sql_checks_and_fails_when
         checks[0]["value"], "600",
         "replayed to the end of the archive: {v}"
     );
-    // The live cluster is untouched and the throwaway server is gone.
+    // The live cluster is untouched (that the throwaway server is gone is asserted in
+    // pg_amcheck_finding_a_broken_index_fails_the_verification_and_the_server_is_gone_after).
     assert_eq!(cluster.count("select count(*) from users"), 600);
 
     // A check that does not hold fails the verification, saying which and why.
@@ -156,4 +157,78 @@ fn walk_files(dir: &std::path::Path) -> u64 {
             }
         })
         .sum()
+}
+
+/// Processes whose command line mentions `dir` (a server started on a data directory
+/// under it).
+fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
+}
+
+#[test]
+fn pg_amcheck_finding_a_broken_index_fails_the_verification_and_the_server_is_gone_after() {
+    let env = PgEnv::new();
+    let c = env.cluster("main");
+    c.sql("CREATE TABLE t(k int); INSERT INTO t SELECT g FROM generate_series(1, 5000) g; CREATE INDEX t_k ON t(k); CHECKPOINT;");
+    // Break the index on disk (not in the server's memory, where the page stays clean):
+    // swap the keys 1000 and 1001 in their leaf page, so that its order no longer holds.
+    // The base backup copies the broken file; nothing rewrites the page before it does.
+    let rel = c.sql("SELECT pg_relation_filepath('t_k')");
+    let file = c.data.join(rel);
+    let mut b = fs::read(&file).unwrap();
+    let find = |b: &[u8], k: u32| {
+        let pat = k.to_le_bytes();
+        let hits: Vec<usize> = (0..b.len() - 4)
+            .filter(|&i| b[i..i + 4] == pat && i % 4 == 0)
+            .collect();
+        assert_eq!(hits.len(), 1, "key {k} once in the index: {hits:?}");
+        hits[0]
+    };
+    let (a, z) = (find(&b, 1000), find(&b, 1001));
+    b[a..a + 4].copy_from_slice(&1001u32.to_le_bytes());
+    b[z..z + 4].copy_from_slice(&1000u32.to_le_bytes());
+    fs::write(&file, &b).unwrap();
+    super::pg::backup(&env, &c, &[]);
+    c.switch_and_wait_archived();
+
+    let scratch = env.path("scratch");
+    fs::create_dir_all(&scratch).unwrap();
+    let out = env
+        .cmd()
+        .args(["verify", "--restore-test", "--json", "--scratch"])
+        .arg(&scratch)
+        .run()
+        .expect(1);
+    let v = out.json();
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["restore"]["amcheck_ok"], false, "{v}");
+    assert!(
+        v.to_string().contains("pg_amcheck found problems") && v.to_string().contains("t_k"),
+        "the failure names the check and the index: {v}"
+    );
+    // The throwaway server is stopped and its directory removed; the live one is as it was.
+    assert_eq!(
+        processes_under(&scratch),
+        Vec::<String>::new(),
+        "a server still runs"
+    );
+    assert_eq!(
+        fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "the restore test's directory is removed"
+    );
+    assert_eq!(c.count("select count(*) from t"), 5000);
 }
