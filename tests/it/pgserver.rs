@@ -228,6 +228,12 @@ impl PgCluster {
     /// Runs SQL with psql; returns its unaligned output (`|` between columns).
     #[track_caller]
     pub fn sql(&self, sql: &str) -> String {
+        self.sql_in("postgres", sql)
+    }
+
+    /// [`PgCluster::sql`] in database `db`.
+    #[track_caller]
+    pub fn sql_in(&self, db: &str, sql: &str) -> String {
         let out = Command::new(Path::new(PG_BIN).join("psql"))
             .args([
                 "-X",
@@ -242,6 +248,7 @@ impl PgCluster {
             ])
             .arg("-p")
             .arg(self.port.to_string())
+            .args(["-d", db])
             .arg("-c")
             .arg(sql)
             .output()

@@ -559,6 +559,12 @@ fn runnable_example_postgres_and_pg_dump_policies_really_run() {
     let env = PgEnv::new();
     let cluster = env.cluster("main");
     cluster.sql("CREATE TABLE users(id int primary key, name text); INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 500) g;");
+    // The database the shipped pg_dump command names.
+    cluster.sql("CREATE DATABASE stock_analysis");
+    cluster.sql_in(
+        "stock_analysis",
+        "CREATE TABLE users(id int primary key, name text); INSERT INTO users SELECT g, 's' || g FROM generate_series(1, 300) g;",
+    );
     let d = PolicyDir::examples();
     d.point_finnexus_at(&env, &cluster);
     let pw = env.password_file.display().to_string();
@@ -568,23 +574,26 @@ fn runnable_example_postgres_and_pg_dump_policies_really_run() {
         let r = doc["repository"].as_table_mut().unwrap();
         r.remove("s3_credentials_file");
         r.remove("s3_region");
-        // The shipped command, pointed at this server.
+        // The shipped command as shipped, but for where the server listens: its -h
+        // (a socket directory) becomes this server's address, and -p its port.
+        let shipped: Vec<String> = doc["source"]["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
         let mut argv = toml_edit::Array::new();
-        for a in [
-            format!("{PG_BIN}/pg_dump"),
-            "-Fc".into(),
-            "-Z0".into(),
-            "-h".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            cluster.port.to_string(),
-            "-U".into(),
-            "postgres".into(),
-            "-d".into(),
-            "postgres".into(),
-        ] {
-            argv.push(a);
+        let mut args = shipped.iter();
+        while let Some(a) = args.next() {
+            argv.push(a.as_str());
+            if a == "-h" {
+                args.next().expect("-h takes a value");
+                argv.push("127.0.0.1");
+                argv.push("-p");
+                argv.push(cluster.port.to_string());
+            }
         }
+        assert_eq!(argv.len(), shipped.len() + 2, "{shipped:?}");
         doc["source"]["command"] = toml_edit::value(argv);
     });
     for name in ["finnexusai-postgres", "stock-analysis-pg-dump"] {
@@ -624,4 +633,46 @@ fn runnable_example_postgres_and_pg_dump_policies_really_run() {
         .unwrap();
     assert!(list.status.success());
     assert!(String::from_utf8_lossy(&list.stdout).contains("TABLE public users"));
+    // And it restores: into a new database, with its rows.
+    cluster.sql("CREATE DATABASE restored_dump");
+    let st = std::process::Command::new(format!("{PG_BIN}/pg_restore"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "restored_dump",
+            "-p",
+        ])
+        .arg(cluster.port.to_string())
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        cluster.sql_in("restored_dump", "select count(*) from users"),
+        "300"
+    );
+
+    // The base backup restores too: a new server, started, with the rows.
+    let port = super::common::free_port();
+    let target = env.path("restored-base");
+    env.cmd()
+        .args([
+            "restore",
+            "--at",
+            "latest",
+            "--start",
+            "--archive-mode",
+            "off",
+        ])
+        .arg("--target")
+        .arg(&target)
+        .arg("--pg-port")
+        .arg(port.to_string())
+        .run()
+        .ok();
+    let restored = super::pgserver::PgCluster::adopt(target, port);
+    assert_eq!(restored.count("select count(*) from users"), 500);
 }
