@@ -377,6 +377,56 @@ mod tests {
         assert_eq!(scan.xact_times.len(), 2);
     }
 
+    /// The times and tablespaces pg_waldump printed for the committed real segment.
+    fn waldump_says(text: &str) -> (Vec<DateTime<Utc>>, Vec<(u32, String)>) {
+        let mut times = vec![];
+        let mut tablespaces = vec![];
+        for line in text.lines() {
+            let desc = line.split_once("desc: ").expect("a desc field").1;
+            if let Some(rest) = desc
+                .strip_prefix("COMMIT ")
+                .or_else(|| desc.strip_prefix("ABORT "))
+            {
+                let ts = rest.split_once(" UTC").expect("a time in UTC").0;
+                let t = chrono::NaiveDateTime::parse_from_str(ts, "%Y-%m-%d %H:%M:%S%.f")
+                    .expect("pg_waldump's time format");
+                times.push(t.and_utc());
+            } else if let Some(rest) = desc.strip_prefix("CREATE ") {
+                let (oid, loc) = rest.split_once(' ').unwrap();
+                tablespaces.push((oid.parse().unwrap(), loc.trim_matches('"').to_string()));
+            }
+        }
+        (times, tablespaces)
+    }
+
+    #[test]
+    fn a_real_segment_gives_the_times_and_tablespaces_pg_waldump_prints() {
+        // Written by PostgreSQL 15 (tests/fixtures/make-wal-fixture.sh): 40 commits, an
+        // abort, a CREATE TABLESPACE, then pg_switch_wal.
+        let seg = zstd::decode_all(
+            &include_bytes!("../../tests/fixtures/wal/000000010000000000000002.zst")[..],
+        )
+        .unwrap();
+        let (want_times, want_ts) = waldump_says(include_str!(
+            "../../tests/fixtures/wal/000000010000000000000002.waldump"
+        ));
+        assert!(want_times.len() >= 42, "{}", want_times.len());
+        let h = segment_header(&seg).unwrap();
+        assert_eq!(
+            (h.segment_size, h.page_size, h.timeline),
+            (16 << 20, 8192, 1)
+        );
+        let scan = scan_segment(&seg).unwrap();
+        assert_eq!(scan.xact_times, want_times);
+        assert_eq!(scan.tablespaces_created, want_ts);
+        assert!(scan.ended_early, "the segment was switched");
+        assert!(scan.valid_end < seg.len() && scan.valid_end > 0x224350);
+        assert!(
+            seg[scan.valid_end..].iter().all(|&b| b == 0),
+            "zeros after the switch"
+        );
+    }
+
     #[test]
     fn finds_commit_times_across_page_boundaries() {
         let t0 = 815_000_000_000_000i64; // 2025-10-28
