@@ -26,6 +26,8 @@ command -v setfacl >/dev/null || need_apt+=(acl)
 command -v setcap >/dev/null || need_apt+=(libcap2-bin)
 command -v chattr >/dev/null || need_apt+=(e2fsprogs)
 command -v prlimit >/dev/null || need_apt+=(util-linux)
+# The clock-skew tests run backupd under libfaketime.
+command -v faketime >/dev/null || need_apt+=(faketime)
 # The OS-keyring tests: a Secret Service (gnome-keyring) on a private D-Bus session
 # (recipes.md section 4), without gnome-keyring's desktop recommendations.
 need_keyring=()

@@ -333,6 +333,14 @@ impl<B: Backend> Backend for FaultLayer<B> {
         self.plain("exists", kind, name, || self.inner.exists(kind, name))
     }
 
+    fn modified(
+        &self,
+        kind: ObjectType,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, BackendError> {
+        self.plain("exists", kind, name, || self.inner.modified(kind, name))
+    }
+
     fn create(&self) -> Result<(), BackendError> {
         self.inner.create()
     }

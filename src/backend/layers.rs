@@ -154,6 +154,15 @@ impl<B: Backend> Backend for MetricsLayer<B> {
         self.inner.exists(kind, name)
     }
 
+    fn modified(
+        &self,
+        kind: ObjectType,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, BackendError> {
+        bump(&self.counters.exists, 1);
+        self.inner.modified(kind, name)
+    }
+
     fn create(&self) -> Result<(), BackendError> {
         self.inner.create()
     }
@@ -267,6 +276,14 @@ impl<B: Backend> Backend for RetryLayer<B> {
 
     fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError> {
         self.run("exists", || self.inner.exists(kind, name))
+    }
+
+    fn modified(
+        &self,
+        kind: ObjectType,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, BackendError> {
+        self.run("exists", || self.inner.modified(kind, name))
     }
 
     fn create(&self) -> Result<(), BackendError> {
@@ -395,6 +412,14 @@ impl<B: Backend> Backend for ThrottleLayer<B> {
 
     fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError> {
         self.inner.exists(kind, name)
+    }
+
+    fn modified(
+        &self,
+        kind: ObjectType,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, BackendError> {
+        self.inner.modified(kind, name)
     }
 
     fn create(&self) -> Result<(), BackendError> {

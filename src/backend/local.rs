@@ -347,6 +347,19 @@ impl Backend for LocalBackend {
             Err(e) => Err(self.err(kind, name, e)),
         }
     }
+
+    fn modified(
+        &self,
+        kind: ObjectType,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, BackendError> {
+        // The kernel (or a file server) stamps it, whatever this process's clock says.
+        let md = fs::metadata(self.full(kind, name)).map_err(|e| self.err(kind, name, e))?;
+        Ok(md
+            .modified()
+            .ok()
+            .map(chrono::DateTime::<chrono::Utc>::from))
+    }
 }
 
 #[cfg(test)]

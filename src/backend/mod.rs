@@ -269,6 +269,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// I/O failures.
     fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError>;
 
+    /// When the store last wrote the object, by the store's own clock (S3's
+    /// `Last-Modified`, a file's mtime), for judging times across hosts whose clocks
+    /// disagree (`repo::clock`). `None` when the store keeps no such time.
+    ///
+    /// # Errors
+    /// `NotFound`, or I/O failures.
+    fn modified(
+        &self,
+        kind: ObjectType,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, BackendError> {
+        let _ = (kind, name);
+        Ok(None)
+    }
+
     /// Prepares an empty store for `init` (creates the directory or the bucket).
     ///
     /// # Errors
@@ -344,6 +359,13 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError> {
         (**self).exists(kind, name)
+    }
+    fn modified(
+        &self,
+        kind: ObjectType,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, BackendError> {
+        (**self).modified(kind, name)
     }
     fn create(&self) -> Result<(), BackendError> {
         (**self).create()

@@ -1094,6 +1094,34 @@ impl Backend for S3Backend {
         })
     }
 
+    fn modified(
+        &self,
+        kind: ObjectType,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, BackendError> {
+        let key = self.key(kind, name);
+        let ctx = self.ctx();
+        self.run(async move {
+            let head = {
+                let _p = ctx.permit().await;
+                ctx.client
+                    .head_object()
+                    .bucket(&ctx.bucket)
+                    .key(&key)
+                    .send()
+                    .await
+            };
+            match head {
+                // The store's clock (one-second resolution), not this host's.
+                Ok(h) => Ok(h
+                    .last_modified()
+                    .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos()))),
+                // A 404 maps to NotFound.
+                Err(e) => Err(ctx.map_err(&key, e)),
+            }
+        })
+    }
+
     fn exists(&self, kind: ObjectType, name: &str) -> Result<bool, BackendError> {
         let key = self.key(kind, name);
         let ctx = self.ctx();

@@ -27,10 +27,23 @@ pub struct UnlockArgs {
 pub fn run(g: &GlobalArgs, a: UnlockArgs) -> Result<i32> {
     let repo = g.open()?;
     let backend = repo.backend().clone();
-    let now = chrono::Utc::now();
+    // A lock of this command's own first: writing it measures this host's clock against
+    // the store's, so staleness is judged by the store's time (a host whose clock is off
+    // must not take live locks for stale).
+    let own = crate::repo::lock::RepoLock::acquire(
+        backend.clone(),
+        repo.live_keys().clone(),
+        crate::repo::lock::LockKind::Backup,
+        &crate::host::hostname(),
+        None,
+    )?;
+    let now = crate::repo::clock::now();
     let mut removed = 0;
     let mut kept = 0;
     for (name, rec) in list_locks(&backend, repo.live_keys())? {
+        if rec == *own.record() {
+            continue;
+        }
         let stale = rec.is_stale(now);
         if !stale && !a.remove_all {
             kept += 1;

@@ -221,7 +221,7 @@ const FRESH_FOR: Duration = Duration::from_secs(STALE_AFTER.as_secs() - REFRESH_
 impl Shared {
     fn check_gap(&self) {
         let last = *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
-        let gap = Utc::now()
+        let gap = super::clock::now()
             .signed_duration_since(last)
             .to_std()
             .unwrap_or_default();
@@ -252,8 +252,8 @@ impl RepoLock {
         host: &str,
         postgres_system_id: Option<u64>,
     ) -> Result<RepoLock, LockError> {
-        let now = Utc::now();
-        let record = LockRecord {
+        let now = super::clock::now();
+        let mut record = LockRecord {
             kind,
             host: host.to_string(),
             pid: std::process::id(),
@@ -263,14 +263,32 @@ impl RepoLock {
             generation: Some(keys.get().current().0),
             pid_start: process_start(std::process::id()),
         };
-        let name = write_record(&backend, &keys, &record)?;
+        let before = Utc::now();
+        let mut name = write_record(&backend, &keys, &record)?;
+        let after = Utc::now();
+        // The store's stamp on the lock says how far this host's clock is off. When it is
+        // (by more than the noise), the lock is written again with the store's time,
+        // before anything reads the marks or the index under it.
+        let stamped = backend
+            .modified(ObjectType::Lock, &name)
+            .ok()
+            .flatten()
+            .is_some_and(|stored| super::clock::observe(stored, before, after));
+        if stamped {
+            let now = super::clock::now();
+            record.started = now;
+            record.refreshed = now;
+            let first = std::mem::replace(&mut name, write_record(&backend, &keys, &record)?);
+            let _ = backend.delete(ObjectType::Lock, &first);
+        }
+        let now = record.refreshed;
         if matches!(kind, LockKind::Prune | LockKind::Keys) {
             let others = list_locks(&backend, &keys)?;
             // A stale holder of this lock (its process gone from this host, or no refresh
             // by its deadline) is taken over, and said so.
             for (n, other) in others
                 .iter()
-                .filter(|(n, r)| *n != name && r.kind == kind && r.is_stale(Utc::now()))
+                .filter(|(n, r)| *n != name && r.kind == kind && r.is_stale(super::clock::now()))
             {
                 tracing::warn!(
                     "taking over the stale lock of {} on {} (pid {}, since {}): {}",
@@ -288,7 +306,7 @@ impl RepoLock {
             }
             if let Some((_, other)) = others
                 .iter()
-                .find(|(n, r)| *n != name && r.kind == kind && !r.is_stale(Utc::now()))
+                .find(|(n, r)| *n != name && r.kind == kind && !r.is_stale(super::clock::now()))
             {
                 let _ = backend.delete(ObjectType::Lock, &name);
                 return Err(LockError::Locked {
@@ -320,7 +338,7 @@ impl RepoLock {
                             continue;
                         }
                         next = Instant::now() + REFRESH_EVERY;
-                        rec.refreshed = Utc::now();
+                        rec.refreshed = super::clock::now();
                         match write_record(&backend, &keys, &rec) {
                             Ok(new_name) => {
                                 let old = std::mem::replace(

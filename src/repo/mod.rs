@@ -2,6 +2,7 @@
 //! (config, keys, packs, index, snapshots) through a [`Backend`].
 
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod generations;
 pub mod index;

@@ -246,7 +246,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
         .into_iter()
         .map(|(_, r)| r)
         .collect();
-    let now = Utc::now();
+    let now = super::clock::now();
     let mut report = PruneReport::default();
     let snaps = repo.all_snapshots()?;
     let mut index_files: Vec<(String, Vec<IndexedPack>)> = vec![];
@@ -445,7 +445,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport, Prun
         }
     }
     // 3. The marks that remain, then the old marks objects.
-    let stamp = Utc::now();
+    let stamp = super::clock::now();
     for p in new_marks {
         marks.insert(p, stamp);
     }
@@ -543,7 +543,7 @@ pub(crate) fn rewrite_marks(
     new: &[BlobId],
 ) -> Result<DateTime<Utc>, RepoError> {
     let (_, objects) = load_marks(repo)?;
-    let stamp = Utc::now();
+    let stamp = super::clock::now();
     for p in new {
         marks.entry(*p).or_insert(stamp);
     }

@@ -311,7 +311,9 @@ impl Repository {
             let again = list_locks(&self.backend, &self.live)?
                 .into_iter()
                 .any(|(_, l)| {
-                    !ours.contains(&l) && !l.is_stale(Utc::now()) && l.generation.is_none_or(old)
+                    !ours.contains(&l)
+                        && !l.is_stale(super::clock::now())
+                        && l.generation.is_none_or(old)
                 });
             if !again {
                 break;
@@ -345,7 +347,7 @@ impl Repository {
         started: Instant,
     ) -> Result<(), RetireError> {
         loop {
-            let now = Utc::now();
+            let now = super::clock::now();
             let old: Option<LockRecord> = list_locks(&self.backend, &self.live)?
                 .into_iter()
                 .map(|(_, l)| l)
@@ -606,7 +608,7 @@ impl Repository {
             .into_iter()
             .filter_map(|(n, s)| BlobId::from_hex(&n).map(|id| (id, s)))
             .collect();
-        let now = Utc::now();
+        let now = super::clock::now();
         let locks: Vec<LockRecord> = list_locks(&self.backend, &self.live)?
             .into_iter()
             .map(|(_, l)| l)

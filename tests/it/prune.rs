@@ -115,6 +115,31 @@ fn prune_deletes_in_two_phases_repacks_and_keeps_every_kept_snapshot_exact() {
 
 #[test]
 fn a_backup_running_since_before_the_mark_keeps_marked_packs_alive() {
+    backup_running_across_a_mark(None);
+}
+
+/// Clock skew (format.md §18): the backup's host runs three hours ahead (its lock would
+/// seem to start long after the mark) or behind (its lock would seem hours stale); the
+/// pruning host's clock is right. Times in locks and marks are the store's, so the prune
+/// still sees a live backup that started before its mark.
+#[test]
+fn a_backup_on_a_host_whose_clock_is_hours_off_still_keeps_marked_packs_alive() {
+    backup_running_across_a_mark(Some("+3h"));
+    backup_running_across_a_mark(Some("-3h"));
+}
+
+/// Debian's libfaketime (package faketime, which .ci/test-all.sh installs).
+fn libfaketime() -> std::path::PathBuf {
+    fs::read_dir("/usr/lib")
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime (apt-get install faketime)")
+}
+
+/// A backup that loaded the index before a mark, run (with libfaketime) `skew` off.
+fn backup_running_across_a_mark(skew: Option<&str>) {
     let repo = Repo::new();
     let src = repo.scratch("src");
     fs::create_dir_all(&src).unwrap();
@@ -125,6 +150,10 @@ fn a_backup_running_since_before_the_mark_keeps_marked_packs_alive() {
     // A stdin backup of the same bytes starts now and blocks on its input: it has its
     // lock and an index in which those blobs exist, so it will deduplicate against them.
     let mut cmd = Command::new(BIN);
+    if let Some(off) = skew {
+        // libfaketime in this process itself (the faketime program would fork).
+        cmd.env("LD_PRELOAD", libfaketime()).env("FAKETIME", off);
+    }
     for (k, _) in std::env::vars() {
         if k.starts_with("BACKUPD_") {
             cmd.env_remove(k);
