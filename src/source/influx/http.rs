@@ -420,7 +420,9 @@ pub fn add_counts(s: &Series, fields: &mut BTreeMap<String, u64>) {
     for row in &s.values {
         for (c, v) in s.columns.iter().zip(row) {
             if let (Some(field), Some(n)) = (c.strip_prefix("count_"), v.as_u64()) {
-                *fields.entry(field.to_string()).or_insert(0) += n;
+                // A server's number: a sum past u64 stays at the top, never wraps.
+                let e = fields.entry(field.to_string()).or_insert(0);
+                *e = e.saturating_add(n);
             }
         }
     }
@@ -458,6 +460,25 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_past_u64_saturate_instead_of_wrapping() {
+        let body = br#"{"results":[{"statement_id":0,"series":[{"name":"cpu","columns":["time","count_value"],"values":[[0,18446744073709551615],[1,1]]}]}]}"#;
+        let series = parse_answer(body).unwrap();
+        let mut fields = BTreeMap::new();
+        for s in &series {
+            add_counts(s, &mut fields);
+        }
+        assert_eq!(fields["value"], u64::MAX);
+        assert!(matches!(
+            parse_answer(br#"{"results":[{"error":"database not found: x"}]}"#),
+            Err(AnswerError::Statement(e)) if e == "database not found: x"
+        ));
+        assert!(matches!(
+            parse_answer(b"{}"),
+            Err(AnswerError::Malformed(_))
+        ));
+    }
 
     #[test]
     fn urls_without_a_scheme_or_with_credentials_are_refused_and_the_password_is_not_shown() {

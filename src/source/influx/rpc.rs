@@ -539,6 +539,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_length_the_server_claims_but_does_not_send_allocates_nothing() {
+        // A metastore reply announcing 256 MiB, then nothing: an error, and the buffer
+        // grows only with what arrives (it was `vec![0; n]` before the reply was read).
+        let mut reply = BACKUP_MAGIC.to_be_bytes().to_vec();
+        reply.extend_from_slice(&MAX_META.to_be_bytes());
+        reply.extend_from_slice(b"abc");
+        assert!(matches!(
+            read_metastore_reply(&mut &reply[..]),
+            Err(ReplyError::Io(_))
+        ));
+        let mut r = &reply[16..];
+        assert!(read_announced(&mut r, MAX_META).is_err());
+        // Claims 2^24 shard pairs, sends one.
+        let mut upd = BACKUP_MAGIC.to_be_bytes().to_vec();
+        upd.extend_from_slice(&(1u64 << 24).to_be_bytes());
+        upd.extend_from_slice(&[0u8; 16]);
+        assert!(matches!(
+            read_update_reply(&mut &upd[..]),
+            Err(ReplyError::Io(_))
+        ));
+        assert!(matches!(
+            read_update_reply(&mut &[][..]),
+            Err(ReplyError::Closed)
+        ));
+        // A whole reply reads.
+        let mut ok = BACKUP_MAGIC.to_be_bytes().to_vec();
+        ok.extend_from_slice(&2u64.to_be_bytes());
+        ok.extend_from_slice(b"md");
+        ok.extend_from_slice(&1u64.to_be_bytes());
+        ok.extend_from_slice(b"n");
+        let m = read_metastore_reply(&mut &ok[..]).unwrap();
+        assert_eq!((&m.data[..], &m.node[..]), (&b"md"[..], &b"n"[..]));
+        assert_eq!(
+            parse_shard_list(br#"{"Paths":["db/rp/1"]}"#).unwrap(),
+            vec!["db/rp/1".to_string()]
+        );
+    }
+
+    #[test]
     fn requests_are_what_the_go_server_decodes() {
         let r = Request {
             shard_id: 7,
