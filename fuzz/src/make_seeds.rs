@@ -4,7 +4,7 @@
 //! target seals, sealed again with the fuzz test keys), plus small inputs for the decoders
 //! no fixture holds (WAL, history, InfluxDB replies) and the example policies.
 //!
-//! Run from `fuzz/`: `cargo +nightly fuzz run -O make_seeds` is not it (this is no target):
+//! Not a fuzz target: build and run it from `fuzz/` with
 //! `cargo +nightly fuzz build -O make_seeds && target/x86_64-unknown-linux-gnu/release/make_seeds`.
 
 use std::fs;
