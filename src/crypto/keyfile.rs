@@ -288,10 +288,21 @@ impl KeyFile {
 
     pub fn open(&self, password: &[u8]) -> Result<OpenedKey, KeyFileError> {
         let wrap = self.kdf.derive(password)?;
+        self.open_with_wrapping_key(&wrap)
+    }
+
+    /// What [`KeyFile::open`] does once the KDF has given the wrapping key: opens `data`
+    /// and decodes what it wraps. Public for the fuzz targets (`fuzz/`), which cannot
+    /// afford an Argon2id run per input.
+    ///
+    /// # Errors
+    /// `data` that is not hex, does not open under `wrap`, or does not decode.
+    #[doc(hidden)]
+    pub fn open_with_wrapping_key(&self, wrap: &[u8; 32]) -> Result<OpenedKey, KeyFileError> {
         let sealed = hex::decode(&self.data)
             .map_err(|_| KeyFileError::Malformed("data is not hex".into()))?;
         let plain = Zeroizing::new(
-            open_with(&wrap, ObjectKind::Key, None, &sealed)
+            open_with(wrap, ObjectKind::Key, None, &sealed)
                 .map_err(|_| KeyFileError::WrongPassword)?,
         );
         if self.version == 1 {

@@ -229,6 +229,28 @@ fn with_decompressor<T>(
     })
 }
 
+/// Up to this raw length, a compressed blob's output buffer is reserved whole up front
+/// (twice the default chunker's largest chunk: every data blob of a default repository).
+const RESERVE_WHOLE: usize = 16 << 20;
+
+/// Decompresses `payload` into `out` (cleared), producing at most `raw_len + 1` bytes. Up to
+/// [`RESERVE_WHOLE`], in one call into a buffer of `raw_len`; above, as a stream whose
+/// buffer grows with the bytes that come out: `raw_len` is what the index says, so a tree
+/// claiming 1 GiB behind a few bytes of zstd must not take 1 GiB (found by `fuzz/`'s
+/// `tree` target).
+fn decompress_into(payload: &[u8], raw_len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    if raw_len <= RESERVE_WHOLE {
+        out.reserve(raw_len);
+        return with_decompressor(|d| d.decompress_to_buffer(payload, out)).map(|_| ());
+    }
+    use std::io::Read;
+    out.reserve(RESERVE_WHOLE);
+    zstd::stream::read::Decoder::with_buffer(payload)?
+        .take(raw_len as u64 + 1)
+        .read_to_end(out)
+        .map(|_| ())
+}
+
 /// Compresses (when it shrinks) and seals one blob.
 pub fn encode(
     keys: &MasterKeys,
@@ -344,12 +366,9 @@ pub fn decode_in_place<'a>(
         RAW => payload,
         ZSTD => {
             scratch.clear();
-            scratch.reserve(raw_len);
-            with_decompressor(|d| d.decompress_to_buffer(payload, scratch)).map_err(|e| {
-                BlobError::Payload {
-                    id: *id,
-                    why: format!("zstd: {e}"),
-                }
+            decompress_into(payload, raw_len, scratch).map_err(|e| BlobError::Payload {
+                id: *id,
+                why: format!("zstd: {e}"),
             })?;
             &scratch[..]
         }
@@ -403,6 +422,39 @@ mod tests {
             let id = BlobId(b);
             prop_assert_eq!(BlobId::from_hex(&id.to_hex()), Some(id));
         }
+    }
+
+    #[test]
+    fn fuzz_tree_a_large_raw_length_behind_an_empty_zstd_payload_reserves_nothing() {
+        // fuzz/ `tree`, minimized: raw length 0x1f012622 (520 MB, within the 1 GiB tree
+        // limit), then the flag byte of zstd and no payload. The output buffer was reserved
+        // from the raw length alone before a byte was decompressed.
+        let crash = [0x22u8, 0x26, 0x01, 0x1f, 0x01];
+        let raw_len = u32::from_le_bytes([crash[0], crash[1], crash[2], crash[3]]) as usize;
+        let keys = MasterKeys::generate();
+        let id = BlobId([7u8; 32]);
+        let sealed = crypto::seal(&keys, ObjectKind::TreeBlob, Some(&id.0), &crash[4..]);
+        assert!(decode(&keys, BlobKind::Tree, &id, &sealed, raw_len).is_err());
+        let mut buf = sealed.clone();
+        let mut scratch = Vec::new();
+        assert!(
+            decode_in_place(&keys, BlobKind::Tree, &id, &mut buf, raw_len, &mut scratch).is_err()
+        );
+        assert!(
+            scratch.capacity() <= RESERVE_WHOLE,
+            "{}",
+            scratch.capacity()
+        );
+        // A real tree above the whole-reservation size still decodes (the streamed path).
+        let big = vec![b'x'; RESERVE_WHOLE + 100];
+        let id = BlobId(keys.blob_id(&big));
+        let sealed = encode(&keys, BlobKind::Tree, &id, &big, 1);
+        assert_eq!(
+            decode(&keys, BlobKind::Tree, &id, &sealed, big.len()).unwrap(),
+            big
+        );
+        assert!(decode(&keys, BlobKind::Tree, &id, &sealed, big.len() - 1).is_err());
+        assert!(decode(&keys, BlobKind::Tree, &id, &sealed, big.len() + 1).is_err());
     }
 
     #[test]

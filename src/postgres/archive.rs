@@ -105,6 +105,41 @@ fn decompress_bounded(payload: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>
     Ok(out)
 }
 
+/// Decodes the opened plaintext of a WAL object (`version | compression | raw length |
+/// payload`) into the archived file's bytes. Public for the fuzz targets (`fuzz/`).
+///
+/// # Errors
+/// An unknown format or compression, a recorded length above [`MAX_WAL_FILE`], a payload
+/// that does not decompress, or one whose length is not the recorded one.
+pub fn decode_object(plain: &[u8]) -> Result<Vec<u8>, String> {
+    if plain.len() < HEADER || plain[0] != FORMAT {
+        return Err("unknown WAL object format".into());
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&plain[2..HEADER]);
+    let recorded = u64::from_le_bytes(len);
+    if recorded > MAX_WAL_FILE {
+        return Err(format!(
+            "recorded length {recorded} is larger than any WAL file (at most {MAX_WAL_FILE})"
+        ));
+    }
+    // At most 1 GiB: fits a usize on every platform this runs on.
+    let raw_len = recorded as usize;
+    let out = match plain[1] {
+        RAW => plain[HEADER..].to_vec(),
+        ZSTD => decompress_bounded(&plain[HEADER..], raw_len)
+            .map_err(|e| format!("decompressing: {e}"))?,
+        other => return Err(format!("unknown compression {other}")),
+    };
+    if out.len() != raw_len {
+        return Err(format!(
+            "{} bytes after decompression, {raw_len} recorded",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
 /// True when two copies of a segment hold the same WAL: the same size, the same end of
 /// valid WAL ([`super::walscan::scan_segment`]), and the same bytes up to it.
 pub fn same_valid_wal(a: &[u8], b: &[u8]) -> bool {
@@ -203,32 +238,7 @@ impl<'a> WalArchive<'a> {
             sealed,
         )
         .map_err(|e| corrupt(e.to_string()))?;
-        if plain.len() < HEADER || plain[0] != FORMAT {
-            return Err(corrupt("unknown WAL object format".into()));
-        }
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&plain[2..HEADER]);
-        let recorded = u64::from_le_bytes(len);
-        if recorded > MAX_WAL_FILE {
-            return Err(corrupt(format!(
-                "recorded length {recorded} is larger than any WAL file (at most {MAX_WAL_FILE})"
-            )));
-        }
-        // At most 1 GiB: fits a usize on every platform this runs on.
-        let raw_len = recorded as usize;
-        let out = match plain[1] {
-            RAW => plain[HEADER..].to_vec(),
-            ZSTD => decompress_bounded(&plain[HEADER..], raw_len)
-                .map_err(|e| corrupt(format!("decompressing: {e}")))?,
-            other => return Err(corrupt(format!("unknown compression {other}"))),
-        };
-        if out.len() != raw_len {
-            return Err(corrupt(format!(
-                "{} bytes after decompression, {raw_len} recorded",
-                out.len()
-            )));
-        }
-        Ok(out)
+        decode_object(&plain).map_err(corrupt)
     }
 
     /// Stores a file durably. The same bytes again succeed; other bytes under a name the

@@ -177,6 +177,21 @@ pub fn read_header(
             source,
         }
     })?;
+    decode_header(pack_name, &header, (n - 4 - hlen) as u64)
+}
+
+/// Parses an opened pack header (its plaintext): `data_end` is where the blobs end, the
+/// start of the sealed header, which no entry may pass. [`read_header`] opens the header
+/// and calls this; it is public for the fuzz targets (`fuzz/`).
+///
+/// # Errors
+/// Bad magic or version, a length that does not match the count, an unknown kind, or an
+/// entry past `data_end`.
+pub fn decode_header(
+    pack_name: &str,
+    header: &[u8],
+    data_end: u64,
+) -> Result<Vec<PackEntry>, PackError> {
     let bad = |why: &str| PackError::Malformed {
         pack: pack_name.to_string(),
         why: why.into(),
@@ -184,11 +199,10 @@ pub fn read_header(
     if header.len() < 9 || &header[..4] != MAGIC || header[4] != 1 {
         return Err(bad("bad magic or version"));
     }
-    let count = u32::from_le_bytes([header[5], header[6], header[7], header[8]]) as usize;
-    if header.len() != 9 + count * ENTRY_LEN {
+    let count = u32::from_le_bytes([header[5], header[6], header[7], header[8]]) as u64;
+    if header.len() as u64 != 9 + count * ENTRY_LEN as u64 {
         return Err(bad("length does not match the entry count"));
     }
-    let data_end = (n - 4 - hlen) as u64;
     header[9..]
         .chunks_exact(ENTRY_LEN)
         .map(|c| {

@@ -245,7 +245,10 @@ pub struct PostgresMeta {
     pub server_version: String,
     /// `server_version_num`.
     pub server_version_num: u32,
-    /// `wal_segment_size` in bytes.
+    /// `wal_segment_size` in bytes: a power of two from 1 MiB to 1 GiB, as `initdb
+    /// --wal-segsize` allows (anything else is refused when the snapshot is decoded: prune
+    /// and `restore --at` divide LSNs by it).
+    #[serde(deserialize_with = "wal_segment_size::deserialize")]
     pub wal_segment_size: u64,
     /// The label given to `pg_backup_start()`.
     pub label: String,
@@ -275,6 +278,26 @@ pub struct PgTablespace {
     pub tree: BlobId,
 }
 
+mod wal_segment_size {
+    use serde::{Deserialize, Deserializer};
+
+    /// The sizes PostgreSQL allows (`initdb --wal-segsize`: 1 to 1024 MiB, powers of two).
+    pub fn is_valid(v: u64) -> bool {
+        v.is_power_of_two() && ((1 << 20)..=(1 << 30)).contains(&v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let v = u64::deserialize(d)?;
+        if is_valid(v) {
+            Ok(v)
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "wal_segment_size {v} is not a WAL segment size (a power of two from 1 MiB to 1 GiB)"
+            )))
+        }
+    }
+}
+
 mod u64_string {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -286,5 +309,36 @@ mod u64_string {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuzz_pg_backup_meta_a_wal_segment_size_of_zero_is_refused() {
+        // fuzz/ `pg_backup_meta`: a snapshot's PostgreSQL metadata with a segment size of
+        // 0 decoded, and prune's `Segment::of(timeline, start_lsn, wal_segment_size)`
+        // divided by it (a panic). The exact input:
+        let crash = br#"{"backup_label":"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-01 14:00:00 UTC\nLABEL: backupd\nSTART TIMELINE: 1\n","data_directory":"/var/lib/postgresql/15/main","label":"backupd","server_version":"15.18","server_version_num":150018,"start_lsn":"0/2000028","start_time":"2026-11-01T14:00:00Z","stop_lsn":"0/2000138","stop_time":"2026-11-01T14:00:01Z","system_identifier":"7301234567890123456","tablespace_map":"16385 /srv/ts1\n","tablespaces":[{"location":"/srv/ts1","name":"ts1","oid":16385,"tree":"0000000000000000000000000000000000000000000000000000000000000000"}],"timeline":1,"wal_segment_size":0}"#;
+        let e = serde_json::from_slice::<PostgresMeta>(crash).unwrap_err();
+        assert!(e.to_string().contains("wal_segment_size 0"), "{e}");
+        let text = std::str::from_utf8(crash).unwrap();
+        for bad in ["3", "4096", "2147483648", "18446744073709551615"] {
+            let t = text.replace(
+                r#""wal_segment_size":0"#,
+                &format!(r#""wal_segment_size":{bad}"#),
+            );
+            assert!(serde_json::from_str::<PostgresMeta>(&t).is_err(), "{bad}");
+        }
+        for good in [1u64 << 20, 16 << 20, 1 << 30] {
+            let t = text.replace(
+                r#""wal_segment_size":0"#,
+                &format!(r#""wal_segment_size":{good}"#),
+            );
+            let m: PostgresMeta = serde_json::from_str(&t).unwrap();
+            assert_eq!(m.wal_segment_size, good);
+        }
     }
 }

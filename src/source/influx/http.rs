@@ -171,56 +171,18 @@ impl HttpApi {
                     .collect(),
             });
         }
-        let answer = |why: String| HttpError::Answer {
-            url: self.base.clone(),
-            query: q.into(),
-            why,
-        };
-        let v: Value = serde_json::from_slice(&body).map_err(|e| answer(e.to_string()))?;
-        if let Some(e) = v.get("error").and_then(Value::as_str) {
-            return Err(HttpError::Statement {
+        parse_answer(&body).map_err(|e| match e {
+            AnswerError::Statement(error) => HttpError::Statement {
                 url: self.base.clone(),
                 query: q.into(),
-                error: e.into(),
-            });
-        }
-        let result = v
-            .get("results")
-            .and_then(|r| r.get(0))
-            .ok_or_else(|| answer("no results".into()))?;
-        if let Some(e) = result.get("error").and_then(Value::as_str) {
-            return Err(HttpError::Statement {
+                error,
+            },
+            AnswerError::Malformed(why) => HttpError::Answer {
                 url: self.base.clone(),
                 query: q.into(),
-                error: e.into(),
-            });
-        }
-        let mut out = vec![];
-        for s in result
-            .get("series")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            out.push(Series {
-                name: s.get("name").and_then(Value::as_str).unwrap_or("").into(),
-                columns: s
-                    .get("columns")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|c| c.as_str().map(String::from))
-                    .collect(),
-                values: s
-                    .get("values")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|r| r.as_array().cloned())
-                    .collect(),
-            });
-        }
-        Ok(out)
+                why,
+            },
+        })
     }
 
     fn send(
@@ -399,12 +361,68 @@ impl HttpApi {
 /// Per measurement, values per field.
 pub type Counts = BTreeMap<String, BTreeMap<String, u64>>;
 
+/// Why a `/query` answer gave no series.
+#[derive(Debug)]
+pub enum AnswerError {
+    /// The statement failed: the server's message.
+    Statement(String),
+    /// Not an answer of InfluxDB's.
+    Malformed(String),
+}
+
+/// Decodes the body of a `/query` answer (status 200) into the series of its first result.
+///
+/// # Errors
+/// The statement's error, or a body that is not InfluxDB's JSON answer.
+pub fn parse_answer(body: &[u8]) -> Result<Vec<Series>, AnswerError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| AnswerError::Malformed(e.to_string()))?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        return Err(AnswerError::Statement(e.into()));
+    }
+    let result = v
+        .get("results")
+        .and_then(|r| r.get(0))
+        .ok_or_else(|| AnswerError::Malformed("no results".into()))?;
+    if let Some(e) = result.get("error").and_then(Value::as_str) {
+        return Err(AnswerError::Statement(e.into()));
+    }
+    let mut out = vec![];
+    for s in result
+        .get("series")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push(Series {
+            name: s.get("name").and_then(Value::as_str).unwrap_or("").into(),
+            columns: s
+                .get("columns")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str().map(String::from))
+                .collect(),
+            values: s
+                .get("values")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_array().cloned())
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
 /// Adds the `count_<field>` columns of a `SELECT count(*)` result to `fields`.
-fn add_counts(s: &Series, fields: &mut BTreeMap<String, u64>) {
+pub fn add_counts(s: &Series, fields: &mut BTreeMap<String, u64>) {
     for row in &s.values {
         for (c, v) in s.columns.iter().zip(row) {
             if let (Some(field), Some(n)) = (c.strip_prefix("count_"), v.as_u64()) {
-                *fields.entry(field.to_string()).or_insert(0) += n;
+                // A server's number: a sum past u64 stays at the top, never wraps.
+                let e = fields.entry(field.to_string()).or_insert(0);
+                *e = e.saturating_add(n);
             }
         }
     }
@@ -442,6 +460,25 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_past_u64_saturate_instead_of_wrapping() {
+        let body = br#"{"results":[{"statement_id":0,"series":[{"name":"cpu","columns":["time","count_value"],"values":[[0,18446744073709551615],[1,1]]}]}]}"#;
+        let series = parse_answer(body).unwrap();
+        let mut fields = BTreeMap::new();
+        for s in &series {
+            add_counts(s, &mut fields);
+        }
+        assert_eq!(fields["value"], u64::MAX);
+        assert!(matches!(
+            parse_answer(br#"{"results":[{"error":"database not found: x"}]}"#),
+            Err(AnswerError::Statement(e)) if e == "database not found: x"
+        ));
+        assert!(matches!(
+            parse_answer(b"{}"),
+            Err(AnswerError::Malformed(_))
+        ));
+    }
 
     #[test]
     fn urls_without_a_scheme_or_with_credentials_are_refused_and_the_password_is_not_shown() {

@@ -696,7 +696,8 @@ fn sum_counts(
                 .entry(format!("{}.{m}", s.retention_policy))
                 .or_default();
             for (f, n) in fields {
-                *e.entry(f.clone()).or_insert(0) += n;
+                let v = e.entry(f.clone()).or_insert(0);
+                *v = v.saturating_add(*n);
             }
         }
     }

@@ -213,27 +213,7 @@ impl Rpc {
     pub fn metastore(&self) -> Result<Metastore, RpcError> {
         let what = "the metastore backup";
         let mut conn = self.request(&Request::new(RequestType::MetastoreBackup), &[])?;
-        let mut head = [0u8; 16];
-        read_exact_or_refused(&mut conn, &mut head).map_err(|e| self.map_read(what, e))?;
-        let magic = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
-        if magic != BACKUP_MAGIC {
-            return Err(self.protocol(what, format!("magic {magic:#x}")));
-        }
-        let n = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
-        if n > MAX_META {
-            return Err(self.protocol(what, format!("a metastore of {n} bytes")));
-        }
-        let mut data = vec![0u8; n as usize];
-        conn.read_exact(&mut data).map_err(self.io(what))?;
-        let mut len = [0u8; 8];
-        conn.read_exact(&mut len).map_err(self.io(what))?;
-        let m = u64::from_be_bytes(len);
-        if m > MAX_META {
-            return Err(self.protocol(what, format!("a node description of {m} bytes")));
-        }
-        let mut node = vec![0u8; m as usize];
-        conn.read_exact(&mut node).map_err(self.io(what))?;
-        Ok(Metastore { data, node })
+        read_metastore_reply(&mut conn).map_err(|e| self.map_reply(what, e))
     }
 
     /// The shards of `database` (all databases when empty) held on this server, as
@@ -259,14 +239,7 @@ impl Rpc {
         if reply.is_empty() {
             return Err(self.refused(&what));
         }
-        #[derive(serde::Deserialize)]
-        struct Response {
-            #[serde(rename = "Paths", default)]
-            paths: Option<Vec<String>>,
-        }
-        let r: Response =
-            serde_json::from_slice(&reply).map_err(|e| self.protocol(&what, e.to_string()))?;
-        Ok(r.paths.unwrap_or_default())
+        parse_shard_list(&reply).map_err(|why| self.protocol(&what, why))
     }
 
     /// A shard's files as an uncompressed tar stream (`db/rp/id/<file>` names), only
@@ -314,38 +287,22 @@ impl Rpc {
         // The server reads the upload with one buffered read and one more `Read`: it
         // must arrive in one piece, so it goes in the request's write.
         let mut conn = self.request(&req, meta)?;
-        let mut head = [0u8; 16];
-        read_exact_or_refused(&mut conn, &mut head).map_err(|e| self.map_read(&what, e))?;
-        let magic = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
-        if magic != BACKUP_MAGIC {
-            return Err(self.protocol(&what, format!("magic {magic:#x}")));
+        match read_update_reply(&mut conn) {
+            Ok(pairs) if pairs.is_empty() && shards > 0 => {
+                // 1.6 and 1.7 read the upload with one buffered read and one more `Read`: a
+                // large one arrives cut, and is refused.
+                Err(if meta.len() > 64 << 10 {
+                    RpcError::Refused {
+                        addr: self.addr.clone(),
+                        what: format!("{what} (a metastore upload of {} bytes; InfluxDB before 1.8 may read only part of one that large)", meta.len()),
+                    }
+                } else {
+                    self.refused(&what)
+                })
+            }
+            Ok(pairs) => Ok(pairs),
+            Err(e) => Err(self.map_reply(&what, e)),
         }
-        let n = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
-        if n == 0 && shards > 0 {
-            // 1.6 and 1.7 read the upload with one buffered read and one more `Read`: a
-            // large one arrives cut, and is refused.
-            return Err(if meta.len() > 64 << 10 {
-                RpcError::Refused {
-                    addr: self.addr.clone(),
-                    what: format!("{what} (a metastore upload of {} bytes; InfluxDB before 1.8 may read only part of one that large)", meta.len()),
-                }
-            } else {
-                self.refused(&what)
-            });
-        }
-        if n > 1 << 24 {
-            return Err(self.protocol(&what, format!("{n} shard pairs")));
-        }
-        let mut pairs = Vec::with_capacity(n as usize);
-        let mut b = [0u8; 16];
-        for _ in 0..n {
-            conn.read_exact(&mut b).map_err(self.io(&what))?;
-            pairs.push((
-                u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
-                u64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
-            ));
-        }
-        Ok(pairs)
     }
 
     /// Opens the upload of shard `shard`'s files: a tar stream whose `*.tsm` entries
@@ -362,12 +319,116 @@ impl Rpc {
         })
     }
 
-    fn map_read(&self, what: &str, e: ReadFailure) -> RpcError {
+    fn map_reply(&self, what: &str, e: ReplyError) -> RpcError {
         match e {
-            ReadFailure::Closed => self.refused(what),
-            ReadFailure::Io(source) => self.io(what)(source),
+            ReplyError::Closed => self.refused(what),
+            ReplyError::Io(source) => self.io(what)(source),
+            ReplyError::Protocol(why) => self.protocol(what, why),
         }
     }
+}
+
+/// Why a reply could not be read.
+#[derive(Debug)]
+pub enum ReplyError {
+    /// The server closed before the first byte: its way of refusing.
+    Closed,
+    /// The connection failed or ended early.
+    Io(io::Error),
+    /// Not what the protocol says.
+    Protocol(String),
+}
+
+impl From<ReadFailure> for ReplyError {
+    fn from(e: ReadFailure) -> Self {
+        match e {
+            ReadFailure::Closed => ReplyError::Closed,
+            ReadFailure::Io(e) => ReplyError::Io(e),
+        }
+    }
+}
+
+/// Reads exactly `n` bytes, `n` announced by the server: the buffer grows with the bytes
+/// that arrive, so a length claimed but never sent costs nothing.
+fn read_announced(r: &mut impl Read, n: u64) -> Result<Vec<u8>, ReplyError> {
+    let mut out = Vec::with_capacity(n.min(64 << 10) as usize);
+    r.take(n).read_to_end(&mut out).map_err(ReplyError::Io)?;
+    if (out.len() as u64) < n {
+        return Err(ReplyError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(out)
+}
+
+/// Reads a `MetastoreBackup` reply: `magic u64 | n u64 | n bytes meta.Data | m u64 | m bytes
+/// node JSON` (big-endian).
+///
+/// # Errors
+/// A refusal (nothing sent), a cut reply, a wrong magic, or a length above 256 MiB.
+pub fn read_metastore_reply(r: &mut impl Read) -> Result<Metastore, ReplyError> {
+    let mut head = [0u8; 16];
+    read_exact_or_refused(r, &mut head)?;
+    let magic = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+    if magic != BACKUP_MAGIC {
+        return Err(ReplyError::Protocol(format!("magic {magic:#x}")));
+    }
+    let n = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
+    if n > MAX_META {
+        return Err(ReplyError::Protocol(format!("a metastore of {n} bytes")));
+    }
+    let data = read_announced(r, n)?;
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).map_err(ReplyError::Io)?;
+    let m = u64::from_be_bytes(len);
+    if m > MAX_META {
+        return Err(ReplyError::Protocol(format!(
+            "a node description of {m} bytes"
+        )));
+    }
+    let node = read_announced(r, m)?;
+    Ok(Metastore { data, node })
+}
+
+/// Parses a `DatabaseInfo` reply: `{"Paths": ["db/rp/id", ...]}`.
+///
+/// # Errors
+/// A reply that is not that JSON.
+pub fn parse_shard_list(reply: &[u8]) -> Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct Response {
+        #[serde(rename = "Paths", default)]
+        paths: Option<Vec<String>>,
+    }
+    let r: Response = serde_json::from_slice(reply).map_err(|e| e.to_string())?;
+    Ok(r.paths.unwrap_or_default())
+}
+
+/// Reads a `MetaStoreUpdate` reply: `magic u64 | n u64 | n x (old shard id u64 | new shard
+/// id u64)` (big-endian). No pairs: the server refused (or the database has no shards).
+///
+/// # Errors
+/// A refusal (nothing sent), a cut reply, a wrong magic, or more than 2^24 pairs.
+pub fn read_update_reply(r: &mut impl Read) -> Result<Vec<(u64, u64)>, ReplyError> {
+    let mut head = [0u8; 16];
+    read_exact_or_refused(r, &mut head)?;
+    let magic = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+    if magic != BACKUP_MAGIC {
+        return Err(ReplyError::Protocol(format!("magic {magic:#x}")));
+    }
+    let n = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
+    if n > 1 << 24 {
+        return Err(ReplyError::Protocol(format!("{n} shard pairs")));
+    }
+    // Grows with the pairs that arrive, not with the count the server claims.
+    let mut pairs = Vec::with_capacity(n.min(4096) as usize);
+    let mut b = [0u8; 16];
+    for _ in 0..n {
+        r.read_exact(&mut b).map_err(ReplyError::Io)?;
+        pairs.push((
+            u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
+        ));
+    }
+    Ok(pairs)
 }
 
 enum ReadFailure {
@@ -476,6 +537,45 @@ pub fn parse_shard_path(p: &str) -> Option<(String, String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_length_the_server_claims_but_does_not_send_allocates_nothing() {
+        // A metastore reply announcing 256 MiB, then nothing: an error, and the buffer
+        // grows only with what arrives (it was `vec![0; n]` before the reply was read).
+        let mut reply = BACKUP_MAGIC.to_be_bytes().to_vec();
+        reply.extend_from_slice(&MAX_META.to_be_bytes());
+        reply.extend_from_slice(b"abc");
+        assert!(matches!(
+            read_metastore_reply(&mut &reply[..]),
+            Err(ReplyError::Io(_))
+        ));
+        let mut r = &reply[16..];
+        assert!(read_announced(&mut r, MAX_META).is_err());
+        // Claims 2^24 shard pairs, sends one.
+        let mut upd = BACKUP_MAGIC.to_be_bytes().to_vec();
+        upd.extend_from_slice(&(1u64 << 24).to_be_bytes());
+        upd.extend_from_slice(&[0u8; 16]);
+        assert!(matches!(
+            read_update_reply(&mut &upd[..]),
+            Err(ReplyError::Io(_))
+        ));
+        assert!(matches!(
+            read_update_reply(&mut &[][..]),
+            Err(ReplyError::Closed)
+        ));
+        // A whole reply reads.
+        let mut ok = BACKUP_MAGIC.to_be_bytes().to_vec();
+        ok.extend_from_slice(&2u64.to_be_bytes());
+        ok.extend_from_slice(b"md");
+        ok.extend_from_slice(&1u64.to_be_bytes());
+        ok.extend_from_slice(b"n");
+        let m = read_metastore_reply(&mut &ok[..]).unwrap();
+        assert_eq!((&m.data[..], &m.node[..]), (&b"md"[..], &b"n"[..]));
+        assert_eq!(
+            parse_shard_list(br#"{"Paths":["db/rp/1"]}"#).unwrap(),
+            vec!["db/rp/1".to_string()]
+        );
+    }
 
     #[test]
     fn requests_are_what_the_go_server_decodes() {
