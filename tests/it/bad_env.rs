@@ -30,7 +30,8 @@ fn source(dir: &Path) {
     write_mixed(&dir.join("sub").join("mixed"), 6 << 20);
 }
 
-/// Backup, restore and `check --read-data` through `proxy`; the time it took.
+/// Backup, restore, `check --read-data` and `verify --restore-test` through `proxy`; the
+/// time it took.
 fn round_trip(repo: &Repo, proxy: &S3Proxy, src: &Path, name: &str) -> f64 {
     let t0 = Instant::now();
     let cache = repo.scratch(&format!("cache-{name}"));
@@ -49,6 +50,13 @@ fn round_trip(repo: &Repo, proxy: &S3Proxy, src: &Path, name: &str) -> f64 {
     assert_same_tree(src, &restored_path(&dst, src), &|_, _| false);
     through(repo, &loc, &cache)
         .args(["check", "--read-data"])
+        .run()
+        .ok();
+    let scratch = repo.scratch(&format!("scratch-{name}"));
+    fs::create_dir_all(&scratch).unwrap();
+    through(repo, &loc, &cache)
+        .args(["verify", "--restore-test", "--scratch"])
+        .arg(&scratch)
         .run()
         .ok();
     t0.elapsed().as_secs_f64()
@@ -83,7 +91,7 @@ fn backups_and_restores_on_s3_finish_through_slowdowns_and_resets() {
         "the proxy injected nothing ({n} requests)"
     );
     eprintln!(
-        "through 503s and resets (seed {seed}): backup, restore and check --read-data survived \
+        "through 503s and resets (seed {seed}): backup, restore, check --read-data and verify survived \
          {slow} SlowDown and {resets} resets in {n} requests ({:.1} % failed), {t_flaky:.2} s \
          against {t_honest:.2} s honest ({:.2}x)",
         100.0 * (slow + resets) as f64 / n as f64,
