@@ -11,13 +11,12 @@ use serde_json::Value;
 use super::common::free_port;
 use super::pgserver::{PgCluster, PgEnv};
 
-/// `backup --postgres` of `c` with `extra` arguments; its JSON summary.
-pub(super) fn backup(env: &PgEnv, c: &PgCluster, extra: &[&str]) -> Value {
+/// `backup --postgres` of `c` over TCP, not yet run.
+pub(super) fn backup_cmd(env: &PgEnv, c: &PgCluster) -> super::common::Run {
     env.cmd()
         .args([
             "backup",
             "--postgres",
-            "--json",
             "--pg-host",
             "127.0.0.1",
             "--pg-user",
@@ -25,6 +24,12 @@ pub(super) fn backup(env: &PgEnv, c: &PgCluster, extra: &[&str]) -> Value {
         ])
         .arg("--pg-port")
         .arg(c.port.to_string())
+}
+
+/// `backup --postgres` of `c` with `extra` arguments; its JSON summary.
+pub(super) fn backup(env: &PgEnv, c: &PgCluster, extra: &[&str]) -> Value {
+    backup_cmd(env, c)
+        .arg("--json")
         .args(extra)
         .run()
         .ok()

@@ -367,20 +367,6 @@ fn mutate_source(rng: &mut Rng, src: &Path, round: usize) {
     .unwrap();
 }
 
-fn pg_backup(env: &PgEnv, c: &PgCluster) -> Run {
-    env.cmd()
-        .args([
-            "backup",
-            "--postgres",
-            "--pg-host",
-            "127.0.0.1",
-            "--pg-user",
-            "postgres",
-        ])
-        .arg("--pg-port")
-        .arg(c.port.to_string())
-}
-
 /// The PostgreSQL server's clock, as `restore --at` takes it.
 fn pg_now(c: &PgCluster) -> String {
     c.sql(
@@ -449,7 +435,7 @@ fn torture_every_verb(env: &PgEnv, n: usize, title: &str) {
     for round in 0..=n {
         c.sql("insert into t select g, repeat('x', 200) from generate_series(1, 2000) g");
         rows += 2000;
-        let make = || pg_backup(env, &c);
+        let make = || super::pg::backup_cmd(env, &c);
         let before = t.snapshot_ids();
         if round == 0 {
             t.clean_run("backup postgres", make());
