@@ -44,7 +44,8 @@ impl Progress {
             while !s.load(Ordering::Relaxed) {
                 bar.set_position(bytes());
                 bar.tick();
-                std::thread::sleep(Duration::from_millis(150));
+                // Woken at once on drop (no command waits out the tick at its end).
+                std::thread::park_timeout(Duration::from_millis(150));
             }
             bar.finish_and_clear();
         });
@@ -59,6 +60,7 @@ impl Drop for Progress {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }

@@ -330,7 +330,12 @@ impl RepoLock {
                 .spawn(move || {
                     let mut next = Instant::now() + REFRESH_EVERY;
                     while !shared.stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(200));
+                        // Woken at once when the lock is dropped, so no command waits
+                        // out the tick on its way out.
+                        std::thread::park_timeout(Duration::from_millis(200));
+                        if shared.stop.load(Ordering::Acquire) {
+                            break;
+                        }
                         // Before any refresh: a long gap means others may have judged the
                         // lock stale meanwhile, whatever happens next.
                         shared.check_gap();
@@ -381,8 +386,9 @@ impl RepoLock {
 
 impl Drop for RepoLock {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
         let name = self

@@ -221,6 +221,11 @@ pub struct InfluxShard {
     pub counts_before: InfluxCounts,
     /// The same after.
     pub counts_after: InfluxCounts,
+    /// The counts are those of the files themselves, taken as they streamed (both equal,
+    /// exact); otherwise the server counted, before and after (false in snapshots before
+    /// 0.3.2, whose counts were all the server's).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub counted_from_files: bool,
 }
 
 /// What a PostgreSQL base backup snapshot records about its cluster. The snapshot's tree

@@ -155,18 +155,20 @@ pub fn backup_stream(
             let r = std::thread::scope(|scope| {
                 // A read from the command blocks until it writes: watch for the interrupt
                 // meanwhile and stop the command's process group.
-                scope.spawn(|| {
+                let watcher = scope.spawn(|| {
                     while !done.load(std::sync::atomic::Ordering::Relaxed) {
                         if cancel.is_cancelled() {
                             let _ =
                                 nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
                             return;
                         }
-                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        std::thread::park_timeout(std::time::Duration::from_millis(50));
                     }
                 });
                 let r = run(out, saver, &cutter, cancel, read_counter, prog);
                 done.store(true, std::sync::atomic::Ordering::Relaxed);
+                // Woken now, not at its next tick.
+                watcher.thread().unpark();
                 r
             });
             if r.is_err() {

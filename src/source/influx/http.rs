@@ -4,6 +4,7 @@
 //! `Authorization: Basic` header, never in the URL.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -79,7 +80,12 @@ pub enum HttpError {
 pub struct HttpApi {
     base: String,
     auth: Option<Zeroizing<String>>,
+    /// The connector, made at the first request and kept: for `https://` it holds the
+    /// system's root certificates, which take a while to load; for `http://` none.
+    connector: Arc<OnceLock<Result<Connector, String>>>,
 }
+
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 
 impl std::fmt::Debug for HttpApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,7 +138,33 @@ impl HttpApi {
                 base64::engine::general_purpose::STANDARD.encode(plain.as_bytes())
             ))
         });
-        Ok(HttpApi { base, auth })
+        Ok(HttpApi {
+            base,
+            auth,
+            connector: Arc::default(),
+        })
+    }
+
+    fn connector(&self) -> Result<Connector, String> {
+        self.connector
+            .get_or_init(|| {
+                let provider = rustls::crypto::ring::default_provider();
+                let builder = hyper_rustls::HttpsConnectorBuilder::new();
+                let builder = if self.base.starts_with("https://") {
+                    builder
+                        .with_provider_and_native_roots(provider)
+                        .map_err(|e| format!("TLS roots: {e}"))?
+                } else {
+                    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+                        .with_safe_default_protocol_versions()
+                        .map_err(|e| format!("TLS: {e}"))?
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth();
+                    builder.with_tls_config(config)
+                };
+                Ok(builder.https_or_http().enable_http1().build())
+            })
+            .clone()
     }
 
     /// The base URL.
@@ -201,12 +233,7 @@ impl HttpApi {
             .build()
             .map_err(HttpError::Runtime)?;
         rt.block_on(async {
-            let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-                .map_err(|e| unreachable(format!("TLS roots: {e}")))?
-                .https_or_http()
-                .enable_http1()
-                .build();
+            let connector = self.connector().map_err(unreachable)?;
             let client: Client<_, Full<bytes::Bytes>> =
                 Client::builder(TokioExecutor::new()).build(connector);
             let mut req = if get {

@@ -10,23 +10,27 @@
 //! snapshot must not hold a file the server no longer has. Every snapshot is therefore a
 //! full restore point on its own.
 //!
-//! Counts per measurement and field are taken over HTTP for each shard read, before and
-//! after it is read (a shard taken from the parent keeps the parent's): a restore's
-//! counts must lie between their sums. When the shard has no file changed since the
-//! backup began (asked after its read; the question flushes the server's cache, so a
-//! point written meanwhile shows as a new file), nothing was written to it in between and
-//! the count before is the count after: a quiet server is counted once.
+//! Counts per measurement and field: each shard read is counted from its own TSM files
+//! as they stream by ([`tsm`]), exactly what the snapshot holds, with no work asked of the
+//! server. Where the files cannot say (tombstones not compacted away, two files that may
+//! hold one point twice, a file the walk cannot account for) the server counts over HTTP
+//! instead: once, if nothing was written to the shard since the backup began (asked after
+//! its read; the question flushes the server's cache, so a point written meanwhile shows
+//! as a new file); otherwise before a second read of the shard and again after every
+//! shard is read, and a restore's counts must lie between the two. A shard taken from the
+//! parent keeps the parent's counts.
 
 pub mod http;
 pub mod meta;
 pub mod rpc;
 pub mod throwaway;
 pub mod tombstone;
+pub mod tsm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use self::http::{HttpApi, HttpError};
 use self::rpc::{Rpc, RpcError};
@@ -440,33 +444,15 @@ pub fn backup_influx(
         }
         plan.push((info, shards));
     }
-    // Counted before their files are read: on a server taking writes, what a shard's files
-    // hold is at least this. The counts run ahead of the reads, a few at a time, and each
-    // shard's read waits only for its own count, so the server counts the next shards
-    // while this one streams.
-    let to_read: Vec<&PlannedShard> = plan
-        .iter()
-        .flat_map(|(_, shards)| shards)
-        .filter(|s| s.reused.is_none())
-        .collect();
-    let position: HashMap<u64, usize> =
-        to_read.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
-    let counts_ahead = AskedAhead::new(to_read.len());
     // The backup's start on the server's clock, one second early (as `since`).
     let began = server_time.map(|t| {
         (t - chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     });
     let mut databases = vec![];
-    std::thread::scope(|scope| -> Result<(), InfluxError> {
-        for _ in 0..PARALLEL_QUESTIONS.min(to_read.len()) {
-            scope.spawn(|| {
-                counts_ahead.run(&to_read, |s| {
-                    src.http.counts_in(&s.db, &s.rp, s.start_ns, s.end_ns)
-                })
-            });
-        }
-        // Workers stop taking new questions when the reads end, an error included.
-        let _stop = counts_ahead.stop_on_drop();
+    // Shards whose counts are final once read: counted from their files, or counted by
+    // the server with nothing written to them since the backup began.
+    let mut settled: HashSet<u64> = HashSet::new();
+    {
         for (info, planned) in &plan {
             let mut shards = vec![];
             for p in planned {
@@ -500,14 +486,45 @@ pub fn backup_influx(
                         }
                     }
                     None => {
-                        // Its count is in before its first byte is read.
-                        let counts_before = match position.get(&id) {
-                            Some(&i) => counts_ahead.take(i)?,
-                            None => Default::default(),
+                        let read = || {
+                            retrying(&src.rpc, id, || {
+                                read_shard(src, db, rp, id, saver, &cutter, &job)
+                            })
                         };
-                        let (dir, files, bytes, tombstones) = retrying(&src.rpc, id, || {
-                            read_shard(src, db, rp, id, saver, &cutter, &job)
-                        })?;
+                        let mut got = read()?;
+                        let counts = std::mem::replace(&mut got.counts, Err(String::new()));
+                        let counted_from_files = counts.is_ok();
+                        let (counts_before, counts_after) = match counts {
+                            Ok(counts) => {
+                                settled.insert(id);
+                                (counts.clone(), counts)
+                            }
+                            Err(why) => {
+                                tracing::info!(shard = id, "counted by the server: {why}");
+                                let counts = src.http.counts_in(db, rp, p.start_ns, p.end_ns)?;
+                                let quiet = match &began {
+                                    Some(began) => nothing_since(src, id, began)?,
+                                    None => false,
+                                };
+                                if quiet {
+                                    // Nothing written since the backup began: the files
+                                    // read hold what the server counts now.
+                                    settled.insert(id);
+                                } else {
+                                    // Written meanwhile: read again after this count, so
+                                    // the files hold at least it (counted again below).
+                                    got = read()?;
+                                }
+                                (counts.clone(), counts)
+                            }
+                        };
+                        let ShardRead {
+                            dir,
+                            files,
+                            bytes,
+                            tombstones,
+                            ..
+                        } = got;
                         job.stats.files_new.fetch_add(files, Ordering::Relaxed);
                         job.stats.bytes_total.fetch_add(bytes, Ordering::Relaxed);
                         job.stats.dirs.fetch_add(1, Ordering::Relaxed);
@@ -525,9 +542,11 @@ pub fn backup_influx(
                             bytes,
                             tombstones,
                             unchanged: false,
+                            counted_from_files,
                             counts_before,
-                            // Below, once every shard is read.
-                            counts_after: Default::default(),
+                            // Where not settled, counted again below once every shard
+                            // is read.
+                            counts_after,
                         }
                     }
                 };
@@ -556,15 +575,14 @@ pub fn backup_influx(
                 counts_after: Default::default(),
             });
         }
-        Ok(())
-    })?;
+    }
     // Counted again after every shard is read, where anything was written: a shard with no
     // file changed since the backup began (asked now; the question flushes its cache, so a
     // point written meanwhile shows as a new file) holds what its count before said.
     let read: Vec<(&str, &InfluxShard)> = databases
         .iter()
         .flat_map(|d| d.shards.iter().map(move |s| (d.name.as_str(), s)))
-        .filter(|(_, s)| !s.unchanged)
+        .filter(|(_, s)| !s.unchanged && !settled.contains(&s.id))
         .collect();
     let quiet = match &began {
         Some(began) => in_parallel(&read, |(_, s)| nothing_since(src, s.id, began))?,
@@ -586,9 +604,9 @@ pub fn backup_influx(
         .collect();
     for d in &mut databases {
         for s in d.shards.iter_mut().filter(|s| !s.unchanged) {
-            s.counts_after = counted_after
-                .remove(&s.id)
-                .unwrap_or_else(|| s.counts_before.clone());
+            if let Some(after) = counted_after.remove(&s.id) {
+                s.counts_after = after;
+            }
         }
         d.counts_before = sum_counts(&d.shards, |s| &s.counts_before);
         d.counts_after = sum_counts(&d.shards, |s| &s.counts_after);
@@ -731,64 +749,6 @@ where
     Ok(out)
 }
 
-/// Questions asked ahead of their use by worker threads, [`PARALLEL_QUESTIONS`] of them
-/// at once in the order given ([`AskedAhead::run`] on each worker); [`AskedAhead::take`]
-/// waits for one answer only.
-struct AskedAhead<R> {
-    answers: Mutex<Vec<Option<std::thread::Result<R>>>>,
-    ready: Condvar,
-    next: AtomicUsize,
-    stopped: AtomicBool,
-}
-
-impl<R> AskedAhead<R> {
-    fn new(n: usize) -> Self {
-        AskedAhead {
-            answers: Mutex::new((0..n).map(|_| None).collect()),
-            ready: Condvar::new(),
-            next: AtomicUsize::new(0),
-            stopped: AtomicBool::new(false),
-        }
-    }
-
-    /// A worker: asks the next unasked item until none is left or the asking stopped.
-    fn run<T>(&self, items: &[T], ask: impl Fn(&T) -> R) {
-        while !self.stopped.load(Ordering::Acquire) {
-            let i = self.next.fetch_add(1, Ordering::AcqRel);
-            let Some(item) = items.get(i) else { return };
-            // A panic is handed to whoever takes the answer, not left as a wait forever.
-            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ask(item)));
-            let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(slot) = answers.get_mut(i) {
-                *slot = Some(answer);
-            }
-            self.ready.notify_all();
-        }
-    }
-
-    /// The answer for item `i`, waited for (each is taken once).
-    fn take(&self, i: usize) -> R {
-        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(answer) = answers.get_mut(i).and_then(Option::take) {
-                return answer.unwrap_or_else(|p| std::panic::resume_unwind(p));
-            }
-            answers = self.ready.wait(answers).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Stops the workers taking new items when dropped.
-    fn stop_on_drop(&self) -> impl Drop + '_ {
-        struct Stop<'a>(&'a AtomicBool);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Release);
-            }
-        }
-        Stop(&self.stopped)
-    }
-}
-
 /// Runs `f` again while the server refuses the shard or cuts its stream short (not when
 /// it cannot be reached: a stopped server fails at once).
 fn retrying<T>(
@@ -854,8 +814,33 @@ fn end_of_archive<R: Read>(t: &mut Tracked<R>, what: &str) -> Result<(), InfluxE
     Ok(())
 }
 
-/// Streams one shard's files into the pipeline; returns its directory, file count, bytes
-/// and tombstone files.
+/// One shard as read: its directory, file count, bytes and tombstone files, and its
+/// counts from its TSM files (or why they do not give them).
+struct ShardRead {
+    dir: DirBuild,
+    files: u64,
+    bytes: u64,
+    tombstones: u64,
+    counts: Result<tsm::Counts, String>,
+}
+
+/// Feeds what passes through to a TSM counter.
+struct Counting<'c, R> {
+    inner: R,
+    tsm: Option<&'c mut tsm::TsmCounter>,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(c) = self.tsm.as_deref_mut() {
+            c.feed(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// Streams one shard's files into the pipeline, counting its TSM files' values.
 #[allow(clippy::too_many_arguments)]
 fn read_shard(
     src: &InfluxSource,
@@ -865,7 +850,7 @@ fn read_shard(
     saver: &BlobSaver,
     cutter: &Cutter,
     job: &InfluxJob<'_>,
-) -> Result<(DirBuild, u64, u64, u64), InfluxError> {
+) -> Result<ShardRead, InfluxError> {
     let stream = src.rpc.shard_backup(id, None)?;
     let what = stream.describe();
     let bad = |why: String| InfluxError::Stream {
@@ -879,6 +864,7 @@ fn read_shard(
     let prefix = format!("{db}/{rp}/{id}/");
     let mut dir = DirBuild::default();
     let (mut files, mut bytes, mut tombstones) = (0u64, 0u64, 0u64);
+    let mut tallies: Result<Vec<tsm::FileTally>, String> = Ok(vec![]);
     {
         let mut ar = tar::Archive::new(&mut t);
         for e in ar.entries().map_err(|e| bad(e.to_string()))? {
@@ -907,12 +893,20 @@ fn read_shard(
                 .and_then(|s| i64::try_from(s).ok())
                 .map_or(0, |s| s.saturating_mul(1_000_000_000));
             let counter = AtomicU64::new(0);
-            let (content, lists, got) = save_stream(&mut e, saver, cutter, &job.cancel, &counter)
-                .map_err(|err| match err {
-                Some(io) => bad(format!("{name}: {io}")),
-                None if job.cancel.is_cancelled() => InfluxError::Interrupted,
-                None => InfluxError::Save(SaveError::Stopped),
-            })?;
+            let mut tsm_counter =
+                (name.ends_with(".tsm") && tallies.is_ok()).then(|| tsm::TsmCounter::new(size));
+            let mut input = Counting {
+                inner: &mut e,
+                tsm: tsm_counter.as_mut(),
+            };
+            let (content, lists, got) =
+                save_stream(&mut input, saver, cutter, &job.cancel, &counter).map_err(|err| {
+                    match err {
+                        Some(io) => bad(format!("{name}: {io}")),
+                        None if job.cancel.is_cancelled() => InfluxError::Interrupted,
+                        None => InfluxError::Save(SaveError::Stopped),
+                    }
+                })?;
             job.stats
                 .bytes_read
                 .fetch_add(counter.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -921,6 +915,13 @@ fn read_shard(
             }
             if name.ends_with(".tombstone") {
                 tombstones += 1;
+                tallies = Err(format!("{name}: deletions not compacted away"));
+            }
+            if let (Some(c), Ok(t)) = (tsm_counter, tallies.as_mut()) {
+                match c.finish() {
+                    Ok(tally) => t.push(tally),
+                    Err(why) => tallies = Err(format!("{name}: {why}")),
+                }
             }
             let mut n = plain_node(&name, NodeKind::File, mtime_ns);
             (n.size, n.content, n.content_lists) = (size, content, lists);
@@ -930,5 +931,11 @@ fn read_shard(
         }
     }
     end_of_archive(&mut t, &what)?;
-    Ok((dir, files, bytes, tombstones))
+    Ok(ShardRead {
+        dir,
+        files,
+        bytes,
+        tombstones,
+        counts: tallies.and_then(|t| tsm::shard_counts(&t)),
+    })
 }
