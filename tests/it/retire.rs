@@ -351,6 +351,16 @@ fn a_retire_killed_at_random_moments_finishes_when_run_again_local_and_s3() {
     }
 }
 
+/// Waits until some process holds a lock on the (local) repository.
+fn wait_for_a_lock(repo: &Repo) {
+    let locks = repo.path.join("locks");
+    let t0 = Instant::now();
+    while std::fs::read_dir(&locks).map(|r| r.count()).unwrap_or(0) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no lock appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_backup_sealing_with_the_retiring_generation_is_waited_for_and_its_objects_resealed() {
     let repo = Repo::new();
@@ -370,7 +380,8 @@ fn a_backup_sealing_with_the_retiring_generation_is_waited_for_and_its_objects_r
             &script,
         ])
         .spawn();
-    std::thread::sleep(Duration::from_millis(1000));
+    // Not a pause: its lock is there (a loaded machine may take seconds to start it).
+    wait_for_a_lock(&repo);
     let started = Instant::now();
     let out = repo
         .cmd()
@@ -410,7 +421,8 @@ fn a_backup_sealing_with_the_retiring_generation_is_waited_for_and_its_objects_r
             &script,
         ])
         .spawn();
-    std::thread::sleep(Duration::from_millis(1000));
+    // Not a pause: its lock is there (a loaded machine may take seconds to start it).
+    wait_for_a_lock(&repo);
     repo.cmd()
         .args(["key", "retire", "2", "--grace", "0s", "--wait", "1s"])
         .run()
