@@ -838,11 +838,16 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_anywhere_leaves_the_file_uncounted_or_counted_right() {
-        let f = sample();
-        let good = count(&f, 16).unwrap();
+        for f in [sample(), REAL.to_vec()] {
+            flips_in(&f);
+        }
+    }
+
+    fn flips_in(f: &[u8]) {
+        let good = count(f, 16).unwrap();
         for i in 0..f.len() {
             for bit in [0x01u8, 0x80] {
-                let mut g = f.clone();
+                let mut g = f.to_vec();
                 g[i] ^= bit;
                 if let Ok(t) = count(&g, 16) {
                     // Only a key's bytes in the index can change and still walk: the
@@ -852,6 +857,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A file influxd 1.6.7 wrote (`tests/fixtures/tsm/README.md`): 300 points of `cpu`
+    /// with a field of each type, and 50 of a measurement whose name is escaped.
+    const REAL: &[u8] = include_bytes!("../../../tests/fixtures/tsm/000000001-000000001.tsm");
+
+    #[test]
+    fn a_file_influxd_wrote_is_counted_as_the_server_counts_it() {
+        for piece in [1, 5, 100, REAL.len()] {
+            let c = shard_counts(&[count(REAL, piece).unwrap()]).unwrap();
+            let cpu = &c["cpu"];
+            for f in ["value", "n", "ok", "note"] {
+                assert_eq!(cpu[f], 300, "{f}, pieces of {piece}");
+            }
+            assert_eq!(c["m e,x"]["v"], 50);
+            assert_eq!(c.len(), 2);
+        }
+        let mut cut = TsmCounter::new(REAL.len() as u64 + 1);
+        cut.feed(REAL);
+        assert!(cut.finish().is_err(), "one byte short of its length");
     }
 
     #[test]
