@@ -1,6 +1,6 @@
 //! A TSM file as a shard's backup stream hands it over, fed to the counter in pieces
-//! whose sizes the first byte picks: it must never panic, and the counts must not depend
-//! on how the file was cut.
+//! whose sizes the first byte picks: it must never panic, and whether and what it counts
+//! must not depend on how the file was cut.
 #![no_main]
 
 use backupd::source::influx::tsm::{shard_counts, TsmCounter};
@@ -17,10 +17,12 @@ fuzz_target!(|data: &[u8]| {
         }
         c.finish()
     };
-    let whole = count(file.len());
-    let cut = count(usize::from(piece) + 1);
+    // Counted or not, and what, must not depend on the pieces (the reason given for not
+    // counting may: a short entry is seen at another moment).
+    let whole = count(file.len()).ok();
+    let cut = count(usize::from(piece) + 1).ok();
     assert_eq!(whole, cut, "counted differently when fed in pieces");
-    if let Ok(t) = whole {
+    if let Some(t) = whole {
         let _ = shard_counts(&[t.clone(), t]);
     }
 });
