@@ -102,7 +102,9 @@ pub struct FaultLayer<B> {
     delay: Duration,
 }
 
-fn splitmix(x: &mut u64) -> u64 {
+/// The next number of the splitmix64 sequence whose state is `x` (seeded, repeatable;
+/// the tests' generators use it too).
+pub fn splitmix(x: &mut u64) -> u64 {
     *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = *x;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -37,7 +37,7 @@ pub(super) fn backup(env: &PgEnv, c: &PgCluster, extra: &[&str]) -> Value {
 }
 
 /// `restore --at AT --start` into `name` on a new port; the restored, promoted cluster.
-fn restore_at(env: &PgEnv, at: &str, name: &str, extra: &[&str]) -> (PgCluster, String) {
+pub(super) fn restore_at(env: &PgEnv, at: &str, name: &str, extra: &[&str]) -> (PgCluster, String) {
     let port = free_port();
     let target = env.path(name);
     let out = env

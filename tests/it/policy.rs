@@ -656,23 +656,7 @@ fn runnable_example_postgres_and_pg_dump_policies_really_run() {
     );
 
     // The base backup restores too: a new server, started, with the rows.
-    let port = super::common::free_port();
-    let target = env.path("restored-base");
-    env.cmd()
-        .args([
-            "restore",
-            "--at",
-            "latest",
-            "--start",
-            "--archive-mode",
-            "off",
-        ])
-        .arg("--target")
-        .arg(&target)
-        .arg("--pg-port")
-        .arg(port.to_string())
-        .run()
-        .ok();
-    let restored = super::pgserver::PgCluster::adopt(target, port);
+    let (restored, _) =
+        super::pg::restore_at(&env, "latest", "restored-base", &["--archive-mode", "off"]);
     assert_eq!(restored.count("select count(*) from users"), 500);
 }

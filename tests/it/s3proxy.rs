@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
+use super::common::Rng;
+
 /// How the proxy misbehaves.
 #[derive(Clone, Copy, Debug)]
 pub enum Mode {
@@ -59,18 +61,6 @@ pub struct S3Proxy {
     /// What it saw.
     pub seen: Arc<Seen>,
     stop: Arc<AtomicBool>,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 impl S3Proxy {

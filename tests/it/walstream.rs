@@ -320,24 +320,7 @@ fn a_promoted_copy_on_timeline_2_streams_on_into_the_same_archive() {
     term(&mut s);
     assert_eq!(s.wait(Duration::from_secs(30)).code(), 0);
     c.stop();
-    let port = free_port();
-    let target = env.path("new-primary");
-    env.cmd()
-        .args([
-            "restore",
-            "--at",
-            "latest",
-            "--start",
-            "--archive-mode",
-            "off",
-        ])
-        .arg("--target")
-        .arg(&target)
-        .arg("--pg-port")
-        .arg(port.to_string())
-        .run()
-        .ok();
-    let p = PgCluster::adopt(target, port);
+    let (p, _) = super::pg::restore_at(&env, "latest", "new-primary", &["--archive-mode", "off"]);
     assert_eq!(
         p.sql("select timeline_id from pg_control_checkpoint()"),
         "2"

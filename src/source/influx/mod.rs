@@ -491,8 +491,7 @@ pub fn backup_influx(
                                 read_shard(src, db, rp, id, saver, &cutter, &job)
                             })
                         };
-                        let mut got = read()?;
-                        let counts = std::mem::replace(&mut got.counts, Err(String::new()));
+                        let (mut got, counts) = read()?;
                         let counted_from_files = counts.is_ok();
                         let (counts_before, counts_after) = match counts {
                             Ok(counts) => {
@@ -513,7 +512,7 @@ pub fn backup_influx(
                                 } else {
                                     // Written meanwhile: read again after this count, so
                                     // the files hold at least it (counted again below).
-                                    got = read()?;
+                                    got = read()?.0;
                                 }
                                 (counts.clone(), counts)
                             }
@@ -523,7 +522,6 @@ pub fn backup_influx(
                             files,
                             bytes,
                             tombstones,
-                            ..
                         } = got;
                         job.stats.files_new.fetch_add(files, Ordering::Relaxed);
                         job.stats.bytes_total.fetch_add(bytes, Ordering::Relaxed);
@@ -814,14 +812,12 @@ fn end_of_archive<R: Read>(t: &mut Tracked<R>, what: &str) -> Result<(), InfluxE
     Ok(())
 }
 
-/// One shard as read: its directory, file count, bytes and tombstone files, and its
-/// counts from its TSM files (or why they do not give them).
+/// One shard as read: its directory, file count, bytes and tombstone files.
 struct ShardRead {
     dir: DirBuild,
     files: u64,
     bytes: u64,
     tombstones: u64,
-    counts: Result<tsm::Counts, String>,
 }
 
 /// Feeds what passes through to a TSM counter.
@@ -840,7 +836,8 @@ impl<R: Read> Read for Counting<'_, R> {
     }
 }
 
-/// Streams one shard's files into the pipeline, counting its TSM files' values.
+/// Streams one shard's files into the pipeline; returns them with the counts of its TSM
+/// files' values (or why those do not give the shard's counts).
 #[allow(clippy::too_many_arguments)]
 fn read_shard(
     src: &InfluxSource,
@@ -850,7 +847,7 @@ fn read_shard(
     saver: &BlobSaver,
     cutter: &Cutter,
     job: &InfluxJob<'_>,
-) -> Result<ShardRead, InfluxError> {
+) -> Result<(ShardRead, Result<tsm::Counts, String>), InfluxError> {
     let stream = src.rpc.shard_backup(id, None)?;
     let what = stream.describe();
     let bad = |why: String| InfluxError::Stream {
@@ -931,11 +928,13 @@ fn read_shard(
         }
     }
     end_of_archive(&mut t, &what)?;
-    Ok(ShardRead {
-        dir,
-        files,
-        bytes,
-        tombstones,
-        counts: tallies.and_then(|t| tsm::shard_counts(&t)),
-    })
+    Ok((
+        ShardRead {
+            dir,
+            files,
+            bytes,
+            tombstones,
+        },
+        tallies.and_then(|t| tsm::shard_counts(&t)),
+    ))
 }

@@ -114,15 +114,25 @@ impl TsmCounter {
         if self.failed.is_some() {
             return;
         }
-        self.buf.extend_from_slice(data);
-        if self.at + self.buf.len() as u64 > self.file_len {
+        if self.at + (self.buf.len() + data.len()) as u64 > self.file_len {
             self.fail(format!("more than its {} bytes", self.file_len));
+            self.buf = Vec::new();
             return;
         }
-        let buf = std::mem::take(&mut self.buf);
-        let used = self.advance(&buf);
-        self.buf = buf;
-        self.buf.drain(..used);
+        // Walked where it arrives; only what an incomplete block or entry leaves over is
+        // kept for the next piece.
+        let used = if self.buf.is_empty() {
+            let used = self.advance(data);
+            self.buf.extend_from_slice(&data[used..]);
+            used
+        } else {
+            self.buf.extend_from_slice(data);
+            let buf = std::mem::take(&mut self.buf);
+            let used = self.advance(&buf);
+            self.buf = buf;
+            self.buf.drain(..used);
+            used
+        };
         self.at += used as u64;
         if self.failed.is_some() {
             self.buf = Vec::new();
@@ -195,14 +205,10 @@ impl TsmCounter {
                             cur += len;
                             self.retry_len = 0;
                         }
-                        Step::NotBlock => {
-                            self.index_start = pos;
-                            self.state = State::Index;
-                        }
-                        Step::NeedMore if all_here => {
-                            self.index_start = pos;
-                            self.state = State::Index;
-                        }
+                        // What is not a block, or cannot end before the footer, is
+                        // taken for the index.
+                        Step::NotBlock => self.start_index(pos),
+                        Step::NeedMore if all_here => self.start_index(pos),
                         Step::NeedMore => {
                             if rest.len() >= MAX_BLOCK {
                                 self.fail(format!(
@@ -250,10 +256,6 @@ impl TsmCounter {
                         ));
                         return cur;
                     }
-                    if self.blocks.len() > self.used.len() {
-                        self.fail("blocks the index does not list".into());
-                        return cur;
-                    }
                     cur += 8;
                     self.state = State::Done;
                 }
@@ -262,12 +264,16 @@ impl TsmCounter {
         }
     }
 
+    /// The blocks end at `pos`: the index starts there.
+    fn start_index(&mut self, pos: u64) {
+        self.index_start = pos;
+        self.used = vec![false; self.blocks.len()];
+        self.state = State::Index;
+    }
+
     /// One key's index entry at the start of `b` (file offset `pos`): its length, or
     /// `None` when more bytes are needed.
     fn index_entry(&mut self, b: &[u8], pos: u64) -> Result<Option<usize>, String> {
-        if self.used.len() != self.blocks.len() {
-            self.used = vec![false; self.blocks.len()];
-        }
         if b.len() < 2 {
             return Ok(None);
         }
